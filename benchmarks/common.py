@@ -1,0 +1,38 @@
+"""Helpers for benchmark scripts: hardware description and BENCHMARKS.md sections."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+HEADER = "# Benchmarks\n\nEach section is written by the script it names; rerun that script to update it.\n"
+
+
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads{gpu}"
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section between <!-- name:start --> and <!-- name:end --> in BENCHMARKS.md."""
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else HEADER
+    block = f"<!-- {name}:start -->\n{body.strip()}\n<!-- {name}:end -->"
+    pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    tmp = BENCHMARKS_MD.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, BENCHMARKS_MD)

@@ -1,0 +1,43 @@
+"""Shared fixtures. Every test runs offline: nothing may reach a model hub."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from unsee.testing import tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
+
+
+@pytest.fixture
+def tiny_sd():
+    return tiny_sd_pipeline()
+
+
+@pytest.fixture
+def tiny_sdxl():
+    return tiny_sdxl_pipeline()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_folder(tmp_path_factory):
+    """A tiny SD pipeline written with save_pretrained (shared, read-only)."""
+    folder = tmp_path_factory.mktemp("tiny_sd")
+    tiny_sd_pipeline().save_pretrained(folder)
+    return folder
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

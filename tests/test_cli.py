@@ -1,0 +1,38 @@
+import json
+import subprocess
+import sys
+
+from PIL import Image
+
+from unsee import __version__
+from unsee.cli import main
+
+
+def test_version_and_help():
+    out = subprocess.run([sys.executable, "-m", "unsee.cli", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"unsee {__version__}"
+    helptext = subprocess.run([sys.executable, "-m", "unsee.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "generate" in helptext.stdout
+
+
+def test_generate_writes_pngs_and_settings(tiny_sd_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["generate", "--model", str(tiny_sd_folder), "--prompt", "a red circle", "--prompt", "a blue star",
+                 "--num-images", "2", "--steps", "2", "--seed", "5", "--out", str(out), "--device", "cpu"])
+    assert code == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["prompts"] == ["a red circle", "a blue star"] and settings["seed"] == 5
+    assert settings["steps"] == 2 and settings["guidance_scale"] == 5.0
+    assert len(settings["images"]) == 4
+    for entry in settings["images"]:
+        image = Image.open(out / entry["file"])
+        assert image.size == (32, 32)
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_generate_bad_input_is_a_clear_error(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "o")]) == 2
+    assert "no file or folder" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "  ", "--out", str(tmp_path / "o")]) == 2
+    assert "must not be empty" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,52 @@
+import pytest
+
+import unsee
+from unsee.cli import main
+from unsee.evaluation import score
+
+
+def test_score_counts_only_named_attributes():
+    prompts = ["a red circle on a gray background", "a blue star", "an empty white background"]
+    judged = [
+        {"shape": "circle", "color": "red", "background": "black", "style": "solid"},
+        {"shape": "circle", "color": "blue", "background": "gray", "style": "solid"},
+        {"shape": "none", "color": "red", "background": "white", "style": "solid"},
+    ]
+    accuracy, presence = score(prompts, judged, concept="ball")
+    assert accuracy == {"background": 0.5, "color": 1.0, "shape": pytest.approx(2 / 3)}
+    assert presence == pytest.approx(2 / 3)
+
+
+def test_evaluate_with_a_custom_judge(tiny_sd):
+    seen = []
+
+    def judge(images):
+        seen.extend(images)
+        return [{"shape": "circle", "color": "red"} for _ in images]
+
+    result = unsee.evaluate(tiny_sd, concept="circle", judge=judge, n=5, num_inference_steps=2, batch_size=2)
+    assert len(seen) == 5 and seen[0].size == (32, 32)
+    assert result.presence == 1.0 and result.accuracy["shape"] == 1.0
+    assert all("circle" in p for p in result.prompts)
+    again = unsee.evaluate(tiny_sd, ["a red star", "a blue star"], judge=judge, n=3, num_inference_steps=2, keep_images=True)
+    assert again.prompts == ["a red star", "a blue star", "a red star"]
+    assert again.accuracy == {"color": pytest.approx(2 / 3), "shape": 0.0} and again.presence is None
+    assert len(again.images) == 3
+
+
+def test_evaluate_rejects_bad_input_before_generating(tiny_sd):
+    def judge(images):
+        raise AssertionError("should not be reached")
+
+    with pytest.raises(ValueError, match="not a concept"):
+        unsee.evaluate(tiny_sd, concept="zebra", judge=judge)
+    with pytest.raises(ValueError, match="non-empty"):
+        unsee.evaluate(tiny_sd, [""], judge=judge)
+    with pytest.raises(ValueError, match="at least 1"):
+        unsee.evaluate(tiny_sd, "a star", judge=judge, n=0)
+
+
+def test_eval_cli_rejects_unknown_concepts(tmp_path, capsys):
+    assert main(["eval", "--concept", "zebra", "--model", str(tmp_path)]) == 2
+    assert "not a concept" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path)]) == 2

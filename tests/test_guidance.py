@@ -1,0 +1,214 @@
+"""Invariants of the guidance methods (../shared/specs/guidance.md) on the tiny SD- and SDXL-shaped pipelines."""
+
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+    PNDMScheduler, StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline,
+)
+
+from conftest import seeded
+from unsee.guidance import CFG, FDG, NASA, PAG, CFGpp, GuidanceError, NegativeSteer, equivalent_cfg_scale
+from unsee.guidance.cfgpp import CFGppState, cfgpp_step
+from unsee.guidance.fdg import laplacian_pyramid, reconstruct
+from unsee.pipelines.attention import layer_matches
+from unsee.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+K = dict(num_inference_steps=4, output_type="pt")
+PROMPT = "a red circle"
+BUILDERS = pytest.mark.parametrize("build", [tiny_sd_pipeline, tiny_sdxl_pipeline], ids=["sd", "sdxl"])
+
+
+def run(pipe, **kwargs):
+    return pipe(PROMPT, generator=seeded(0), **K, **kwargs).images
+
+
+def unet_call_counter(pipe):
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
+    return calls
+
+
+@BUILDERS
+def test_cfg_object_equals_guidance_scale(build):
+    pipe = build()
+    assert torch.equal(run(pipe, guidance=[CFG(5.0)]), run(pipe, guidance_scale=5.0))
+
+
+@BUILDERS
+def test_pag_scale_zero_is_plain_cfg(build):
+    pipe = build()
+    before = dict(pipe.unet.attn_processors)
+    assert torch.equal(run(pipe, guidance_scale=5.0, guidance=[PAG(0.0)]), run(pipe, guidance_scale=5.0))
+    assert dict(pipe.unet.attn_processors) == before, "processors restored after the call"
+
+
+@pytest.mark.parametrize("build, reference", [(tiny_sd_pipeline, StableDiffusionPAGPipeline),
+                                              (tiny_sdxl_pipeline, StableDiffusionXLPAGPipeline)], ids=["sd", "sdxl"])
+@pytest.mark.parametrize("cfg_scale", [5.0, 1.0])
+def test_pag_equals_diffusers_pag_pipelines(build, reference, cfg_scale):
+    ours = run(build(), guidance_scale=cfg_scale, guidance=[PAG(3.0, layers=("mid",))])
+    theirs = build(reference)(PROMPT, generator=seeded(0), guidance_scale=cfg_scale, pag_scale=3.0, **K).images
+    assert (ours - theirs).abs().max() <= 1e-4
+    assert (ours - run(build(), guidance_scale=cfg_scale)).abs().max() > 1e-3, "PAG changes the result"
+
+
+def test_pag_runs_one_batched_unet_call_per_step(tiny_sd):
+    calls = unet_call_counter(tiny_sd)
+    run(tiny_sd, guidance_scale=5.0, guidance=[PAG(3.0)])
+    assert len(calls) == K["num_inference_steps"]
+
+
+def test_pag_layer_names_match_whole_components():
+    assert layer_matches("down_blocks.1.attentions.0.transformer_blocks.0.attn1", ("down_blocks.1",))
+    assert not layer_matches("down_blocks.10.attentions.0.transformer_blocks.0.attn1", ("down_blocks.1",))
+    assert not layer_matches("up_blocks.0.attentions.1.transformer_blocks.10.attn1", ("transformer_blocks.1",))
+    assert layer_matches("mid_block.attentions.0.transformer_blocks.0.attn1", ("mid",))
+    assert layer_matches("up_blocks.1.attentions.2.transformer_blocks.0.attn1", (r"re:up_blocks\.1\..*attn1",))
+
+
+def test_pag_with_unknown_layers_fails_before_work(tiny_sd):
+    calls = unet_call_counter(tiny_sd)
+    with pytest.raises(GuidanceError, match="match no self-attention layer"):
+        run(tiny_sd, guidance=[PAG(3.0, layers=("down_blocks.7",))])
+    assert not calls
+
+
+@BUILDERS
+def test_fdg_with_equal_scales_is_cfg(build):
+    pipe = build()
+    assert (run(pipe, guidance=[FDG((5.0, 5.0))]) - run(pipe, guidance_scale=5.0)).abs().max() <= 1e-5
+    assert (run(pipe, guidance=[FDG((10.0, 5.0))]) - run(pipe, guidance_scale=5.0)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("scales, parallel", [((10.0, 5.0), None), ((7.0, 3.0, 2.0), None), ((10.0, 5.0), (0.5, 1.0))])
+def test_fdg_equals_diffusers_guider_math(scales, parallel):
+    from diffusers.guiders import FrequencyDecoupledGuidance
+
+    torch.manual_seed(0)
+    cond, uncond = torch.randn(2, 4, 32, 32), torch.randn(2, 4, 32, 32)
+    guider = FrequencyDecoupledGuidance(guidance_scales=list(scales), parallel_weights=list(parallel) if parallel else None)
+    guider.set_state(step=0, num_inference_steps=10, timestep=torch.tensor(500))
+    expected = guider.forward(cond, uncond).pred
+    assert (FDG(scales, parallel_weights=parallel).combine(cond, uncond) - expected).abs().max() <= 1e-5
+
+
+def test_fdg_handles_unit_band_scales_and_odd_latent_sizes():
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 144, 112)  # SDXL 1152x896
+    assert (reconstruct(laplacian_pyramid(x, 3)) - x).abs().max() <= 1e-5
+    cond, uncond = x, torch.randn_like(x)
+    out = FDG((7.5, 1.0)).combine(cond, uncond)  # a band with scale 1.0 crashes diffusers' guider
+    assert out.shape == x.shape
+    assert (FDG((1.0, 1.0)).combine(cond, uncond) - cond).abs().max() <= 1e-5, "all scales 1 gives the conditional"
+
+
+@BUILDERS
+def test_cfgpp_lambda_zero_is_unconditional_sampling(build):
+    pipe = build()
+    ours = run(pipe, guidance=[CFGpp(0.0)])
+    uncond_embeds, uncond_pooled = pipe._unsee_empty_embeddings(1, "cpu")
+    extra = {"pooled_prompt_embeds": uncond_pooled} if uncond_pooled is not None else {}
+    reference = pipe(prompt_embeds=uncond_embeds, guidance_scale=1.0, generator=seeded(0), **K, **extra).images
+    assert (ours - reference).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, EulerDiscreteScheduler])
+def test_one_cfgpp_step_equals_one_cfg_step_at_omega(scheduler_class):
+    scheduler = scheduler_class.from_config(tiny_sd_pipeline().scheduler.config)
+    scheduler.set_timesteps(10)
+    torch.manual_seed(0)
+    sample, cond, uncond = torch.randn(3, 1, 4, 8, 8)
+    for index in (0, 4, 9):
+        t = scheduler.timesteps[index]
+        lam = 0.6
+        omega = equivalent_cfg_scale(scheduler, lam, index)
+        scheduler._step_index = index  # Euler steps from its step index; DDIM ignores it
+        plus = cfgpp_step(scheduler, uncond + lam * (cond - uncond), uncond, t, sample, CFGppState())
+        scheduler._step_index = index
+        plain = scheduler.step(uncond + omega * (cond - uncond), t, sample).prev_sample
+        assert (plus - plain).abs().max() <= 1e-4 * max(1.0, plain.abs().max().item()), index
+
+
+@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
+                                             DPMSolverMultistepScheduler])
+def test_cfgpp_runs_on_supported_schedulers(scheduler_class, tiny_sd):
+    tiny_sd.scheduler = scheduler_class.from_config(tiny_sd.scheduler.config)
+    image = run(tiny_sd, guidance=[CFGpp(0.6)])
+    assert torch.isfinite(image).all() and image.std() > 0
+
+
+def test_cfgpp_refuses_other_schedulers_before_work(tiny_sd):
+    tiny_sd.scheduler = PNDMScheduler.from_config(tiny_sd.scheduler.config)
+    calls = unet_call_counter(tiny_sd)
+    with pytest.raises(GuidanceError, match="CFG\\+\\+ supports DDIM"):
+        run(tiny_sd, guidance=[CFGpp(0.6)])
+    assert not calls
+    assert "step" not in vars(tiny_sd.scheduler), "scheduler left untouched"
+
+
+@BUILDERS
+def test_negative_steer_from_step_zero_is_diffusers_negative_prompt(build):
+    pipe = build()
+    ours = run(pipe, negative_prompt="blue", guidance_scale=5.0, guidance=[NegativeSteer(start=0)])
+    assert torch.equal(ours, run(pipe, negative_prompt="blue", guidance_scale=5.0))
+
+
+@BUILDERS
+def test_negative_steer_after_the_last_step_is_cfg_with_empty_negative(build):
+    pipe = build()
+    ours = run(pipe, negative_prompt="blue", guidance_scale=5.0, guidance=[NegativeSteer(start=1.0)])
+    assert (ours - run(pipe, guidance_scale=5.0)).abs().max() <= 1e-6
+    middle = run(pipe, negative_prompt="blue", guidance_scale=5.0, guidance=[NegativeSteer(start=0.5)])
+    assert (middle - ours).abs().max() > 1e-4
+
+
+def test_adaptive_negative_start_is_detected_per_image(tiny_sd):
+    tiny_sd("a red circle", negative_prompt="circle", guidance_scale=5.0, num_images_per_prompt=2, generator=seeded(0),
+            guidance=[NegativeSteer(mode="adaptive", max_start=0.5)], num_inference_steps=6, output_type="pt")
+    starts = tiny_sd._unsee_last_guidance.adaptive.start_steps
+    assert len(starts) == 2 and all(s is not None and 1 <= s <= 3 for s in starts)
+
+
+def test_dng_keeps_its_posterior_in_bounds(tiny_sd):
+    steer = NegativeSteer(mode="dng", dng_scale=2.0)
+    image = run(tiny_sd, negative_prompt="circle", guidance_scale=5.0, guidance=[steer])
+    p = tiny_sd._unsee_last_guidance.dng.p
+    assert torch.isfinite(image).all()
+    assert ((p >= steer.dng_p_min) & (p <= steer.dng_p_max)).all()
+    zero = run(tiny_sd, negative_prompt="circle", guidance_scale=5.0, guidance=[NegativeSteer(mode="dng", dng_scale=0.0)])
+    assert (zero - run(tiny_sd, guidance_scale=5.0)).abs().max() <= 1e-5, "DNG with scale 0 is plain CFG"
+
+
+@BUILDERS
+def test_nasa_alpha_zero_is_the_baseline_and_uses_one_pass(build):
+    pipe = build()
+    calls = unet_call_counter(pipe)
+    baseline = run(pipe, guidance_scale=1.0)
+    assert torch.equal(run(pipe, negative_prompt="blue", guidance_scale=1.0, guidance=[NASA(0.0)]), baseline)
+    calls.clear()
+    steered = run(pipe, negative_prompt="blue", guidance_scale=1.0, guidance=[NASA(0.5)])
+    assert len(calls) == K["num_inference_steps"]
+    assert (steered - baseline).abs().max() > 1e-3
+
+
+def test_methods_compose_in_one_call(tiny_sd):
+    calls = unet_call_counter(tiny_sd)
+    image = run(tiny_sd, negative_prompt="blue", guidance=[CFGpp(0.6), PAG(3.0), NASA(0.3), NegativeSteer(0.25)])
+    assert torch.isfinite(image).all() and len(calls) == K["num_inference_steps"]
+
+
+@pytest.mark.parametrize("guidance, message", [
+    ([CFGpp(0.6), FDG()], "use one of them"),
+    ([PAG(3.0), PAG(2.0)], "given twice"),
+    ([NASA(0.3)], "need a negative prompt"),
+    ([CFGpp(1.5)], "CFGpp.lam must be in"),
+    ([NegativeSteer(mode="later")], "mode must be one of"),
+    ([FDG((10.0, 5.0), parallel_weights=(1.0,))], "needs 2 values"),
+    (["cfg++"], "unsee.guidance objects"),
+])
+def test_invalid_combinations_fail_before_work(tiny_sd, guidance, message):
+    calls = unet_call_counter(tiny_sd)
+    with pytest.raises(GuidanceError, match=message):
+        run(tiny_sd, guidance=guidance)
+    assert not calls

@@ -1,0 +1,57 @@
+"""The embedded toy model and its judge (weights/). Marked `toy`: these load the real weights."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+import unsee
+from unsee import world
+from unsee.judge import Judge
+from unsee.toy import JUDGE_PATH, TOY_MODEL_DIR
+
+pytestmark = pytest.mark.toy
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    pipe = unsee.load_pipeline("toy")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return Judge.load()
+
+
+def test_toy_model_loads_offline_with_plain_diffusers():
+    pipe = StableDiffusionPipeline.from_pretrained(TOY_MODEL_DIR)
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
+    size_mb = sum(p.stat().st_size for p in TOY_MODEL_DIR.rglob("*") if p.is_file()) / 2**20
+    assert size_mb + JUDGE_PATH.stat().st_size / 2**20 <= 20
+
+
+def test_load_pipeline_toy_is_our_sd_subclass(toy_pipe):
+    assert type(toy_pipe) is unsee.UnseeStableDiffusionPipeline
+    image = toy_pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+
+def test_judge_is_at_least_99_percent_accurate_on_fresh_renders(judge):
+    rng = np.random.default_rng(12345)  # not a seed used in training
+    scenes = [world.sample_scene(rng) for _ in range(600)]
+    predictions = judge.predict(np.stack([world.render(s) for s in scenes]))
+    for name in world.ATTRIBUTES:
+        pairs = [(getattr(s, name), p[name]) for s, p in zip(scenes, predictions)
+                 if s.shape != world.NO_SHAPE or name in ("shape", "background")]
+        accuracy = sum(a == b for a, b in pairs) / len(pairs)
+        assert accuracy >= 0.99, (name, accuracy)
+
+
+def test_quick_quality_check(toy_pipe, judge):
+    """32 samples, 25 DDIM steps, CFG 5: thresholds a little under the 90% bar of BENCHMARKS.md."""
+    prompts = world.attribute_prompts(seed=2024, n=32)
+    result = unsee.evaluate(toy_pipe, prompts, judge=judge.predict, n=32, seed=0)
+    for name in ("shape", "color", "background"):
+        assert result.accuracy[name] >= 0.8, result.accuracy

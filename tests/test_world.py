@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+
+from unsee import toy, world
+
+
+def test_renderer_is_deterministic_for_a_seed():
+    a = list(world.sample_dataset(seed=7, n=20))
+    b = list(world.sample_dataset(seed=7, n=20))
+    for (img_a, cap_a, scene_a), (img_b, cap_b, scene_b) in zip(a, b):
+        assert np.array_equal(img_a, img_b)
+        assert cap_a == cap_b and scene_a == scene_b
+    c = list(world.sample_dataset(seed=8, n=20))
+    assert any(not np.array_equal(x[0], y[0]) for x, y in zip(a, c))
+
+
+def test_render_shape_and_colours():
+    rng = np.random.default_rng(0)
+    scene = world.sample_scene(rng, shape="square", color="red", background="white", style="solid")
+    image = world.render(scene)
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    assert tuple(image[0, 0]) == world.BACKGROUND_RGB["white"]
+    assert tuple(image[int(scene.cy), int(scene.cx)]) == world.COLOR_RGB["red"]
+    empty = world.render(world.sample_scene(rng, shape="none", background="gray"))
+    assert (empty == np.array(world.BACKGROUND_RGB["gray"], dtype=np.uint8)).all()
+
+
+def test_world_has_the_promised_variety():
+    assert len(world.SHAPES) >= 6 and len(world.COLORS) >= 6 and len(world.BACKGROUNDS) >= 3
+    assert world.STYLES == ("solid", "striped")
+    captions = {cap for _, cap, _ in world.sample_dataset(seed=0, n=400)}
+    assert any("ball" in c for c in captions), "synonyms are used"
+    assert any(c.count(" ") <= 2 for c in captions), "some captions name only some attributes"
+    assert world.prompt_for(shape="circle", color="red", background="gray") == "a red circle on a gray background"
+    assert world.prompt_for(shape="circle", color="orange") == "an orange circle"
+    with pytest.raises(ValueError, match="no prompt template"):
+        world.prompt_for(style="striped", background="gray")
+
+
+def test_tokenizer_round_trip_offline(tmp_path):
+    tokenizer = toy.build_tokenizer(world.vocabulary())
+    assert tokenizer.model_max_length == 77
+    for word in world.vocabulary():
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+    world_text = "a striped blue plus sign on a grey background"
+    assert tokenizer.decode(tokenizer(world_text).input_ids, skip_special_tokens=True) == world_text
+    other = "Unknown words, 42 and punctuation!"
+    ids = tokenizer(other).input_ids
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    # characters outside the world's vocabulary survive (CLIP decoding only re-spaces them)
+    assert "".join(tokenizer.decode(ids, skip_special_tokens=True).split()) == "".join(other.lower().split())
+    tokenizer.save_pretrained(tmp_path)
+    from transformers import CLIPTokenizer
+
+    loaded = CLIPTokenizer.from_pretrained(tmp_path)
+    text = "a red circle on a gray background"
+    assert loaded(text).input_ids == tokenizer(text).input_ids
+    assert loaded.decode(loaded(text).input_ids, skip_special_tokens=True) == text
+    padded = loaded(text, padding="max_length", max_length=77).input_ids
+    assert len(padded) == 77

@@ -1,0 +1,206 @@
+"""The ``unsee`` command line.
+
+    unsee generate --prompt "a red circle on a gray background" --out out/
+    unsee --version
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import __version__
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",
+          "bf16": "bfloat16"}
+
+
+class UsageError(Exception):
+    """Bad command-line input; printed without a traceback."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _adapter_spec(text: str) -> tuple[str, float]:
+    """FILE or FILE:SCALE."""
+    path, _, scale = text.rpartition(":") if re.search(r":-?[0-9.]+$", text) else (text, "", "1")
+    try:
+        return path, float(scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"adapter must be FILE or FILE:SCALE, got {text!r}") from None
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="toy",
+                        help="'toy' (embedded default), a hub id, a local diffusers folder or a single-file checkpoint")
+    parser.add_argument("--config", default=None, help="for a single-file model: a local diffusers folder to take configs from")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights precision (default: as stored)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps... (default: cuda if available, else cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unsee", description="Concept erasure and guidance for diffusers text-to-image pipelines."
+    )
+    parser.add_argument("--version", action="version", version=f"unsee {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="generate images from prompts", description="Generate images; writes PNGs and settings.json.")
+    gen.add_argument("--prompt", action="append", required=True, help="text prompt (repeat for several)")
+    gen.add_argument("--negative", default=None, help="negative prompt")
+    gen.add_argument("--out", required=True, help="output folder (created if missing)")
+    gen.add_argument("--steps", type=_positive_int, default=25, help="denoising steps (default 25)")
+    gen.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    gen.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--height", type=_positive_int, default=None)
+    gen.add_argument("--width", type=_positive_int, default=None)
+    gen.add_argument("--adapter", type=_adapter_spec, action="append", default=[], metavar="FILE[:SCALE]",
+                     help="erasure adapter to apply (repeat to stack several)")
+    _add_model_options(gen)
+
+    ev = sub.add_parser("eval", help="score generated images with the judge",
+                        description="Generate images and score them with the toy world's judge. With --concept only: the "
+                                    "concept's presence on prompts that name it, and the judge's accuracy on prompts that don't.")
+    ev.add_argument("--concept", default=None, help="concept word, e.g. circle, red, striped")
+    ev.add_argument("--prompt", action="append", default=None, help="prompt(s) to score instead of the concept's prompt sets")
+    ev.add_argument("--n", type=_positive_int, default=32, help="images per prompt set (default 32)")
+    ev.add_argument("--steps", type=_positive_int, default=25)
+    ev.add_argument("--guidance-scale", type=float, default=5.0)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--adapter", type=_adapter_spec, action="append", default=[], metavar="FILE[:SCALE]")
+    ev.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    _add_model_options(ev)
+    return parser
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
+
+
+def _default_device(device: Optional[str]) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load(args: argparse.Namespace):
+    import torch
+
+    from .loading import load_pipeline
+
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    pipe = load_pipeline(args.model, dtype=dtype, device=_default_device(args.device), config=args.config)
+    return pipe
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    if any(not p.strip() for p in args.prompt):
+        raise UsageError("--prompt must not be empty")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    pipe = _load(args)
+    for path, scale in args.adapter:
+        pipe.load_erasure(path, scale=scale)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    files = []
+    for p_index, prompt in enumerate(args.prompt):
+        images = pipe(
+            prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+            num_images_per_prompt=args.num_images, generator=generator, height=args.height, width=args.width,
+        ).images
+        for i, image in enumerate(images):
+            name = f"{p_index:02d}-{i:02d}-{_slug(prompt)}.png"
+            tmp = out / f".{name}.tmp"
+            image.save(tmp, format="PNG")
+            os.replace(tmp, out / name)
+            files.append({"file": name, "prompt": prompt, "index": i})
+    settings = {
+        "unsee_version": __version__, "model": args.model, "prompts": args.prompt, "negative_prompt": args.negative,
+        "steps": args.steps, "guidance_scale": args.guidance_scale, "num_images": args.num_images, "seed": args.seed,
+        "height": args.height, "width": args.width, "dtype": args.dtype, "device": str(pipe.device),
+        "scheduler": type(pipe.scheduler).__name__,
+        "adapters": [{"file": str(p), "scale": s} for p, s in args.adapter], "images": files,
+    }
+    tmp = out / ".settings.json.tmp"
+    tmp.write_text(json.dumps(settings, indent=2))
+    os.replace(tmp, out / "settings.json")
+    print(f"wrote {len(files)} image(s) and settings.json to {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import world
+    from .evaluation import evaluate
+
+    if args.concept is None and not args.prompt:
+        raise UsageError("pass --concept, --prompt, or both")
+    if args.concept is not None:
+        try:
+            world.concept_attribute(args.concept)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+    if args.prompt and any(not p.strip() for p in args.prompt):
+        raise UsageError("--prompt must not be empty")
+    pipe = _load(args)
+    for path, scale in args.adapter:
+        pipe.load_erasure(path, scale=scale)
+    common = dict(n=args.n, seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
+    figures: dict = {"model": args.model, "adapters": [{"file": str(p), "scale": s} for p, s in args.adapter], **common}
+    if args.prompt:
+        result = evaluate(pipe, args.prompt, concept=args.concept, **common)
+        figures["prompts"] = result.summary()
+        print(f"accuracy on the given prompts ({args.n} images): {_format_accuracy(result.accuracy)}")
+        if result.presence is not None:
+            print(f"presence of {args.concept!r}: {result.presence:.1%}")
+    else:
+        named = evaluate(pipe, world.concept_prompts(args.concept, args.seed, args.n), concept=args.concept, **common)
+        others = evaluate(pipe, world.other_prompts(args.concept, args.seed, args.n), concept=args.concept, **common)
+        figures["concept_prompts"] = named.summary()
+        figures["other_prompts"] = others.summary()
+        print(f"presence of {args.concept!r} on prompts that name it ({args.n} images): {named.presence:.1%}")
+        print(f"judge accuracy on prompts that do not name it ({args.n} images): {_format_accuracy(others.accuracy)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+def _format_accuracy(accuracy: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.1%}" for name, value in accuracy.items())
+
+
+COMMANDS = {"generate": cmd_generate, "eval": cmd_eval}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from .adapters import AdapterError
+    from .loading import ModelLoadError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, AdapterError, ModelLoadError) as error:
+        print(f"unsee {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

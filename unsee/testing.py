@@ -1,0 +1,100 @@
+"""Tiny random-weight pipelines for tests and benchmarks, built in code and offline.
+
+``tiny_sd_components()`` and ``tiny_sdxl_components()`` return the components of an SD 1.x-shaped
+and an SDXL-shaped pipeline with a few thousand parameters each; the tokenizers are built in
+memory (no hub). ``tiny_sd_pipeline()`` / ``tiny_sdxl_pipeline()`` wrap them in unsee's pipeline
+classes (or any other pipeline class passed as ``pipeline_class``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+from . import toy, world
+
+# Words the tiny tokenizer knows as whole tokens (anything else still encodes, letter by letter).
+TINY_WORDS = world.vocabulary() + ["cat", "dog", "photo", "painting", "style", "van", "gogh", "nudity", "car"]
+
+
+def tiny_tokenizer():
+    return toy.build_tokenizer(TINY_WORDS)
+
+
+def _tiny_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=32, layers_per_block=1,
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
+    )
+
+
+def _tiny_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(**toy.SCHEDULER_CONFIG)
+
+
+def tiny_sd_components(seed: int = 0) -> dict[str, Any]:
+    """Components of a tiny SD 1.x-shaped pipeline (32x32 images, 16x16 latents)."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
+    )
+    torch.manual_seed(seed + 1)
+    vae = _tiny_vae()
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(toy.text_encoder_config(tokenizer, hidden_size=16, layers=2, heads=2))
+    return dict(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=_tiny_scheduler(),
+        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl_components(seed: int = 0) -> dict[str, Any]:
+    """Components of a tiny SDXL-shaped pipeline: two text encoders, text-time added conditioning."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16,
+        cross_attention_dim=32, norm_num_groups=8,
+    )
+    torch.manual_seed(seed + 1)
+    vae = _tiny_vae()
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(toy.text_encoder_config(tokenizer, hidden_size=16, layers=2, heads=2))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(toy.text_encoder_config(tokenizer, hidden_size=16, layers=2, heads=2))
+    return dict(
+        unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tiny_tokenizer(), scheduler=_tiny_scheduler(), image_encoder=None, feature_extractor=None,
+    )
+
+
+def tiny_sd_pipeline(pipeline_class: Optional[type] = None, seed: int = 0):
+    """A tiny SD 1.x-shaped pipeline (unsee's subclass unless ``pipeline_class`` is given)."""
+    if pipeline_class is None:
+        from unsee.pipelines import UnseeStableDiffusionPipeline as pipeline_class
+    components = tiny_sd_components(seed)
+    accepted = set(pipeline_class.__init__.__code__.co_varnames)
+    pipe = pipeline_class(**{k: v for k, v in components.items() if k in accepted})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl_pipeline(pipeline_class: Optional[type] = None, seed: int = 0):
+    """A tiny SDXL-shaped pipeline (unsee's subclass unless ``pipeline_class`` is given)."""
+    if pipeline_class is None:
+        from unsee.pipelines import UnseeStableDiffusionXLPipeline as pipeline_class
+    components = tiny_sdxl_components(seed)
+    accepted = set(pipeline_class.__init__.__code__.co_varnames)
+    pipe = pipeline_class(**{k: v for k, v in components.items() if k in accepted})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

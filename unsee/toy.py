@@ -1,0 +1,97 @@
+"""The embedded toy model: component configs, its tokenizer, and where its weights live.
+
+The toy model is a standard diffusers Stable Diffusion folder (``weights/toy``), trained from
+scratch on the shapes world (:mod:`unsee.world`) by ``scripts/train_toy.py``. Everything that
+works on SD 1.5 works on it; it is small enough to sample on a CPU in about two seconds.
+
+Components:
+- ``AutoencoderKL`` with a 4x downsampling: 64x64 RGB <-> 4x16x16 latents;
+- ``UNet2DConditionModel`` with cross-attention at the 8x8 and 4x4 levels and the mid block;
+- ``CLIPTextModel`` (3 layers, width 128) and a ``CLIPTokenizer`` whose BPE vocabulary gives every
+  word of the world its own token, plus the 512 byte-level symbols so any text can be encoded;
+- ``DDIMScheduler`` with SD's scaled-linear betas.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import CLIPTextConfig, CLIPTokenizer
+
+import unsee.weights as unsee_weights
+
+WEIGHTS_DIR = Path(unsee_weights.__file__).resolve().parent  # weights/ ships as the package unsee.weights
+TOY_MODEL_DIR = WEIGHTS_DIR / "toy"
+JUDGE_PATH = WEIGHTS_DIR / "judge.safetensors"
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+MAX_LENGTH = 77
+
+
+def build_tokenizer(words: Iterable[str]) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer built in memory, offline, in which each of ``words`` is one token.
+
+    The vocabulary is the 256 byte-level symbols, the same with the end-of-word marker ``</w>``,
+    the merged tokens learned from ``words`` and the two special tokens. Any text can be encoded
+    (unknown words fall back to characters) and decodes back to its lower-cased form.
+    """
+    words = sorted({w.lower() for w in words})
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    learner = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    learner.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=100_000, min_frequency=1, show_progress=False, end_of_word_suffix="</w>", initial_alphabet=alphabet
+    )
+    learner.train_from_iterator(words, trainer=trainer)
+    model_state = json.loads(learner.to_str())["model"]
+    learned: dict[str, int] = model_state["vocab"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model_state["merges"]]
+
+    vocab: dict[str, int] = {}
+    for symbol in alphabet + [s + "</w>" for s in alphabet]:
+        vocab.setdefault(symbol, len(vocab))
+    for token in sorted(learned, key=lambda t: (learned[t], t)):
+        vocab.setdefault(token, len(vocab))
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    vocab[BOS_TOKEN] = len(vocab)
+    vocab[EOS_TOKEN] = len(vocab)
+    return CLIPTokenizer(
+        vocab=vocab, merges=merges, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN, model_max_length=MAX_LENGTH,
+    )
+
+
+def text_encoder_config(tokenizer: CLIPTokenizer, hidden_size: int = 128, layers: int = 3, heads: int = 4) -> CLIPTextConfig:
+    """A CLIPTextConfig sized for ``tokenizer`` with its special-token ids filled in."""
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        projection_dim=hidden_size,
+    )
+
+
+UNET_CONFIG = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(32, 48, 96),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=128, attention_head_dim=8, norm_num_groups=16,
+)
+
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+    block_out_channels=(16, 32, 64),
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    norm_num_groups=8,
+)
+
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+)

@@ -1,0 +1,1 @@
+"""Shipped weights: the toy model (toy/), its judge and example adapters."""
