@@ -36,3 +36,22 @@ def test_generate_bad_input_is_a_clear_error(tmp_path, capsys):
     assert main(["generate", "--prompt", "  ", "--out", str(tmp_path / "o")]) == 2
     assert "must not be empty" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_generate_with_guidance_flags(tiny_sd_folder, tmp_path):
+    out = tmp_path / "guided"
+    code = main(["generate", "--model", str(tiny_sd_folder), "--prompt", "a red circle", "--negative", "circle",
+                 "--cfgpp", "0.6", "--pag", "3", "--negative-start", "0.3", "--nasa", "0.2", "--steps", "3",
+                 "--out", str(out), "--device", "cpu"])
+    assert code == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert [g["method"] for g in settings["guidance"]] == ["CFGpp", "PAG", "NegativeSteer", "NASA"]
+    assert settings["guidance"][2]["start"] == 0.3
+
+
+def test_generate_rejects_bad_guidance_before_loading(tmp_path, capsys):
+    assert main(["generate", "--prompt", "x", "--nasa", "0.3", "--out", str(tmp_path / "o")]) == 2
+    assert "need a negative prompt" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--cfgpp", "0.6", "--fdg", "10,5", "--out", str(tmp_path / "o")]) == 2
+    assert "use one of them" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

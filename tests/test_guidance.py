@@ -212,3 +212,21 @@ def test_invalid_combinations_fail_before_work(tiny_sd, guidance, message):
     with pytest.raises(GuidanceError, match=message):
         run(tiny_sd, guidance=guidance)
     assert not calls
+
+
+def test_processors_work_with_lora_adapters_loaded(tiny_sd):
+    from peft import LoraConfig
+
+    from unsee.pipelines.attention import installed_processors
+
+    plain = run(tiny_sd, guidance_scale=5.0)
+    torch.manual_seed(0)
+    tiny_sd.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                        init_lora_weights=False))
+    with_lora = run(tiny_sd, guidance_scale=5.0)
+    assert (with_lora - plain).abs().max() > 1e-3, "the LoRA is active"
+    with installed_processors(tiny_sd.unet):
+        ours = run(tiny_sd, guidance_scale=5.0)
+    assert (ours - with_lora).abs().max() <= 1e-6
+    guided = run(tiny_sd, guidance_scale=5.0, guidance=[PAG(3.0), NASA(0.2)], negative_prompt="blue")
+    assert torch.isfinite(guided).all() and (guided - with_lora).abs().max() > 1e-3

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -48,6 +49,54 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps... (default: cuda if available, else cpu)")
 
 
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 10,5, got {text!r}") from None
+    return values
+
+
+def _start(text: str):
+    """A fraction (0.3) or a step index (an integer such as 5)."""
+    try:
+        return int(text) if text.isdigit() else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.3 or a step such as 5, got {text!r}") from None
+
+
+def _add_guidance_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("guidance (combine freely; see unsee.guidance)")
+    group.add_argument("--cfgpp", type=float, metavar="LAMBDA", help="CFG++ with this lambda in [0, 1] (replaces CFG)")
+    group.add_argument("--pag", type=float, metavar="SCALE", help="perturbed-attention guidance scale")
+    group.add_argument("--pag-layers", default="mid", help="comma-separated PAG layers (default: mid)")
+    group.add_argument("--fdg", type=_float_list, metavar="HIGH,...,LOW", help="frequency-decoupled guidance scales per band")
+    group.add_argument("--negative-start", type=_start, metavar="START",
+                       help="delay the negative prompt: fraction of the steps (0.3) or step index (5)")
+    group.add_argument("--negative-mode", choices=("fixed", "adaptive", "dng"), default=None,
+                       help="negative steering mode (default fixed when --negative-start is given)")
+    group.add_argument("--nasa", type=float, metavar="ALPHA", help="NASA: subtract the negative prompt inside cross-attention")
+
+
+def guidance_from_args(args: argparse.Namespace) -> list:
+    """The guidance objects the CLI flags ask for."""
+    from .guidance import FDG, NASA, PAG, CFGpp, NegativeSteer
+
+    methods: list = []
+    if args.cfgpp is not None:
+        methods.append(CFGpp(args.cfgpp))
+    if args.fdg is not None:
+        methods.append(FDG(args.fdg))
+    if args.pag is not None:
+        methods.append(PAG(args.pag, layers=tuple(args.pag_layers.split(","))))
+    if args.negative_start is not None or args.negative_mode is not None:
+        start = args.negative_start if args.negative_start is not None else NegativeSteer.start
+        methods.append(NegativeSteer(start=start, mode=args.negative_mode or "fixed"))
+    if args.nasa is not None:
+        methods.append(NASA(args.nasa))
+    return methods
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unsee", description="Concept erasure and guidance for diffusers text-to-image pipelines."
@@ -67,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=_positive_int, default=None)
     gen.add_argument("--adapter", type=_adapter_spec, action="append", default=[], metavar="FILE[:SCALE]",
                      help="erasure adapter to apply (repeat to stack several)")
+    _add_guidance_options(gen)
     _add_model_options(gen)
 
     ev = sub.add_parser("eval", help="score generated images with the judge",
@@ -112,6 +162,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
+    from .guidance import GuidanceError, validate_combination
+
+    guidance = guidance_from_args(args)
+    try:
+        validate_combination(guidance, has_negative_prompt=args.negative is not None)
+    except GuidanceError as error:
+        raise UsageError(str(error)) from None
     pipe = _load(args)
     for path, scale in args.adapter:
         pipe.load_erasure(path, scale=scale)
@@ -122,6 +179,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         images = pipe(
             prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
             num_images_per_prompt=args.num_images, generator=generator, height=args.height, width=args.width,
+            **({"guidance": guidance} if guidance else {}),
         ).images
         for i, image in enumerate(images):
             name = f"{p_index:02d}-{i:02d}-{_slug(prompt)}.png"
@@ -134,7 +192,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "steps": args.steps, "guidance_scale": args.guidance_scale, "num_images": args.num_images, "seed": args.seed,
         "height": args.height, "width": args.width, "dtype": args.dtype, "device": str(pipe.device),
         "scheduler": type(pipe.scheduler).__name__,
-        "adapters": [{"file": str(p), "scale": s} for p, s in args.adapter], "images": files,
+        "adapters": [{"file": str(p), "scale": s} for p, s in args.adapter],
+        "guidance": [{"method": type(m).__name__, **dataclasses.asdict(m)} for m in guidance], "images": files,
     }
     tmp = out / ".settings.json.tmp"
     tmp.write_text(json.dumps(settings, indent=2))
@@ -193,11 +252,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     from .adapters import AdapterError
+    from .guidance import GuidanceError
     from .loading import ModelLoadError
 
     try:
         return COMMANDS[args.command](args)
-    except (UsageError, AdapterError, ModelLoadError) as error:
+    except (UsageError, AdapterError, ModelLoadError, GuidanceError) as error:
         print(f"unsee {args.command}: error: {error}", file=sys.stderr)
         return 2
 

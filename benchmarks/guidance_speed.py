@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Per-step time of the guidance methods against diffusers for the same work, in one run.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/guidance_speed.py [--steps 20] [--repeats 7]
+
+Times whole denoising loops (``output_type="latent"``, no VAE decode) on the toy model, batch 8,
+interleaving the settings and taking the median of the repeats. Ratios:
+- plain CFG through unsee's pipeline (``guidance=[CFG(5)]``) / diffusers' StableDiffusionPipeline;
+- PAG / diffusers' StableDiffusionPAGPipeline (same layers "mid", same scale);
+- CFG++, FDG and delayed negative steering / a CFG step;
+- NASA (one pass) / CFG with a negative prompt (two passes).
+Writes the "guidance-speed" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPAGPipeline, StableDiffusionPipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import hardware, write_section  # noqa: E402
+
+import unsee  # noqa: E402
+from unsee.guidance import CFG, FDG, NASA, PAG, CFGpp, NegativeSteer  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args()
+    ours = unsee.load_pipeline("toy")
+    plain = StableDiffusionPipeline(**ours.components)
+    pag = StableDiffusionPAGPipeline(**ours.components, pag_applied_layers="mid")
+    for pipe in (ours, plain, pag):
+        pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red circle on a gray background"] * args.batch
+    common = dict(num_inference_steps=args.steps, output_type="latent")
+    settings = {
+        "diffusers CFG": lambda g: plain(prompts, guidance_scale=5.0, generator=g, **common),
+        "unsee CFG": lambda g: ours(prompts, guidance=[CFG(5.0)], generator=g, **common),
+        "diffusers PAG": lambda g: pag(prompts, guidance_scale=5.0, pag_scale=3.0, generator=g, **common),
+        "unsee PAG": lambda g: ours(prompts, guidance=[CFG(5.0), PAG(3.0)], generator=g, **common),
+        "unsee CFG++": lambda g: ours(prompts, guidance=[CFGpp(0.6)], generator=g, **common),
+        "unsee FDG": lambda g: ours(prompts, guidance=[FDG((10.0, 5.0))], generator=g, **common),
+        "unsee negative from 20%": lambda g: ours(prompts, negative_prompt="circle", guidance=[CFG(5.0), NegativeSteer(0.2)], generator=g, **common),
+        "diffusers CFG + negative": lambda g: plain(prompts, negative_prompt="circle", guidance_scale=5.0, generator=g, **common),
+        "unsee NASA (no CFG)": lambda g: ours(prompts, negative_prompt="circle", guidance_scale=1.0, guidance=[NASA(0.3)], generator=g, **common),
+    }
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    for name, fn in settings.items():  # warm-up
+        fn(torch.Generator().manual_seed(0))
+    for repeat in range(args.repeats):
+        for name, fn in settings.items():
+            t0 = time.perf_counter()
+            fn(torch.Generator().manual_seed(repeat))
+            times[name].append((time.perf_counter() - t0) / args.steps)
+    step = {name: statistics.median(v) for name, v in times.items()}
+    ratios = [
+        ("plain CFG: unsee / diffusers", step["unsee CFG"] / step["diffusers CFG"], "≤ 1.02"),
+        ("PAG: unsee / diffusers' PAG pipeline", step["unsee PAG"] / step["diffusers PAG"], "≤ 1.0"),
+        ("CFG++ / CFG", step["unsee CFG++"] / step["diffusers CFG"], "≤ 1.03"),
+        ("FDG / CFG", step["unsee FDG"] / step["diffusers CFG"], "≤ 1.03"),
+        ("negative steering / CFG", step["unsee negative from 20%"] / step["diffusers CFG"], "≤ 1.03"),
+        ("NASA / CFG with negative", step["unsee NASA (no CFG)"] / step["diffusers CFG + negative"], "≤ 0.6"),
+    ]
+    table = "\n".join(f"| {name} | {value:.3f} | {bar} |" for name, value, bar in ratios)
+    per_step = "\n".join(f"| {name} | {1000 * value:.1f} |" for name, value in step.items())
+    body = f"""## Guidance speed (`benchmarks/guidance_speed.py`)
+
+Hardware: {hardware()}. Toy model, batch {args.batch}, {args.steps} DDIM steps, no VAE decode; median of {args.repeats}
+interleaved repeats per setting, all in one run.
+
+| ratio of per-step times | measured | bar |
+|---|---|---|
+{table}
+
+| setting | ms per step |
+|---|---|
+{per_step}
+"""
+    write_section("guidance-speed", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
