@@ -1,0 +1,52 @@
+"""Concept-erasure trainers: ``trainer.train(pipe) -> Adapter``, one file per method.
+
+    from unsee.erasure import ESDConfig, ESDTrainer
+    adapter = ESDTrainer(ESDConfig(concept="circle", variant="esd-u", steps=200)).train(pipe)
+    adapter.save("esd-u-circle.safetensors")
+    pipe.load_erasure("esd-u-circle.safetensors")
+
+``base`` holds the contract every trainer follows; ``esd`` and ``salun`` the methods; ``jobs`` scripted
+training of several concepts x methods (``run_jobs``, ``unsee erase --config``).
+"""
+
+from .base import (
+    ConfigError,
+    Conditioning,
+    Progress,
+    ProgressCallback,
+    Trainer,
+    TrainerConfig,
+    TrainingError,
+    load_checkpoint,
+)
+from .esd import ESD_VARIANTS, ESDConfig, ESDTrainer, esd_modules, esd_parameters
+from .jobs import METHODS, Job, load_job_file, make_trainer, plan_jobs, run_jobs
+from .salun import SalUnConfig, SalUnTrainer, load_mask, pack_mask, save_mask, unpack_mask
+
+__all__ = [
+    "ConfigError",
+    "Conditioning",
+    "ESDConfig",
+    "ESDTrainer",
+    "ESD_VARIANTS",
+    "Job",
+    "METHODS",
+    "Progress",
+    "ProgressCallback",
+    "SalUnConfig",
+    "SalUnTrainer",
+    "Trainer",
+    "TrainerConfig",
+    "TrainingError",
+    "esd_modules",
+    "esd_parameters",
+    "load_checkpoint",
+    "load_job_file",
+    "load_mask",
+    "make_trainer",
+    "pack_mask",
+    "plan_jobs",
+    "run_jobs",
+    "save_mask",
+    "unpack_mask",
+]

@@ -10,7 +10,13 @@ from unsee import world
 from unsee.judge import Judge
 from unsee.toy import JUDGE_PATH, TOY_MODEL_DIR
 
-pytestmark = pytest.mark.toy
+# The shipped weights are built by scripts/train_toy.py (issue 3); until they are in weights/, these tests
+# cannot run. They switch on by themselves once weights/toy and weights/judge.safetensors exist.
+pytestmark = [
+    pytest.mark.toy,
+    pytest.mark.skipif(not (TOY_MODEL_DIR / "model_index.json").is_file() or not JUDGE_PATH.is_file(),
+                       reason="the toy model is not shipped yet: build it with scripts/train_toy.py"),
+]
 
 
 @pytest.fixture(scope="module")

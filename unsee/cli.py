@@ -1,6 +1,8 @@
 """The ``unsee`` command line.
 
     unsee generate --prompt "a red circle on a gray background" --out out/
+    unsee erase --method esd-u --concept circle --steps 200 --out esd-u-circle.safetensors
+    unsee erase --config jobs.yaml
     unsee --version
 """
 
@@ -131,6 +133,38 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapter", type=_adapter_spec, action="append", default=[], metavar="FILE[:SCALE]")
     ev.add_argument("--json", default=None, help="also write the figures to this JSON file")
     _add_model_options(ev)
+
+    er = sub.add_parser("erase", help="train an erasure adapter (ESD, SalUn)",
+                        description="Erase a concept: train an adapter, write it and a JSON report next to it (settings, "
+                                    "losses, time). --config FILE runs several jobs (concepts x methods) from a YAML or "
+                                    "JSON file with one combined report; every flag below has a key there "
+                                    "(see unsee.erasure.jobs).")
+    er.add_argument("--method", default=None, metavar="METHOD", help="esd-u, esd-x, esd-all, esd-x-strict or salun")
+    er.add_argument("--concept", default=None, help="the concept to erase, e.g. circle, red, striped")
+    er.add_argument("--erase-from", default=None, metavar="CONCEPT", help="ESD: erase the concept only from this one")
+    er.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the method's paper value)")
+    er.add_argument("--lr", type=float, default=None, help="learning rate (default: the paper's)")
+    er.add_argument("--eta", type=float, default=None, help="ESD negative guidance (default 1)")
+    er.add_argument("--seed", type=int, default=None)
+    er.add_argument("--kind", default=None, metavar="KIND", help="ESD output: delta (default) or lora")
+    er.add_argument("--rank", type=_positive_int, default=None, help="LoRA rank (with --kind lora)")
+    er.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other setting of the method's config, e.g. ddim_steps=10 (repeat for several)")
+    er.add_argument("--out", default=None, help="adapter file (default ./<method>-<concept>.safetensors)")
+    er.add_argument("--report", default=None, help="JSON report (default: the adapter's name with .json)")
+    er.add_argument("--grid", type=int, default=None, metavar="N",
+                    help="prompts in the before/after image grid <out>.grid.png (default 4, 0: no grid)")
+    er.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                    help="checkpoint folder (default <out>.ckpt, removed after success)")
+    er.add_argument("--checkpoint-every", type=int, default=None, metavar="N", help="checkpoint every N steps (default 100)")
+    er.add_argument("--resume", action="store_true", default=None, help="continue from the checkpoint")
+    er.add_argument("--config", default=None, metavar="FILE", help="YAML/JSON file of erasure jobs")
+    er.add_argument("--model", default=None,
+                    help="'toy' (embedded default), a hub id, a local diffusers folder or a single-file checkpoint")
+    er.add_argument("--model-config", default=None, metavar="DIR",
+                    help="for a single-file model: a local diffusers folder to take configs from")
+    er.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="training precision (default: as stored)")
+    er.add_argument("--device", default=None, help="cpu, cuda... (default: what accelerate picks)")
     return parser
 
 
@@ -242,7 +276,102 @@ def _format_accuracy(accuracy: dict[str, float]) -> str:
     return ", ".join(f"{name} {value:.1%}" for name, value in accuracy.items())
 
 
-COMMANDS = {"generate": cmd_generate, "eval": cmd_eval}
+# erase flags -> jobs-config keys (unsee.erasure.jobs); --config and --set are handled apart
+_ERASE_KEYS = ("method", "concept", "erase_from", "steps", "lr", "eta", "seed", "kind", "rank", "out", "report", "grid",
+               "checkpoint_dir", "checkpoint_every", "resume", "model", "model_config", "dtype", "device")
+
+
+def _erase_config(args: argparse.Namespace) -> dict:
+    """The jobs config the erase flags describe (a file's contents with --config)."""
+    from .erasure import ConfigError, load_job_file
+
+    if args.config is not None:
+        given = [f"--{key.replace('_', '-')}" for key in _ERASE_KEYS if key != "resume" and getattr(args, key) is not None]
+        if args.set:
+            given.append("--set")
+        if given:
+            raise UsageError(f"--config FILE takes its settings from the file; put {', '.join(given)} there instead")
+        try:
+            config = load_job_file(args.config)
+        except ConfigError as error:
+            raise UsageError(str(error)) from None
+        if args.resume:
+            config["resume"] = True
+        return config
+    if args.method is None or args.concept is None:
+        raise UsageError("pass --method (esd-u, esd-x, esd-all, esd-x-strict or salun) and --concept, or --config FILE")
+    config = {key: getattr(args, key) for key in _ERASE_KEYS if getattr(args, key) is not None}
+    if config.get("dtype") is not None:
+        config["dtype"] = DTYPES[config["dtype"]]
+    import yaml
+
+    for item in args.set:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UsageError(f"--set takes KEY=VALUE, got {item!r}")
+        if key in config:
+            raise UsageError(f"{key} is given twice (a flag and --set)")
+        try:
+            config[key] = yaml.safe_load(text) if text.strip() else text
+        except yaml.YAMLError:
+            config[key] = text
+    return config
+
+
+def _erase_progress():
+    """A progress callback drawing one tqdm bar per job and phase; returns (callback, close)."""
+    from tqdm.auto import tqdm
+
+    bars: dict = {}
+
+    def progress(job, event) -> None:
+        key = (id(job), event.phase, event.message)
+        bar = bars.get(key)
+        if bar is None:
+            label = f"{job.describe()}: {event.message or 'training'}"
+            bar = bars[key] = tqdm(total=event.total, desc=label, unit="step", file=sys.stderr, dynamic_ncols=True)
+        bar.n = event.step
+        if event.loss is not None:
+            bar.set_postfix(loss=f"{event.loss:.4g}", refresh=False)
+        bar.refresh()
+        if event.step >= event.total:
+            bar.close()
+
+    def close() -> None:
+        for bar in bars.values():
+            bar.close()
+
+    return progress, close
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    from .erasure import ConfigError, TrainingError, plan_jobs, run_jobs
+
+    config = _erase_config(args)
+    try:
+        jobs, report_path = plan_jobs(config)  # validates everything before the model is loaded
+    except ConfigError as error:
+        raise UsageError(str(error)) from None
+    progress, close = _erase_progress()
+    try:
+        report = run_jobs(config, progress=progress, log=lambda message: print(message, file=sys.stderr))
+    except ConfigError as error:  # e.g. --resume from a checkpoint written with other settings
+        close()
+        raise UsageError(str(error)) from None
+    except TrainingError as error:
+        close()
+        print(f"unsee erase: error: {error}", file=sys.stderr)
+        return 1
+    close()
+    for entry in report["jobs"]:
+        print(f"{entry['method']} {entry['concept']!r}: wrote {entry['out']} ({entry['tensors']} tensors, loss "
+              f"{entry['loss_first']:.4g} -> {entry['loss_last']:.4g}, {entry['seconds']:.1f} s)")
+    print(f"report: {report_path}")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "eval": cmd_eval, "erase": cmd_erase}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

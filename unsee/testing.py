@@ -8,6 +8,7 @@ classes (or any other pipeline class passed as ``pipeline_class``).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 import torch
@@ -78,23 +79,22 @@ def tiny_sdxl_components(seed: int = 0) -> dict[str, Any]:
     )
 
 
-def tiny_sd_pipeline(pipeline_class: Optional[type] = None, seed: int = 0):
-    """A tiny SD 1.x-shaped pipeline (unsee's subclass unless ``pipeline_class`` is given)."""
-    if pipeline_class is None:
-        from unsee.pipelines import UnseeStableDiffusionPipeline as pipeline_class
-    components = tiny_sd_components(seed)
-    accepted = set(pipeline_class.__init__.__code__.co_varnames)
+def _wrap(components: dict[str, Any], pipeline_class: type):
+    accepted = set(inspect.signature(pipeline_class.__init__).parameters)
     pipe = pipeline_class(**{k: v for k, v in components.items() if k in accepted})
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_sd_pipeline(pipeline_class: Optional[type] = None, seed: int = 0):
+    """A tiny SD 1.x-shaped pipeline (unsee's subclass unless ``pipeline_class`` is given)."""
+    from unsee.pipelines import UnseeStableDiffusionPipeline
+
+    return _wrap(tiny_sd_components(seed), pipeline_class or UnseeStableDiffusionPipeline)
 
 
 def tiny_sdxl_pipeline(pipeline_class: Optional[type] = None, seed: int = 0):
     """A tiny SDXL-shaped pipeline (unsee's subclass unless ``pipeline_class`` is given)."""
-    if pipeline_class is None:
-        from unsee.pipelines import UnseeStableDiffusionXLPipeline as pipeline_class
-    components = tiny_sdxl_components(seed)
-    accepted = set(pipeline_class.__init__.__code__.co_varnames)
-    pipe = pipeline_class(**{k: v for k, v in components.items() if k in accepted})
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    from unsee.pipelines import UnseeStableDiffusionXLPipeline
+
+    return _wrap(tiny_sdxl_components(seed), pipeline_class or UnseeStableDiffusionXLPipeline)

@@ -1,0 +1,639 @@
+"""The erasure trainer contract, shared by every method (ESD, SalUn, ...).
+
+A method is two small classes:
+
+- a config dataclass, a subclass of :class:`TrainerConfig`, with its paper's defaults. It is
+  validated on construction (``__post_init__``): a bad value raises :class:`ConfigError` with a
+  message that names the field and the fix, before any model is touched;
+- a :class:`Trainer` subclass that says which UNet parameters it trains (:meth:`Trainer.select_parameters`),
+  what it prepares before the first step (:meth:`Trainer.setup`) and what one step's loss is
+  (:meth:`Trainer.training_step`).
+
+The base class owns everything else, identically for every method:
+
+- ``train(pipe, progress=None, checkpoint_dir=None, resume=False) -> Adapter``;
+- a progress callback receiving :class:`Progress` events (tqdm on the CLI, ``gr.Progress`` in the app);
+- a checkpoint every ``checkpoint_every`` steps (trained tensors, optimizer state, RNG states, step,
+  losses) written atomically (temporary file + ``os.replace``); ``resume=True`` continues from it and
+  gives bit for bit the result of an uninterrupted run;
+- a NaN/inf loss stops training with :class:`TrainingError` before the bad step is applied; the
+  last good checkpoint is kept (a checkpoint is never written from non-finite weights);
+- determinism: every random draw comes from one ``torch.Generator`` seeded with ``config.seed``;
+- the frozen teacher is the same UNet with the original values of the trained tensors swapped in
+  (:meth:`Trainer.frozen_teacher`), or with the LoRA adapter disabled; never a second UNet;
+- data parallel through ``accelerate``: ``Accelerator()`` prepares the UNet and the optimizer; one
+  CPU process is the same code path as ``accelerate launch`` on several GPUs (each process draws its
+  own timesteps/noise from ``seed + process_index``; gradients are averaged);
+- the pipeline is handed back unchanged: its weights are restored bit for bit after training (also
+  after an error), and the result is an :class:`~unsee.adapters.Adapter` to save or load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unsee.adapters import Adapter, AdapterError, delta_adapter_from_weights, lora_adapter_from_peft
+
+__all__ = [
+    "ConfigError",
+    "TrainingError",
+    "Progress",
+    "ProgressCallback",
+    "TrainerConfig",
+    "Trainer",
+    "Conditioning",
+    "CHECKPOINT_NAME",
+    "load_checkpoint",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MIXED_PRECISION = ("no", "fp16", "bf16")
+OUTPUT_KINDS = ("delta", "lora")
+# config fields that may differ between a checkpoint and the run that resumes it
+_RESUMABLE_CHANGES = ("steps", "checkpoint_every", "device")
+
+
+class ConfigError(ValueError):
+    """An invalid trainer configuration; raised before any work, the message names the field and the fix."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, unusable pipeline or checkpoint); the message says why."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A progress event. ``phase`` is ``"setup"`` (data generation, saliency mask...) or ``"train"``."""
+
+    phase: str
+    step: int
+    total: int
+    loss: Optional[float] = None
+    message: str = ""
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class TrainerConfig:
+    """Settings every erasure trainer shares. Subclasses add their method's fields and paper defaults.
+
+    Args:
+        concept: the concept to erase, as a prompt ("circle", "Van Gogh", "nudity").
+        steps: optimisation steps.
+        lr: Adam learning rate (> 0).
+        seed: seeds the one generator every random draw comes from.
+        checkpoint_every: write a checkpoint every N steps when ``train`` gets a ``checkpoint_dir``
+            (0: only when training ends).
+        device: ``"cpu"`` forces the CPU; None lets ``accelerate`` pick (its process's GPU when there is one).
+        dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``: move the pipeline to this precision before
+            training (None keeps it). Low-precision Adam is what the official ESD rewrite does; prefer
+            ``mixed_precision`` on GPUs.
+        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` autocast through ``accelerate`` (weights stay as they are).
+    """
+
+    concept: str = ""
+    steps: int = 1000
+    lr: float = 1e-5
+    seed: int = 0
+    checkpoint_every: int = 100
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    mixed_precision: str = "no"
+
+    method: ClassVar[str] = "base"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid field. Subclasses extend it."""
+        if not isinstance(self.concept, str) or not self.concept.strip():
+            raise ConfigError(f"concept must be a non-empty text such as 'circle', got {self.concept!r}")
+        if not _is_int(self.steps) or self.steps < 1:
+            raise ConfigError(f"steps must be a positive integer, got {self.steps!r}")
+        if not _is_number(self.lr) or self.lr <= 0:
+            raise ConfigError(f"lr (learning rate) must be a positive number such as 1e-5, got {self.lr!r}")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not _is_int(self.checkpoint_every) or self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every must be a non-negative integer (0: only at the end), got "
+                              f"{self.checkpoint_every!r}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ConfigError(f"device must be 'cpu', 'cuda', 'cuda:1', ... or None, got {self.device!r}") from None
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} or None, got {self.dtype!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-serialisable dict (stored in the adapter and the report)."""
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Text conditioning and UNet calls (SD 1.x/2.x and SDXL)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for a batch: token embeddings, plus SDXL's pooled embeddings and time ids."""
+
+    embeds: torch.Tensor
+    pooled: Optional[torch.Tensor] = None
+    time_ids: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def rows(self, index: Union[torch.Tensor, Sequence[int], slice]) -> "Conditioning":
+        pick = (lambda t: None if t is None else t[index])
+        return Conditioning(self.embeds[index], pick(self.pooled), pick(self.time_ids))
+
+    def repeat(self, n: int) -> "Conditioning":
+        rep = (lambda t: None if t is None else t.repeat_interleave(n, dim=0))
+        return Conditioning(rep(self.embeds), rep(self.pooled), rep(self.time_ids))
+
+    @staticmethod
+    def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
+        cat = (lambda ts: None if ts[0] is None else torch.cat(ts))
+        return Conditioning(cat([p.embeds for p in parts]), cat([p.pooled for p in parts]),
+                            cat([p.time_ids for p in parts]))
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"encoder_hidden_states": self.embeds}
+        if self.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return kwargs
+
+
+def is_sdxl(pipe: Any) -> bool:
+    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+
+
+@torch.no_grad()
+def encode_prompts(pipe: Any, prompts: Sequence[str], height: int, width: int) -> Conditioning:
+    """Conditioning for each prompt, as the pipeline computes it; ``""`` gives the unconditional embedding
+    the pipeline uses for classifier-free guidance (zeros on SDXL with ``force_zeros_for_empty_prompt``)."""
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    prompts = list(prompts)
+    if is_sdxl(pipe):
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        if pipe.config.get("force_zeros_for_empty_prompt", False):
+            empty = torch.tensor([not p for p in prompts], device=device)
+            embeds = torch.where(empty[:, None, None], torch.zeros_like(embeds), embeds)
+            pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype)
+        return Conditioning(embeds.to(dtype), pooled.to(dtype), time_ids.repeat(len(prompts), 1))
+    embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
+    return Conditioning(embeds.to(dtype))
+
+
+def predict(unet: nn.Module, x: torch.Tensor, t: Union[int, torch.Tensor], cond: Conditioning) -> torch.Tensor:
+    """One UNet call: the model output (noise, or v for v-prediction models) for each row of ``x``."""
+    if len(cond) != x.shape[0]:
+        cond = cond.repeat(x.shape[0] // len(cond))
+    return unet(x, t, **cond.unet_kwargs(), return_dict=False)[0]
+
+
+@torch.no_grad()
+def ddim_sample(unet: nn.Module, scheduler: Any, x: torch.Tensor, cond: Conditioning, uncond: Conditioning,
+                guidance_scale: float, stop_at: Optional[int] = None) -> torch.Tensor:
+    """Deterministic DDIM sampling with classifier-free guidance from the noise ``x``.
+
+    ``scheduler`` is a ``DDIMScheduler`` whose ``set_timesteps`` was called. Runs the first ``stop_at``
+    steps (all when None): the result is at the noise level of ``scheduler.timesteps[stop_at]`` (the clean
+    latents when ``stop_at`` is None). The conditional and unconditional predictions share one UNet call.
+    """
+    steps = len(scheduler.timesteps) if stop_at is None else stop_at
+    both = Conditioning.cat([cond, uncond])
+    for t in scheduler.timesteps[:steps]:
+        out = predict(unet, torch.cat([x, x]), t, both)
+        out_c, out_u = out.chunk(2)
+        guided = out_u + guidance_scale * (out_c - out_u)
+        x = scheduler.step(guided, t, x).prev_sample
+    return x
+
+
+def denoising_target(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet should predict for ``add_noise(x0, noise, t)`` under the scheduler's parametrisation."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    if kind == "sample":
+        return x0
+    raise TrainingError(f"unsupported prediction_type {kind!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(checkpoint_dir: Union[str, os.PathLike]) -> Optional[dict]:
+    """The checkpoint in ``checkpoint_dir`` (a dict; see ``Trainer``), or None when there is none."""
+    path = Path(checkpoint_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a checkpoint is written atomically, so this is not a partial write
+        raise TrainingError(f"cannot read checkpoint {path}: {error}") from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise TrainingError(f"{path} is not an unsee trainer checkpoint (format {CHECKPOINT_FORMAT})")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Base class of the erasure trainers; see the module docstring for the contract.
+
+    Subclasses set ``config_class`` and implement :meth:`select_parameters`, :meth:`setup` and
+    :meth:`training_step`; they may override :meth:`adjust_gradients` (e.g. SalUn's mask),
+    :meth:`extra_state` / :meth:`load_extra_state` (method data kept in checkpoints) and
+    :meth:`training_summary`.
+
+    While :meth:`train` runs, these attributes are set: ``pipe``, ``unet`` (the bare UNet), ``model``
+    (the UNet as prepared by ``accelerate``: call it for predictions that need gradients), ``accelerator``,
+    ``device``, ``generator`` (the CPU generator every random draw comes from) and ``params`` (name ->
+    trained parameter).
+    """
+
+    config_class: ClassVar[type] = TrainerConfig
+    #: leave tensors the training did not change out of a delta adapter
+    drop_unchanged: ClassVar[bool] = False
+
+    def __init__(self, config: TrainerConfig) -> None:
+        if not isinstance(config, self.config_class):
+            raise ConfigError(f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}")
+        config.validate()  # fields may have been changed since construction
+        self.config = config
+        self.params: dict[str, nn.Parameter] = {}
+        self.losses: list[float] = []
+        self._originals: dict[str, torch.Tensor] = {}
+        self._lora = False
+
+    # -- what a method defines ---------------------------------------------------------------
+
+    @property
+    def method(self) -> str:
+        """The method name stored in the adapter, e.g. ``"esd-u"``."""
+        return self.config.method
+
+    @property
+    def output_kind(self) -> str:
+        return getattr(self.config, "kind", "delta")
+
+    def select_parameters(self, unet: nn.Module) -> dict[str, nn.Parameter]:
+        """The UNet parameters to train (full-weight training), name -> parameter, in a stable order."""
+        raise NotImplementedError
+
+    def lora_config(self, unet: nn.Module) -> Any:
+        """A peft ``LoraConfig`` for LoRA output (only methods with ``kind="lora"`` need it)."""
+        raise ConfigError(f"{self.method} cannot train a LoRA adapter; use kind='delta'")
+
+    def setup(self, pipe: Any, state: Optional[dict] = None) -> None:
+        """Work before the first step, with the original weights: encode prompts, generate data, masks...
+
+        ``state`` is what :meth:`extra_state` returned when the checkpoint being resumed was written (None
+        on a fresh run): restore from it instead of recomputing.
+        """
+
+    def training_step(self, step: int) -> torch.Tensor:
+        """The loss of one optimisation step (a scalar with gradients on the trained parameters)."""
+        raise NotImplementedError
+
+    def adjust_gradients(self) -> None:
+        """Called after the backward pass, before the optimizer step (e.g. to mask gradients)."""
+
+    def extra_state(self) -> dict:
+        """Method data to keep in checkpoints (tensors, numbers, strings, lists, dicts only)."""
+        return {}
+
+    def training_summary(self) -> dict:
+        """Method-specific entries for the adapter's ``training`` metadata."""
+        return {}
+
+    # -- helpers for methods -----------------------------------------------------------------
+
+    def report(self, phase: str, step: int, total: int, loss: Optional[float] = None, message: str = "") -> None:
+        if self._progress is not None:
+            self._progress(Progress(phase, step, total, loss, message))
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        """Standard normal noise from the run's generator (drawn on the CPU: the same on every device)."""
+        return torch.randn(shape, generator=self.generator).to(self.device, self.unet.dtype)
+
+    def randint(self, low: int, high: int, size: Sequence[int] = ()) -> torch.Tensor:
+        """Integers in ``[low, high)`` from the run's generator."""
+        return torch.randint(low, high, tuple(size), generator=self.generator)
+
+    @contextlib.contextmanager
+    def frozen_teacher(self) -> Iterator[nn.Module]:
+        """The frozen original model, in place: the trained tensors' original values are swapped in (or the
+        LoRA adapter is disabled) for the duration of the block; yields the bare UNet. Use under no_grad."""
+        unet = self.unet
+        if self._lora:
+            unet.disable_adapters()
+            try:
+                yield unet
+            finally:
+                unet.enable_adapters()
+            return
+        current = {}
+        for name, param in self.params.items():
+            current[name] = param.data
+            param.data = self._originals[name]
+        try:
+            yield unet
+        finally:
+            for name, param in self.params.items():
+                param.data = current[name]
+
+    def default_resolution(self, pipe: Any) -> tuple[int, int]:
+        """The pipeline's default image size (height, width)."""
+        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        return size, size
+
+    # -- the training loop -------------------------------------------------------------------
+
+    def train(
+        self,
+        pipe: Any,
+        progress: Optional[ProgressCallback] = None,
+        checkpoint_dir: Optional[Union[str, os.PathLike]] = None,
+        resume: bool = False,
+    ) -> Adapter:
+        """Train on ``pipe`` and return the adapter; the pipeline's weights are left as they were.
+
+        Args:
+            pipe: an SD 1.x/2.x or SDXL pipeline (``unsee.load_pipeline`` or a diffusers pipeline).
+            progress: called with a :class:`Progress` event during setup and after every step.
+            checkpoint_dir: folder for ``checkpoint.pt`` (written every ``config.checkpoint_every`` steps and at
+                the end); None: no checkpoints.
+            resume: continue from the checkpoint in ``checkpoint_dir`` when there is one (its settings must
+                match this config, except steps, checkpoint_every and device).
+
+        Raises:
+            ConfigError: invalid settings, or a checkpoint written with other settings.
+            TrainingError: a non-finite loss (the last good checkpoint is kept), or an unusable pipeline.
+        """
+        from accelerate import Accelerator
+        from accelerate.utils import gather_object
+
+        config = self.config
+        config.validate()
+        if not isinstance(getattr(pipe, "unet", None), nn.Module):
+            raise TrainingError(f"{type(pipe).__name__} has no UNet; erasure trainers need an SD 1.x/2.x or SDXL pipeline")
+        if getattr(pipe.unet, "peft_config", None):
+            raise TrainingError("the UNet already has LoRA adapters; unload them (pipe.unload_lora_weights()) first")
+        if resume and checkpoint_dir is None:
+            raise ConfigError("resume=True needs the checkpoint_dir to resume from")
+        checkpoint = load_checkpoint(checkpoint_dir) if (resume and checkpoint_dir is not None) else None
+        if checkpoint is not None:
+            self._check_checkpoint(checkpoint, Path(checkpoint_dir))
+
+        accelerator = Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision,
+                                  device_placement=False)
+        # one process may train on any device it is told; several use accelerate's per-process device
+        device = torch.device(config.device) if config.device and accelerator.num_processes == 1 else accelerator.device
+        self.accelerator, self.device, self._progress = accelerator, device, progress
+        self._checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self._elapsed_before = 0.0
+        if config.dtype is not None:
+            pipe.to(dtype=DTYPES[config.dtype])
+        pipe.to(device)
+        self.pipe, self.unet = pipe, pipe.unet
+        self.generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
+        self.losses = []
+        started = time.perf_counter()
+        requires_grad = {name: p.requires_grad for name, p in self.unet.named_parameters()}
+        for module in (getattr(pipe, name, None) for name in ("unet", "text_encoder", "text_encoder_2", "vae")):
+            if isinstance(module, nn.Module):
+                module.requires_grad_(False)
+        was_training = self.unet.training
+        self.unet.eval()  # no dropout: the teacher and the student see the same function
+        model = None
+        try:
+            self.setup(pipe, checkpoint.get("extra") if checkpoint is not None else None)
+            self._attach_trainable()
+            optimizer = torch.optim.Adam(list(self.params.values()), lr=config.lr, weight_decay=0.0)
+            model, optimizer = accelerator.prepare(self.unet, optimizer)
+            self.model = model
+            start = 0
+            if checkpoint is not None:
+                start = self._restore(checkpoint, optimizer)
+
+            for step in range(start, config.steps):
+                optimizer.zero_grad(set_to_none=True)
+                loss = self.training_step(step)
+                value = float(accelerator.reduce(loss.detach().float(), reduction="mean"))
+                if not math.isfinite(value):
+                    raise TrainingError(self._nonfinite_message(value, step))
+                accelerator.backward(loss)
+                self.adjust_gradients()
+                optimizer.step()
+                self.losses.append(value)
+                self.report("train", step + 1, config.steps, value)
+                every = config.checkpoint_every
+                if self._checkpoint_dir is not None and (step + 1 == config.steps or (every and (step + 1) % every == 0)):
+                    self._save_checkpoint(step + 1, optimizer, started, gather_object)
+
+            if not all(bool(torch.isfinite(p.detach()).all()) for p in self.params.values()):
+                raise TrainingError(self._nonfinite_message(float("nan"), config.steps - 1, what="the trained weights"))
+            summary = {
+                "steps": config.steps,
+                "losses": self.losses,
+                "loss_first": self.losses[0] if self.losses else None,
+                "loss_last": self.losses[-1] if self.losses else None,
+                "seconds": round(time.perf_counter() - started + self._elapsed_before, 3),
+                "resumed_from_step": start if checkpoint is not None else None,
+                "device": str(device),
+                "num_processes": accelerator.num_processes,
+                "trained_tensors": len(self.params),
+                "trained_parameters": sum(p.numel() for p in self.params.values()),
+                **self.training_summary(),
+            }
+            return self._make_adapter(summary)
+        finally:
+            if model is not None:
+                accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+            self._restore_pipeline(requires_grad)
+            self.unet.train(was_training)
+            accelerator.free_memory()
+            self.model = None
+
+    # -- internals ---------------------------------------------------------------------------
+
+    _progress: Optional[ProgressCallback] = None
+    _checkpoint_dir: Optional[Path] = None
+    _elapsed_before: float = 0.0
+
+    def _attach_trainable(self) -> None:
+        """Choose the trained tensors: LoRA layers added with peft, or a subset of the UNet's own parameters."""
+        if self.output_kind == "lora":
+            self.unet.add_adapter(self.lora_config(self.unet))
+            self._lora = True
+            self.params = {n: p for n, p in self.unet.named_parameters() if ".lora_" in n}
+            for param in self.params.values():  # peft creates them in the UNet's dtype; train in it as well
+                param.requires_grad_(True)
+            self._originals = {}
+        else:
+            self._lora = False
+            self.params = self.select_parameters(self.unet)
+            # exact copies of the trained subset only: the teacher and the restore come from these
+            self._originals = {n: p.detach().clone() for n, p in self.params.items()}
+            for param in self.params.values():
+                param.requires_grad_(True)
+        if not self.params:
+            raise TrainingError(f"{self.method} selects no parameters of this UNet; check the variant")
+
+    def _restore_pipeline(self, requires_grad: dict[str, bool]) -> None:
+        with torch.no_grad():
+            if self._lora:
+                self.unet.unload_lora()  # removes the peft layers: the base weights were never touched
+                self._lora = False
+            for name, param in self.params.items():
+                if name in self._originals:
+                    param.data = self._originals[name]  # the exact original values
+        for name, param in self.unet.named_parameters():
+            param.requires_grad_(requires_grad.get(name, False))
+
+    def _make_adapter(self, summary: dict) -> Adapter:
+        common = dict(method=self.method, concepts=[self.config.concept], hyperparameters=self.config.to_dict(),
+                      training=summary)
+        try:
+            if self._lora:
+                return lora_adapter_from_peft(self.unet, "unet", **common)
+            trained = {n: p.detach() for n, p in self.params.items()}
+            return delta_adapter_from_weights(self._originals, trained, "unet", model=self.unet,
+                                              drop_unchanged=self.drop_unchanged, **common)
+        except AdapterError as error:
+            raise TrainingError(f"training produced no usable adapter: {error}") from error
+
+    def _nonfinite_message(self, value: float, step: int, what: str = "the loss") -> str:
+        where = (f"the last good checkpoint in {self._checkpoint_dir} is kept; resume from it with a lower learning rate"
+                 if self._checkpoint_dir is not None and (self._checkpoint_dir / CHECKPOINT_NAME).exists()
+                 else "no checkpoint was written")
+        return (f"{self.method}: {what} became {value} at step {step + 1} of {self.config.steps}; training stopped "
+                f"before applying it ({where}; try a lower lr than {self.config.lr:g} or float32)")
+
+    def _check_checkpoint(self, checkpoint: dict, folder: Path) -> None:
+        saved = dict(checkpoint.get("config") or {})
+        mine = self.config.to_dict()
+        diff = sorted(k for k in set(saved) | set(mine)
+                      if k not in _RESUMABLE_CHANGES and saved.get(k) != mine.get(k))
+        if diff:
+            detail = ", ".join(f"{k}={saved.get(k)!r} there, {mine.get(k)!r} here" for k in diff[:4])
+            raise ConfigError(f"the checkpoint in {folder} was written with other settings ({detail}); resume with "
+                              "the same settings or use another checkpoint folder")
+        if checkpoint["step"] > self.config.steps:
+            raise ConfigError(f"the checkpoint in {folder} is at step {checkpoint['step']}, past steps="
+                              f"{self.config.steps}; raise steps or start a fresh run")
+
+    def _save_checkpoint(self, step: int, optimizer: Any, started: float, gather_object: Callable) -> None:
+        # never write non-finite weights over a good checkpoint
+        if not all(bool(torch.isfinite(p.detach()).all()) for p in self.params.values()):
+            raise TrainingError(self._nonfinite_message(float("nan"), step - 1, what="the trained weights"))
+        generators = gather_object([self.generator.get_state()])
+        if not self.accelerator.is_main_process:
+            return
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "method": self.method,
+            "config": self.config.to_dict(),
+            "step": step,
+            "trained": {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()},
+            "optimizer": optimizer.state_dict(),
+            "rng": {
+                "generators": generators,
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "python": random.getstate(),
+            },
+            "losses": list(self.losses),
+            "elapsed": time.perf_counter() - started + self._elapsed_before,
+            "extra": self.extra_state(),
+        }
+        _atomic_torch_save(state, self._checkpoint_dir / CHECKPOINT_NAME)
+        self.accelerator.wait_for_everyone()
+
+    def _restore(self, checkpoint: dict, optimizer: Any) -> int:
+        trained = checkpoint["trained"]
+        if set(trained) != set(self.params):
+            raise TrainingError("the checkpoint trains other tensors than this run; it belongs to another model or variant")
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.data.copy_(trained[name].to(param.device, param.dtype))
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        rng = checkpoint["rng"]
+        generators = rng["generators"]
+        self.generator.set_state(generators[min(self.accelerator.process_index, len(generators) - 1)])
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        python_state = rng["python"]
+        random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+        self.losses = list(checkpoint["losses"])
+        self._elapsed_before = float(checkpoint.get("elapsed", 0.0))
+        return int(checkpoint["step"])
+
+
+def mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over all elements, in float32."""
+    return F.mse_loss(prediction.float(), target.float())

@@ -1,0 +1,391 @@
+"""Scripted training: erasure jobs (concepts x methods) from one config, run one after another, one report.
+
+    from unsee.erasure import run_jobs
+    report = run_jobs({"model": "toy", "steps": 200, "out_dir": "adapters",
+                       "jobs": [{"method": ["esd-u", "salun"], "concept": ["circle", "red"]}]})
+
+The same config as a YAML or JSON file: ``unsee erase --config jobs.yaml`` or ``run_jobs("jobs.yaml")``.
+
+Keys (every ``unsee erase`` flag has one, spelled with underscores):
+
+- ``method`` (esd-x, esd-u, esd-all, esd-x-strict, salun) and ``concept``: a value or a list; a job with
+  lists runs every (concept, method) pair;
+- ``model`` ("toy", a hub id, a local folder or a single file), ``model_config`` (configs folder for a
+  single file), ``dtype``, ``device``;
+- ``out`` (the adapter file; default ``<out_dir>/<method>-<concept>.safetensors``), ``checkpoint_dir``
+  (default ``<out>.ckpt``, removed after success), ``resume``;
+- ``grid``: prompts in the before/after image grid written next to the adapter as ``<name>.grid.png``
+  (top row: the model as it was, bottom row: with the adapter, same seeds; default 4, 0 for none);
+- any field of the method's config dataclass (``steps``, ``lr``, ``seed``, ``eta``, ``erase_from``, ``kind``,
+  ``rank``, ``alpha``, ``mask_fraction``, ``ddim_steps``, ...);
+- top level only: ``jobs`` (a list of job entries; without it the top level is the one job), ``out_dir``
+  (default: the current folder) and ``report`` (the combined JSON report; default ``<out>.json`` for one
+  job, ``<out_dir>/erase-report.json`` for several).
+
+Top-level keys are defaults for every job (a method-specific key such as ``eta`` only applies to the methods
+that have it); a job's own keys win. Everything is validated before any model is loaded: an unknown key or
+method, a bad value, two jobs writing the same file all raise :class:`~unsee.erasure.ConfigError`.
+Each adapter is written atomically; a SalUn job also writes its saliency mask (packed bits) next to the
+adapter as ``<name>.mask.safetensors``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import re
+import shutil
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+from .base import DTYPES, ConfigError, Progress, Trainer, TrainerConfig, TrainingError
+from .esd import ESD_VARIANTS, ESDConfig, ESDTrainer
+from .salun import SalUnConfig, SalUnTrainer, save_mask
+
+__all__ = ["METHODS", "Job", "make_trainer", "plan_jobs", "run_jobs", "load_job_file"]
+
+#: method name -> (trainer class, config class)
+METHODS: dict[str, tuple[type[Trainer], type[TrainerConfig]]] = {
+    **{variant: (ESDTrainer, ESDConfig) for variant in ESD_VARIANTS},
+    "salun": (SalUnTrainer, SalUnConfig),
+}
+JOB_KEYS = ("method", "concept", "model", "model_config", "out", "checkpoint_dir", "resume", "grid")
+FILE_KEYS = ("jobs", "out_dir", "report")
+
+
+@dataclass
+class Job:
+    """One planned erasure: what to train, on which model, and where the files go."""
+
+    method: str
+    config: TrainerConfig
+    model: str = "toy"
+    model_config: Optional[str] = None
+    out: Path = Path("adapter.safetensors")
+    checkpoint_dir: Optional[Path] = None
+    remove_checkpoint: bool = True
+    resume: bool = False
+    grid: int = 4
+
+    @property
+    def grid_path(self) -> Path:
+        return self.out.with_suffix(".grid.png")
+
+    @property
+    def mask_path(self) -> Optional[Path]:
+        return self.out.with_suffix(".mask.safetensors") if self.method == "salun" else None
+
+    def describe(self) -> str:
+        extra = f" from {self.config.erase_from!r}" if getattr(self.config, "erase_from", None) else ""
+        return f"{self.method} {self.config.concept!r}{extra}"
+
+
+def _config_fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name) for f in dataclasses.fields(cls)}
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """YAML reads ``1e-5`` as a string and JSON has no ints vs floats: turn numbers into what the field holds."""
+    args = typing.get_args(hint) or (hint,)
+    if float in args and isinstance(value, (str, int)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if int in args and isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+        return int(value)
+    if int in args and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def make_trainer(method: str, **settings: Any) -> Trainer:
+    """A trainer for ``method`` (``esd-u``, ``salun``...) with ``settings`` as its config's fields."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    trainer_class, config_class = METHODS[method]
+    fields = _config_fields(config_class)
+    unknown = sorted(set(settings) - set(fields))
+    if unknown:
+        raise ConfigError(f"{method} has no setting {unknown[0]!r}; its settings are: {', '.join(sorted(fields))}")
+    values = {k: _coerce(k, v, fields[k]) for k, v in settings.items()}
+    if config_class is ESDConfig:
+        values["variant"] = method
+    try:
+        config = config_class(**values)
+    except TypeError as error:
+        raise ConfigError(str(error)) from None
+    return trainer_class(config)
+
+
+def load_job_file(path: Union[str, os.PathLike]) -> dict:
+    """Read a jobs file (``.yaml``/``.yml`` or ``.json``) into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"config file {path} must end in .yaml, .yml or .json")
+    except (ValueError, ImportError) as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"cannot parse {path}: {str(error).splitlines()[0]}") from None
+    except Exception as error:  # yaml.YAMLError
+        raise ConfigError(f"cannot parse {path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings (with an optional 'jobs' list)")
+    return data
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "concept"
+
+
+def _as_list(value: Any, name: str, where: str) -> list:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise ConfigError(f"{where}: {name} is an empty list")
+    return list(values)
+
+
+def plan_jobs(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Optional[Path]]:
+    """Validate a jobs config and expand it into jobs; returns (jobs, report path). Does no work.
+
+    Raises :class:`ConfigError` for anything invalid.
+    """
+    if not isinstance(config, dict):
+        config = load_job_file(config)
+    top = dict(config)
+    entries = top.pop("jobs", None)
+    out_dir = Path(str(top.pop("out_dir", None) or "."))
+    report = top.pop("report", None)
+    if entries is None:  # the top level is the one job (possibly with lists of methods/concepts)
+        entries, top = [top], {}
+    elif not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError("'jobs' must be a non-empty list of mappings (one per job)")
+    all_fields = set().union(*(_config_fields(c) for _, c in METHODS.values())) - {"variant"}
+    unknown = sorted(k for k in top if k not in JOB_KEYS and k not in all_fields)
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]!r}; known: {', '.join(sorted(set(JOB_KEYS) | all_fields | set(FILE_KEYS)))}")
+
+    jobs: list[Job] = []
+    used_top: set[str] = set()
+    for number, entry in enumerate(entries, 1):
+        where = f"job {number}" if len(entries) > 1 else "the job"
+        merged = {**top, **entry}
+        methods = _as_list(merged.pop("method", None), "method", where)
+        concepts = _as_list(merged.pop("concept", None), "concept", where)
+        if methods == [None]:
+            raise ConfigError(f"{where} has no method; choose one of {', '.join(METHODS)}")
+        if concepts == [None]:
+            raise ConfigError(f"{where} has no concept to erase")
+        known = {m: set(_config_fields(METHODS[m][1])) - {"variant"} for m in methods if m in METHODS}
+        for key in entry:  # a job's own key must fit at least one of its methods
+            if key not in JOB_KEYS and known and not any(key in fields for fields in known.values()):
+                raise ConfigError(f"{where}: {' / '.join(known)} has no setting {key!r}")
+        for concept, method in itertools.product(concepts, methods):
+            if method not in METHODS:
+                raise ConfigError(f"{where}: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+            fields = _config_fields(METHODS[method][1])
+            settings = {}
+            for key, value in merged.items():
+                if key in JOB_KEYS:
+                    continue
+                if key not in fields or key == "variant":
+                    continue  # meant for the job's other methods, or a top-level default for other jobs
+                if key in top:
+                    used_top.add(key)
+                settings[key] = value
+            try:
+                trainer = make_trainer(method, concept=concept, **settings)
+            except ConfigError as error:
+                raise ConfigError(f"{where} ({method} {concept!r}): {error}") from None
+            job_config = trainer.config
+            out = merged.get("out")
+            if out is None:
+                name = f"{method}-{_slug(str(concept))}"
+                if getattr(job_config, "erase_from", None):
+                    name += f"-from-{_slug(job_config.erase_from)}"
+                out = out_dir / f"{name}.safetensors"
+            out = Path(str(out))
+            if out.suffix != ".safetensors":
+                raise ConfigError(f"{where}: the adapter file must end in .safetensors, got {out}")
+            if out.is_dir():
+                raise ConfigError(f"{where}: {out} is a folder; give the adapter file's path")
+            checkpoint_dir = merged.get("checkpoint_dir")
+            model = merged.get("model", "toy")
+            dtype = getattr(job_config, "dtype", None)
+            if dtype is not None and dtype not in DTYPES:
+                raise ConfigError(f"{where}: dtype must be one of {', '.join(DTYPES)}")
+            resume = merged.get("resume", False)
+            if not isinstance(resume, bool):
+                raise ConfigError(f"{where}: resume must be true or false, got {resume!r}")
+            grid = _coerce("grid", merged.get("grid", 4), int)
+            if not isinstance(grid, int) or isinstance(grid, bool) or grid < 0:
+                raise ConfigError(f"{where}: grid must be a number of prompts >= 0, got {grid!r}")
+            jobs.append(Job(
+                method=method, config=job_config, model=str(model),
+                model_config=None if merged.get("model_config") is None else str(merged["model_config"]),
+                out=out,
+                checkpoint_dir=Path(str(checkpoint_dir)) if checkpoint_dir is not None else out.with_suffix(".ckpt"),
+                remove_checkpoint=checkpoint_dir is None, resume=resume, grid=grid,
+            ))
+    unused = sorted(k for k in top if k not in JOB_KEYS and k not in used_top)
+    if unused:
+        raise ConfigError(f"setting {unused[0]!r} applies to none of the jobs' methods "
+                          f"({', '.join(sorted({j.method for j in jobs}))})")
+    outs = [job.out.resolve() for job in jobs]
+    duplicate = next((p for p in outs if outs.count(p) > 1), None)
+    if duplicate is not None:
+        raise ConfigError(f"two jobs write {duplicate}; give each job its own 'out'")
+    if report is not None:
+        report_path = Path(str(report))
+    elif len(jobs) == 1:
+        report_path = jobs[0].out.with_suffix(".json")
+    else:
+        report_path = out_dir / "erase-report.json"
+    if report_path.suffix != ".json":
+        raise ConfigError(f"the report must be a .json file, got {report_path}")
+    return jobs, report_path
+
+
+def grid_prompts(concept: str, n: int, seed: int = 0) -> list[str]:
+    """Prompts for the before/after grid: toy-world prompts naming the concept, else the concept itself."""
+    from unsee import world
+
+    try:
+        return world.concept_prompts(concept, seed, n)
+    except ValueError:
+        return [concept] * n
+
+
+def before_after_grid(pipe: Any, adapter: Any, prompts: list[str], seed: int = 0, steps: int = 25) -> Any:
+    """A PIL image: one column per prompt, the model as it is on top, with ``adapter`` below (same seeds)."""
+    import torch
+    from PIL import Image
+
+    def generate() -> list:
+        generator = torch.Generator().manual_seed(seed)
+        return pipe(prompts, num_inference_steps=steps, generator=generator).images
+
+    before = generate()
+    name = pipe.load_erasure(adapter, adapter_name="unsee-grid-preview")
+    try:
+        after = generate()
+    finally:
+        pipe.unload_erasure(name)
+    width, height = before[0].size
+    grid = Image.new("RGB", (width * len(prompts), height * 2), "white")
+    for column, (top, bottom) in enumerate(zip(before, after)):
+        grid.paste(top, (column * width, 0))
+        grid.paste(bottom, (column * width, height))
+    return grid
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def run_jobs(
+    config: Union[dict, str, os.PathLike],
+    progress: Optional[Callable[[Job, Progress], None]] = None,
+    pipe: Any = None,
+    log: Optional[Callable[[str], None]] = None,
+) -> dict:
+    """Plan, validate and run erasure jobs one after another; returns the combined report (also written).
+
+    Args:
+        config: a dict, or the path of a YAML/JSON jobs file (see the module docstring).
+        progress: called with (job, :class:`Progress`) events.
+        pipe: a pipeline to train on instead of loading each job's ``model``.
+        log: called with one-line notes (e.g. "resuming from step 40").
+
+    Raises:
+        ConfigError: an invalid config (nothing is loaded or written).
+        TrainingError: a job failed (the adapters of the jobs before it are written; so is the report).
+    """
+    import torch
+
+    from unsee import __version__
+    from unsee.loading import load_pipeline
+
+    jobs, report_path = plan_jobs(config)
+    log = log or (lambda message: None)
+    report: dict[str, Any] = {"unsee_version": __version__, "report": str(report_path), "jobs": []}
+    started = time.perf_counter()
+    pipes: dict[tuple, Any] = {}
+    try:
+        for job in jobs:
+            if pipe is not None:
+                job_pipe = pipe
+            else:
+                key = (job.model, job.model_config, job.config.dtype)
+                if key not in pipes:
+                    pipes.clear()  # one model in memory at a time
+                    dtype = getattr(torch, job.config.dtype) if job.config.dtype else None
+                    pipes[key] = load_pipeline(job.model, dtype=dtype, config=job.model_config)
+                    pipes[key].set_progress_bar_config(disable=True)
+                job_pipe = pipes[key]
+            entry: dict[str, Any] = {"method": job.method, "concept": job.config.concept, "model": job.model,
+                                     "out": str(job.out), "settings": job.config.to_dict(), "status": "running"}
+            report["jobs"].append(entry)
+            trainer = METHODS[job.method][0](job.config)
+            checkpoint = job.checkpoint_dir / "checkpoint.pt" if job.checkpoint_dir else None
+            if checkpoint is not None and checkpoint.exists():
+                log(f"{job.describe()}: resuming from {checkpoint}" if job.resume else
+                    f"{job.describe()}: {checkpoint} exists; starting afresh (pass resume to continue from it)")
+            job_started = time.perf_counter()
+            try:
+                adapter = trainer.train(
+                    job_pipe, progress=(lambda event, job=job: progress(job, event)) if progress else None,
+                    checkpoint_dir=job.checkpoint_dir, resume=job.resume,
+                )
+            except (TrainingError, ConfigError) as error:
+                entry.update(status="failed", error=str(error))
+                raise
+            if job.mask_path is not None:
+                save_mask(trainer.mask, job.mask_path, metadata={"adapter": job.out.name,
+                                                                   "mask_fraction": job.config.mask_fraction})
+                entry["mask"] = str(job.mask_path)
+            adapter.save(job.out)
+            if job.grid and not hasattr(job_pipe, "load_erasure"):
+                log(f"{job.describe()}: no before/after grid (the pipeline has no load_erasure; use unsee.load_pipeline)")
+            elif job.grid:
+                concept = getattr(job.config, "erase_from", None) or job.config.concept
+                image = before_after_grid(job_pipe, adapter, grid_prompts(concept, job.grid, job.config.seed),
+                                          seed=job.config.seed)
+                tmp = job.grid_path.with_name(f".{job.grid_path.name}.tmp")
+                image.save(tmp, format="PNG")
+                os.replace(tmp, job.grid_path)
+                entry["grid"] = str(job.grid_path)
+            if job.remove_checkpoint and job.checkpoint_dir is not None and job.checkpoint_dir.is_dir():
+                shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
+            summary = adapter.training
+            entry.update(
+                status="done", seconds=round(time.perf_counter() - job_started, 3),
+                training_seconds=summary.get("seconds"), steps=summary.get("steps"),
+                resumed_from_step=summary.get("resumed_from_step"), loss_first=summary.get("loss_first"),
+                loss_last=summary.get("loss_last"), losses=summary.get("losses"),
+                tensors=len(adapter.tensors), kind=adapter.kind,
+            )
+    finally:
+        report["seconds"] = round(time.perf_counter() - started, 3)
+        if report["jobs"]:
+            _write_json(report_path, report)
+    return report
