@@ -35,13 +35,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--model", default="toy", help="timings depend on the architecture only, not on the weights")
+    parser.add_argument("--model-label", default="the toy model")
     args = parser.parse_args()
-    ours = unsee.load_pipeline("toy")
+    ours = unsee.load_pipeline(args.model)
     plain = StableDiffusionPipeline(**ours.components)
     pag = StableDiffusionPAGPipeline(**ours.components, pag_applied_layers="mid")
     for pipe in (ours, plain, pag):
         pipe.set_progress_bar_config(disable=True)
     prompts = ["a red circle on a gray background"] * args.batch
+    negatives = ["circle"] * args.batch  # diffusers wants a list negative with a list prompt
     common = dict(num_inference_steps=args.steps, output_type="latent")
     settings = {
         "diffusers CFG": lambda g: plain(prompts, guidance_scale=5.0, generator=g, **common),
@@ -50,9 +53,9 @@ def main() -> None:
         "unsee PAG": lambda g: ours(prompts, guidance=[CFG(5.0), PAG(3.0)], generator=g, **common),
         "unsee CFG++": lambda g: ours(prompts, guidance=[CFGpp(0.6)], generator=g, **common),
         "unsee FDG": lambda g: ours(prompts, guidance=[FDG((10.0, 5.0))], generator=g, **common),
-        "unsee negative from 20%": lambda g: ours(prompts, negative_prompt="circle", guidance=[CFG(5.0), NegativeSteer(0.2)], generator=g, **common),
-        "diffusers CFG + negative": lambda g: plain(prompts, negative_prompt="circle", guidance_scale=5.0, generator=g, **common),
-        "unsee NASA (no CFG)": lambda g: ours(prompts, negative_prompt="circle", guidance_scale=1.0, guidance=[NASA(0.3)], generator=g, **common),
+        "unsee negative from 20%": lambda g: ours(prompts, negative_prompt=negatives, guidance=[CFG(5.0), NegativeSteer(0.2)], generator=g, **common),
+        "diffusers CFG + negative": lambda g: plain(prompts, negative_prompt=negatives, guidance_scale=5.0, generator=g, **common),
+        "unsee NASA (no CFG)": lambda g: ours(prompts, negative_prompt=negatives, guidance_scale=1.0, guidance=[NASA(0.3)], generator=g, **common),
     }
     times: dict[str, list[float]] = {name: [] for name in settings}
     for name, fn in settings.items():  # warm-up
@@ -72,18 +75,22 @@ def main() -> None:
         ("NASA / CFG with negative", step["unsee NASA (no CFG)"] / step["diffusers CFG + negative"], "≤ 0.6"),
     ]
     table = "\n".join(f"| {name} | {value:.3f} | {bar} |" for name, value, bar in ratios)
-    per_step = "\n".join(f"| {name} | {1000 * value:.1f} |" for name, value in step.items())
+    per_step = "\n".join(f"| {name} | {1000 * value:.1f} | {1000 * min(times[name]):.1f} – {1000 * max(times[name]):.1f} |"
+                         for name, value in step.items())
     body = f"""## Guidance speed (`benchmarks/guidance_speed.py`)
 
-Hardware: {hardware()}. Toy model, batch {args.batch}, {args.steps} DDIM steps, no VAE decode; median of {args.repeats}
+Hardware: {hardware()}. Model: {args.model_label}, batch {args.batch}, {args.steps} DDIM steps, no VAE decode; median of {args.repeats}
 interleaved repeats per setting, all in one run.
 
 | ratio of per-step times | measured | bar |
 |---|---|---|
 {table}
 
-| setting | ms per step |
-|---|---|
+Run-to-run spread on this shared 2-core machine is several percent (min – max column), as large as the
+2–3% bars: read the ratios as ± that spread.
+
+| setting | ms per step (median) | min – max over repeats |
+|---|---|---|
 {per_step}
 """
     write_section("guidance-speed", body)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -145,14 +145,22 @@ class UnseeAttnProcessor:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        out = fused_attention(q, k, v, attention_mask)
-
         control = self.control
+        rows = control.pag_rows if control is not None and not is_cross and self.name in control.pag_layers else None
+        if rows is None:
+            out = fused_attention(q, k, v, attention_mask)
+        else:
+            # PAG rows: identity attention map (each token attends only to itself), so the output is V;
+            # the other rows get ordinary attention, computed only for them
+            mask = lambda part: None if attention_mask is None else attention_mask[part]  # noqa: E731
+            before, after = slice(0, rows.start), slice(rows.stop, q.shape[0])
+            pieces = [fused_attention(q[before], k[before], v[before], mask(before))] if rows.start > 0 else []
+            pieces.append(v[rows])
+            if rows.stop < q.shape[0]:
+                pieces.append(fused_attention(q[after], k[after], v[after], mask(after)))
+            out = torch.cat(pieces)
+
         if control is not None:
-            if not is_cross and control.pag_rows is not None and self.name in control.pag_layers:
-                # identity attention map: each token attends only to itself, so the output is V
-                out = out.clone()
-                out[control.pag_rows] = v[control.pag_rows]
             if is_cross and control.nasa_rows is not None and self.name in control.nasa_layers and control.nasa_alpha:
                 negative = control.nasa_negative
                 if attn.norm_cross:
@@ -181,14 +189,20 @@ class UnseeAttnProcessor:
 
 
 @contextlib.contextmanager
-def installed_processors(unet, control: Optional[AttentionControl] = None) -> Iterator[dict[str, UnseeAttnProcessor]]:
-    """Install unsee's processors on every attention module of ``unet`` for the ``with`` block.
+def installed_processors(unet, control: Optional[AttentionControl] = None,
+                         modules: Optional[Iterable[str]] = None) -> Iterator[dict[str, UnseeAttnProcessor]]:
+    """Install unsee's processors on the attention modules named in ``modules`` (all if None) for the ``with`` block.
 
+    Other modules keep their processors, so a method touching a few layers costs nothing elsewhere.
     The previous processors (diffusers' defaults, xformers', LoRA-aware ones...) are restored on exit,
     also when the block raises.
     """
     previous = unet.attn_processors
-    ours = {key: UnseeAttnProcessor(key[: -len(".processor")], control) for key in previous}
+    wanted = None if modules is None else set(modules)
+    ours = {}
+    for key, processor in previous.items():
+        name = key[: -len(".processor")]
+        ours[key] = UnseeAttnProcessor(name, control) if wanted is None or name in wanted else processor
     unet.set_attn_processor(ours)
     try:
         yield ours

@@ -95,8 +95,12 @@ class GuidedStep:
             self.control.nasa_alpha = self.nasa.alpha
 
     @property
-    def needs_processors(self) -> bool:
-        return self.pag is not None or self.nasa is not None or (self.steer is not None and self.steer.mode == "adaptive")
+    def processor_modules(self) -> frozenset:
+        """The attention modules that need unsee's processor in this call (the others keep theirs)."""
+        modules = set(self.control.pag_layers) | set(self.control.nasa_layers)
+        if self.steer is not None and self.steer.mode == "adaptive":
+            modules |= set(attention_module_names(self.pipe.unet, cross=True))
+        return frozenset(modules)
 
     # ---------------------------------------------------------------- which rows hold what, this step
     def _negative_rows_active(self, batch: int, num_steps: int) -> torch.Tensor:
@@ -303,8 +307,8 @@ class GuidanceMixin:
         scheduler = self.scheduler
         stack = contextlib.ExitStack()
         try:
-            if state.needs_processors:
-                stack.enter_context(installed_processors(self.unet, state.control))
+            if state.processor_modules:
+                stack.enter_context(installed_processors(self.unet, state.control, state.processor_modules))
             if cfgpp:
                 def step(model_output, timestep, sample, *args, generator=None, return_dict=True, **kwargs):
                     prev = cfgpp_step(scheduler, model_output, state.last_uncond, timestep, sample,
