@@ -410,6 +410,16 @@ class Trainer:
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         return size, size
 
+    def image_size(self, pipe: Any) -> tuple[int, int]:
+        """Image (height, width): ``config.resolution`` or the pipeline's default, checked against the VAE's factor."""
+        height, width = self.default_resolution(pipe)
+        resolution = getattr(self.config, "resolution", None)
+        if resolution is not None:
+            height = width = resolution
+        if height % pipe.vae_scale_factor:
+            raise ConfigError(f"resolution {height} is not a multiple of the VAE's scale factor {pipe.vae_scale_factor}")
+        return height, width
+
     # -- the training loop -------------------------------------------------------------------
 
     def train(

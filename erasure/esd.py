@@ -189,13 +189,9 @@ class ESDTrainer(Trainer):
 
     def setup(self, pipe: Any, state: Optional[dict] = None) -> None:
         config = self.config
-        height, width = self.default_resolution(pipe)
-        if config.resolution is not None:
-            height = width = config.resolution
-        if height % pipe.vae_scale_factor:
-            raise ConfigError(f"resolution {height} is not a multiple of the VAE's scale factor {pipe.vae_scale_factor}")
-        self.latent_shape = (config.batch_size, pipe.unet.config.in_channels,
-                             height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        height, width = self.image_size(pipe)
+        factor = pipe.vae_scale_factor
+        self.latent_shape = (config.batch_size, pipe.unet.config.in_channels, height // factor, width // factor)
         # rows: the erased concept c, the empty prompt, and c_from when erasing from another concept
         prompts = [config.concept, ""] + ([config.erase_from] if config.erase_from is not None else [])
         self.conditioning = encode_prompts(pipe, prompts, height, width)

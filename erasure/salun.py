@@ -280,12 +280,9 @@ class SalUnTrainer(Trainer):
         from diffusers import DDIMScheduler
 
         config = self.config
-        height, width = self.default_resolution(pipe)
-        if config.resolution is not None:
-            height = width = config.resolution
-        if height % pipe.vae_scale_factor:
-            raise ConfigError(f"resolution {height} is not a multiple of the VAE's scale factor {pipe.vae_scale_factor}")
-        self.latent_shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        height, width = self.image_size(pipe)
+        factor = pipe.vae_scale_factor
+        self.latent_shape = (pipe.unet.config.in_channels, height // factor, width // factor)
         self.noise_scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         self.num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
 
