@@ -80,6 +80,7 @@ class GuidedStep:
         self.negative_active: Optional[torch.Tensor] = None
 
         unet = pipe.unet
+        self.cross_layers = frozenset(attention_module_names(unet, cross=True))  # once per call, not per step
         if self.pag is not None:
             selected = [n for n in attention_module_names(unet, cross=False) if layer_matches(n, self.pag.layers)]
             if not selected:
@@ -87,7 +88,7 @@ class GuidedStep:
                                     f"names look like {attention_module_names(unet, cross=False)[:3]}")
             self.control.pag_layers = frozenset(selected)
         if self.nasa is not None:
-            cross = attention_module_names(unet, cross=True)
+            cross = sorted(self.cross_layers)
             selected = cross if self.nasa.layers is None else [n for n in cross if layer_matches(n, self.nasa.layers)]
             if not selected:
                 raise GuidanceError(f"NASA.layers {self.nasa.layers} match no cross-attention layer of this UNet")
@@ -99,7 +100,7 @@ class GuidedStep:
         """The attention modules that need unsee's processor in this call (the others keep theirs)."""
         modules = set(self.control.pag_layers) | set(self.control.nasa_layers)
         if self.steer is not None and self.steer.mode == "adaptive":
-            modules |= set(attention_module_names(self.pipe.unet, cross=True))
+            modules |= self.cross_layers
         return frozenset(modules)
 
     # ---------------------------------------------------------------- which rows hold what, this step
@@ -168,7 +169,7 @@ class GuidedStep:
         probing = self.steer is not None and self.steer.mode == "adaptive" and (
             self.negative_active is None or not bool(self.negative_active.all()))
         control.probe_rows = starts["cond"] if probing else None
-        control.probe_layers = frozenset(attention_module_names(self.pipe.unet, cross=True)) if probing else frozenset()
+        control.probe_layers = self.cross_layers if probing else frozenset()
         control.probed_maps = []
 
         x_all = torch.cat([b[1][0] for b in branches])
@@ -307,8 +308,9 @@ class GuidanceMixin:
         scheduler = self.scheduler
         stack = contextlib.ExitStack()
         try:
-            if state.processor_modules:
-                stack.enter_context(installed_processors(self.unet, state.control, state.processor_modules))
+            modules = state.processor_modules
+            if modules:
+                stack.enter_context(installed_processors(self.unet, state.control, modules))
             if cfgpp:
                 def step(model_output, timestep, sample, *args, generator=None, return_dict=True, **kwargs):
                     prev = cfgpp_step(scheduler, model_output, state.last_uncond, timestep, sample,

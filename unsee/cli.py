@@ -213,7 +213,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         images = pipe(
             prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
             num_images_per_prompt=args.num_images, generator=generator, height=args.height, width=args.width,
-            **({"guidance": guidance} if guidance else {}),
+            guidance=guidance,  # an empty list is plain diffusers
         ).images
         for i, image in enumerate(images):
             name = f"{p_index:02d}-{i:02d}-{_slug(prompt)}.png"
