@@ -20,6 +20,7 @@ from .base import (
     load_checkpoint,
 )
 from .esd import ESD_VARIANTS, ESDConfig, ESDTrainer, esd_modules, esd_parameters
+from .presets import PRESETS, TOY_PRESETS, preset_settings
 from .jobs import METHODS, Job, load_job_file, make_trainer, plan_jobs, run_jobs
 from .salun import SalUnConfig, SalUnTrainer, load_mask, pack_mask, save_mask, unpack_mask
 
@@ -31,12 +32,14 @@ __all__ = [
     "ESD_VARIANTS",
     "Job",
     "METHODS",
+    "PRESETS",
     "Progress",
     "ProgressCallback",
     "SalUnConfig",
     "SalUnTrainer",
     "Trainer",
     "TrainerConfig",
+    "TOY_PRESETS",
     "TrainingError",
     "esd_modules",
     "esd_parameters",
@@ -46,6 +49,7 @@ __all__ = [
     "make_trainer",
     "pack_mask",
     "plan_jobs",
+    "preset_settings",
     "run_jobs",
     "save_mask",
     "unpack_mask",

@@ -12,6 +12,8 @@ Keys (every ``unsee erase`` flag has one, spelled with underscores):
   lists runs every (concept, method) pair;
 - ``model`` ("toy", a hub id, a local folder or a single file), ``model_config`` (configs folder for a
   single file), ``dtype``, ``device``;
+- ``preset``: ``toy`` or ``paper``, the settings a job starts from (``unsee.erasure.presets``; default:
+  ``toy`` for the toy model, ``paper`` otherwise); the job's own settings win;
 - ``out`` (the adapter file; default ``<out_dir>/<method>-<concept>.safetensors``), ``checkpoint_dir``
   (default ``<out>.ckpt``, removed after success), ``resume``;
 - ``grid``: prompts in the before/after image grid written next to the adapter as ``<name>.grid.png``
@@ -44,6 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from .base import DTYPES, ConfigError, Progress, Trainer, TrainerConfig, TrainingError
+from .presets import preset_settings
 from .esd import ESD_VARIANTS, ESDConfig, ESDTrainer
 from .salun import SalUnConfig, SalUnTrainer, save_mask
 
@@ -54,7 +57,7 @@ METHODS: dict[str, tuple[type[Trainer], type[TrainerConfig]]] = {
     **{variant: (ESDTrainer, ESDConfig) for variant in ESD_VARIANTS},
     "salun": (SalUnTrainer, SalUnConfig),
 }
-JOB_KEYS = ("method", "concept", "model", "model_config", "out", "checkpoint_dir", "resume", "grid")
+JOB_KEYS = ("method", "concept", "model", "model_config", "out", "checkpoint_dir", "resume", "grid", "preset")
 FILE_KEYS = ("jobs", "out_dir", "report")
 
 
@@ -200,7 +203,10 @@ def plan_jobs(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Optiona
             if method not in METHODS:
                 raise ConfigError(f"{where}: unknown method {method!r}; choose one of {', '.join(METHODS)}")
             fields = _config_fields(METHODS[method][1])
-            settings = {}
+            try:
+                settings = preset_settings(merged.get("preset"), method, str(merged.get("model", "toy")))
+            except ConfigError as error:
+                raise ConfigError(f"{where}: {error}") from None
             for key, value in merged.items():
                 if key in JOB_KEYS:
                     continue

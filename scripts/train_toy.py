@@ -7,9 +7,10 @@
 Stages, each resumable (state under --work, default checkpoints/toy):
 1. data  - render the training scenes of the shapes world;
 2. vae   - train the AutoencoderKL (64x64 RGB <-> 4x16x16) with an L1 + MSE reconstruction loss and a small KL term;
-3. unet  - train the UNet and the CLIP text encoder together on VAE latents, with 10% caption dropout
-           (so classifier-free guidance works), min-SNR-5 loss weighting and an EMA of the weights;
-4. judge - train the judge CNN on clean renders and their VAE reconstructions;
+3. judge - train the judge CNN on clean renders and their VAE reconstructions, and report its accuracy on
+           both (the reconstruction accuracy bounds what any UNet on these latents can reach);
+4. unet  - train the UNet and the CLIP text encoder together on VAE latents, with 10% caption dropout
+           (so classifier-free guidance works), v-prediction with min-SNR-5 loss weighting and an EMA of the weights;
 5. export - write the diffusers folder weights/toy and the timing report.
 """
 
@@ -33,7 +34,7 @@ from transformers import CLIPTextModel
 from unsee import toy, world
 from unsee.judge import Judge
 
-STAGES = ("data", "vae", "unet", "judge", "export")
+STAGES = ("data", "vae", "judge", "unet", "export")
 
 
 def seed_everything(seed: int) -> None:
@@ -88,8 +89,8 @@ def stage_vae(args: argparse.Namespace, work: Path) -> None:
     images, _ = load_data(work)
     seed_everything(args.seed + 1)
     vae = AutoencoderKL(**toy.VAE_CONFIG)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=args.vae_steps, pct_start=0.05)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.vae_lr, total_steps=args.vae_steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(args.seed + 1)
     start = time.time()
     for step in range(args.vae_steps):
@@ -192,8 +193,14 @@ def stage_judge(args: argparse.Namespace, work: Path) -> None:
         if step % 100 == 0 or step == args.judge_steps - 1:
             log(work, stage="judge", step=step, loss=round(loss.item(), 4),
                 val=judge_accuracy(judge, val_x, val_labels), elapsed=round(time.time() - start, 1))
-    judge.eval().save(work / "judge.safetensors")
-    log(work, stage="judge", done=True, seconds=round(time.time() - start, 1))
+    judge.eval()
+    with torch.no_grad():
+        val_recon = torch.cat([vae.decode(vae.encode(val_x[i:i + 250]).latent_dist.mean).sample.clamp(-1, 1)
+                               for i in range(0, len(val_x), 250)])
+    judge.save(work / "judge.safetensors")
+    log(work, stage="judge", done=True, seconds=round(time.time() - start, 1),
+        accuracy_clean=judge_accuracy(judge, val_x, val_labels),
+        accuracy_vae_reconstruction=judge_accuracy(judge, val_recon, val_labels))
 
 
 # ----------------------------------------------------------------------------------------- unet
@@ -250,8 +257,9 @@ def stage_unet(args: argparse.Namespace, work: Path) -> None:
         noisy = noise_scheduler.add_noise(latents, noise, t)
         embeds = text_encoder(ids)[0]
         pred = unet(noisy, t, embeds).sample
-        weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 weighting for epsilon prediction
-        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        target = noise_scheduler.get_velocity(latents, noise, t)
+        weight = torch.clamp(snr[t], max=5.0) / (snr[t] + 1)  # min-SNR-5 weighting for v-prediction
+        loss = (weight * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         opt.zero_grad(set_to_none=True)
@@ -308,13 +316,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default="checkpoints/toy", help="resumable training state")
     parser.add_argument("--out", default=str(toy.WEIGHTS_DIR), help="where weights/toy and the judge are written")
-    parser.add_argument("--images", type=int, default=50_000)
-    parser.add_argument("--vae-steps", type=int, default=800)
-    parser.add_argument("--vae-batch", type=int, default=24)
+    parser.add_argument("--images", type=int, default=40_000)
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--vae-lr", type=float, default=1.5e-3)
     parser.add_argument("--vae-kl", type=float, default=5e-4)
-    parser.add_argument("--judge-steps", type=int, default=600)
+    parser.add_argument("--judge-steps", type=int, default=800)
     parser.add_argument("--judge-batch", type=int, default=96)
-    parser.add_argument("--unet-steps", type=int, default=2600)
+    parser.add_argument("--unet-steps", type=int, default=3400)
     parser.add_argument("--unet-batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument("--warmup", type=int, default=200)

@@ -94,6 +94,21 @@ def test_job_plans_are_validated_before_loading_anything(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_job_presets_toy_for_the_toy_model_paper_otherwise_and_flags_win(tmp_path):
+    from unsee.erasure import TOY_PRESETS, ESDConfig
+
+    (toy_job,), _ = plan_jobs({"method": "esd-u", "concept": "circle", "out_dir": str(tmp_path)})
+    assert toy_job.config.steps == TOY_PRESETS["esd-u"]["steps"] and toy_job.config.lr == TOY_PRESETS["esd-u"]["lr"]
+    (hub_job,), _ = plan_jobs({"method": "esd-u", "concept": "circle", "model": "some/model"})
+    assert (hub_job.config.steps, hub_job.config.lr) == (ESDConfig.steps, ESDConfig.lr)  # the paper's values
+    (paper_job,), _ = plan_jobs({"method": "esd-u", "concept": "circle", "preset": "paper"})
+    assert paper_job.config.steps == ESDConfig.steps
+    (mixed,), _ = plan_jobs({"method": "salun", "concept": "circle", "steps": 7})
+    assert mixed.config.steps == 7 and mixed.config.num_forget == TOY_PRESETS["salun"]["num_forget"]
+    with pytest.raises(ConfigError, match="unknown preset 'fast'"):
+        plan_jobs({"method": "esd-u", "concept": "circle", "preset": "fast"})
+
+
 # ------------------------------------------------------------------------------ NaN and checkpoints
 
 FAST = dict(concept="circle", variant="esd-x", lr=1e-2, ddim_steps=3, checkpoint_every=2)

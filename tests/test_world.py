@@ -39,7 +39,7 @@ def test_world_has_the_promised_variety():
 
 def test_tokenizer_round_trip_offline(tmp_path):
     tokenizer = toy.build_tokenizer(world.vocabulary())
-    assert tokenizer.model_max_length == 77
+    assert tokenizer.model_max_length == toy.MAX_LENGTH
     for word in world.vocabulary():
         assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
     world_text = "a striped blue plus sign on a grey background"
@@ -56,5 +56,5 @@ def test_tokenizer_round_trip_offline(tmp_path):
     text = "a red circle on a gray background"
     assert loaded(text).input_ids == tokenizer(text).input_ids
     assert loaded.decode(loaded(text).input_ids, skip_special_tokens=True) == text
-    padded = loaded(text, padding="max_length", max_length=77).input_ids
-    assert len(padded) == 77
+    padded = loaded(text, padding="max_length").input_ids
+    assert len(padded) == toy.MAX_LENGTH

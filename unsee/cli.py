@@ -142,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--method", default=None, metavar="METHOD", help="esd-u, esd-x, esd-all, esd-x-strict or salun")
     er.add_argument("--concept", default=None, help="the concept to erase, e.g. circle, red, striped")
     er.add_argument("--erase-from", default=None, metavar="CONCEPT", help="ESD: erase the concept only from this one")
-    er.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the method's paper value)")
+    er.add_argument("--preset", default=None, choices=("toy", "paper"),
+                    help="starting settings (default: toy for the toy model, paper otherwise); flags override them")
+    er.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: from the preset)")
     er.add_argument("--lr", type=float, default=None, help="learning rate (default: the paper's)")
     er.add_argument("--eta", type=float, default=None, help="ESD negative guidance (default 1)")
     er.add_argument("--seed", type=int, default=None)
@@ -277,7 +279,7 @@ def _format_accuracy(accuracy: dict[str, float]) -> str:
 
 
 # erase flags -> jobs-config keys (unsee.erasure.jobs); --config and --set are handled apart
-_ERASE_KEYS = ("method", "concept", "erase_from", "steps", "lr", "eta", "seed", "kind", "rank", "out", "report", "grid",
+_ERASE_KEYS = ("method", "concept", "erase_from", "preset", "steps", "lr", "eta", "seed", "kind", "rank", "out", "report", "grid",
                "checkpoint_dir", "checkpoint_every", "resume", "model", "model_config", "dtype", "device")
 
 

@@ -9,7 +9,8 @@ Components:
 - ``UNet2DConditionModel`` with cross-attention at the 8x8 and 4x4 levels and the mid block;
 - ``CLIPTextModel`` (3 layers, width 128) and a ``CLIPTokenizer`` whose BPE vocabulary gives every
   word of the world its own token, plus the 512 byte-level symbols so any text can be encoded;
-- ``DDIMScheduler`` with SD's scaled-linear betas.
+- ``DDIMScheduler`` with SD's scaled-linear betas and v-prediction (as SD 2.x): at high noise the UNet must
+  predict the clean image, so the layout the prompt asks for is learned early in training.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ JUDGE_PATH = WEIGHTS_DIR / "judge.safetensors"
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
-MAX_LENGTH = 77
+MAX_LENGTH = 32  # world prompts are under 16 tokens; room left for prefix tokens (attacks, AdvUnlearn)
 
 
 def build_tokenizer(words: Iterable[str]) -> CLIPTokenizer:
@@ -81,7 +82,7 @@ UNET_CONFIG = dict(
     block_out_channels=(32, 48, 96),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=128, attention_head_dim=8, norm_num_groups=16,
+    cross_attention_dim=128, attention_head_dim=4, norm_num_groups=16,  # 4 heads per attention layer
 )
 
 VAE_CONFIG = dict(
@@ -93,5 +94,5 @@ VAE_CONFIG = dict(
 
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction",
 )

@@ -51,6 +51,7 @@ COLOR_RGB = {
     "blue": (40, 80, 225),
     "purple": (140, 50, 190),
 }
+STRIPE_SHADE = 0.45  # brightness of the dark bands between the stripes of a striped shape
 BACKGROUND_RGB = {"black": (15, 15, 15), "gray": (128, 128, 128), "white": (240, 240, 240)}
 
 # Words a caption may use for an attribute value. The first is the canonical name.
@@ -177,7 +178,10 @@ def render(scene: Scene) -> np.ndarray:
         mask = Image.new("L", (big, big), 0)
         ImageDraw.Draw(mask).polygon(_shape_polygon(scene, _SUPERSAMPLE), fill=255)
         if scene.style == "striped":
-            # horizontal bands with a 10 px period at 64 px: 6 px of colour, 4 px of background
+            # the whole silhouette in a dark shade of the colour, then horizontal bands of the colour with a
+            # 10 px period at 64 px (6 px of colour, 4 px of shade): the outline stays visible on any background
+            shade = tuple(int(round(v * STRIPE_SHADE)) for v in COLOR_RGB[scene.color])
+            image.paste(shade, (0, 0, big, big), mask)
             rows = (np.arange(big) // _SUPERSAMPLE) % 10 < 6
             stripes = np.where(rows[:, None], 255, 0).astype(np.uint8)
             mask = Image.fromarray((np.asarray(mask, dtype=np.uint16) * stripes // 255).astype(np.uint8))

@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""Erasure efficacy on the embedded toy model; writes its BENCHMARKS.md section and a before/after grid.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/erasure_efficacy.py [--n 64] [--only circle]
+
+For each (concept, method) row: train with the toy preset (``unsee.erasure.TOY_PRESETS``), time it, then
+measure with the judge, before and after, (a) the concept's presence on ``n`` prompts that name it and
+(b) the judge's accuracy on ``n`` prompts that do not name it (25 DDIM steps, CFG 5, fixed seeds).
+Bars (issue 7): presence after <= 10% (from >= 90%), accuracy drop <= 5 points, <= 3 minutes per erasure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, hardware, write_section  # noqa: E402
+
+import unsee  # noqa: E402
+from unsee import world  # noqa: E402
+from unsee.erasure import TOY_PRESETS, make_trainer  # noqa: E402
+from unsee.erasure.jobs import before_after_grid  # noqa: E402
+from unsee.judge import Judge  # noqa: E402
+
+ROWS = [("circle", "esd-u"), ("circle", "salun"), ("red", "esd-x"), ("red", "esd-u"), ("striped", "esd-x")]
+EVAL_SEED = 1234  # other than the training seed, so evaluation prompts and noise are fresh
+
+
+def figures(pipe, concept: str, n: int, judge) -> dict:
+    named = unsee.evaluate(pipe, world.concept_prompts(concept, EVAL_SEED, n), concept=concept, judge=judge, n=n,
+                           seed=EVAL_SEED)
+    others = unsee.evaluate(pipe, world.other_prompts(concept, EVAL_SEED, n), judge=judge, n=n, seed=EVAL_SEED)
+    attribute = world.concept_attribute(concept)[0]
+    accuracy = others.accuracy
+    mean = sum(accuracy.values()) / len(accuracy)
+    return {"presence": named.presence, "accuracy": accuracy, "mean_accuracy": mean, "attribute": attribute}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=64, help="images per prompt set")
+    parser.add_argument("--only", default=None, help="run only the rows of this concept")
+    parser.add_argument("--no-write", action="store_true", help="print, do not touch BENCHMARKS.md")
+    args = parser.parse_args()
+    pipe = unsee.load_pipeline("toy")
+    pipe.set_progress_bar_config(disable=True)
+    judge = Judge.load().predict
+
+    rows = [r for r in ROWS if args.only in (None, r[0])]
+    baseline = {concept: figures(pipe, concept, args.n, judge) for concept in dict.fromkeys(c for c, _ in rows)}
+    results, grids = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for concept, method in rows:
+            trainer = make_trainer(method, concept=concept, **TOY_PRESETS[method])
+            started = time.perf_counter()
+            adapter = trainer.train(pipe)
+            seconds = time.perf_counter() - started
+            path = Path(tmp) / f"{method}-{concept}.safetensors"
+            adapter.save(path)
+            name = pipe.load_erasure(path)
+            after = figures(pipe, concept, args.n, judge)
+            pipe.unload_erasure(name)
+            grids.append(np.asarray(before_after_grid(pipe, adapter, world.concept_prompts(concept, EVAL_SEED, 8))))
+            results.append({"concept": concept, "method": method, "seconds": seconds, "before": baseline[concept],
+                            "after": after, "adapter_bytes": path.stat().st_size, "settings": TOY_PRESETS[method]})
+            print(json.dumps(results[-1], default=float), flush=True)
+
+    ok = lambda flag: "yes" if flag else "**no**"  # noqa: E731
+    lines = ["| concept | method | presence before → after | accuracy on other prompts before → after (drop) "
+             "| training time | adapter | bars met |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        before, after = r["before"], r["after"]
+        drop = 100 * (before["mean_accuracy"] - after["mean_accuracy"])
+        met = (after["presence"] <= 0.10 and before["presence"] >= 0.90 and drop <= 5 and r["seconds"] <= 180)
+        lines.append(
+            f"| {r['concept']} | {r['method']} | {before['presence']:.1%} → {after['presence']:.1%} "
+            f"| {before['mean_accuracy']:.1%} → {after['mean_accuracy']:.1%} ({drop:+.1f} pts) "
+            f"| {r['seconds']:.0f} s | {r['adapter_bytes'] / 2**20:.2f} MB | {ok(met)} |")
+    settings = "; ".join(f"`{m}`: " + ", ".join(f"{k}={v}" for k, v in TOY_PRESETS[m].items())
+                         for m in dict.fromkeys(m for _, m in rows))
+    grid_path = ROOT / "benchmarks" / "erasure_before_after.png"
+    grid = Image.fromarray(np.concatenate(grids, axis=0))
+    grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(grid_path)
+    body = f"""## Erasure efficacy on the toy model (`benchmarks/erasure_efficacy.py`)
+
+Hardware: {hardware()}.
+
+Presence: share of {args.n} images, from prompts that name the concept, in which the judge sees it.
+Accuracy: the judge's mean per-attribute accuracy on {args.n} prompts that do not name the concept.
+25 DDIM steps, CFG 5, evaluation seed {EVAL_SEED}. Bars: presence ≤ 10% (from ≥ 90%), accuracy drop ≤ 5 points,
+training ≤ 3 minutes. Toy presets (`unsee.erasure.TOY_PRESETS`, `unsee erase --preset toy`): {settings}.
+
+{chr(10).join(lines)}
+
+Before (top) and after (bottom) each erasure, same seeds; one pair of rows per table row, in order.
+
+![erasure before/after](benchmarks/erasure_before_after.png)
+"""
+    if not args.no_write:
+        write_section("erasure", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
