@@ -5,7 +5,7 @@
     adapter.save("esd-u-circle.safetensors")
     pipe.load_erasure("esd-u-circle.safetensors")
 
-``base`` holds the contract every trainer follows; ``esd`` and ``salun`` the methods; ``jobs`` scripted
+``base`` holds the contract every trainer follows; ``esd``, ``salun`` and ``spm`` the methods; ``jobs`` scripted
 training of several concepts x methods (``run_jobs``, ``unsee erase --config``).
 """
 
@@ -23,6 +23,7 @@ from .esd import ESD_VARIANTS, ESDConfig, ESDTrainer, esd_modules, esd_parameter
 from .presets import PRESETS, TOY_PRESETS, preset_settings
 from .jobs import METHODS, Job, load_job_file, make_trainer, plan_jobs, run_jobs
 from .salun import SalUnConfig, SalUnTrainer, load_mask, pack_mask, save_mask, unpack_mask
+from .spm import SPMConfig, SPMTrainer, spm_modules, transport_strength
 
 __all__ = [
     "ConfigError",
@@ -37,6 +38,8 @@ __all__ = [
     "ProgressCallback",
     "SalUnConfig",
     "SalUnTrainer",
+    "SPMConfig",
+    "SPMTrainer",
     "Trainer",
     "TrainerConfig",
     "TOY_PRESETS",
@@ -52,5 +55,7 @@ __all__ = [
     "preset_settings",
     "run_jobs",
     "save_mask",
+    "spm_modules",
+    "transport_strength",
     "unpack_mask",
 ]

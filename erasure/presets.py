@@ -25,6 +25,7 @@ TOY_PRESETS: dict[str, dict[str, Any]] = {
     "esd-x": dict(_TOY_ESD),
     "esd-all": dict(_TOY_ESD),
     "esd-x-strict": dict(_TOY_ESD),
+    "spm": {"steps": 200, "lr": 2e-3, "ddim_steps": 25},
     "salun": {"steps": 150, "lr": 2e-4, "num_forget": 128, "num_retain": 128, "generation_steps": 25},
 }
 

@@ -240,6 +240,13 @@ class GuidanceMixin:
     """
 
     def __call__(self, *args: Any, guidance: Optional[Sequence[Guidance]] = None, **kwargs: Any):
+        # erasure adapters with Facilitated Transport (SPM) take their per-prompt strength for the call
+        transport = getattr(self, "_erasure_transport", None)
+        prompt = kwargs.get("prompt", args[0] if args else None)
+        with transport(prompt) if transport is not None else contextlib.nullcontext():
+            return self._unsee_call(*args, guidance=guidance, **kwargs)
+
+    def _unsee_call(self, *args: Any, guidance: Optional[Sequence[Guidance]] = None, **kwargs: Any):
         base_call = super().__call__
         if not guidance:
             return base_call(*args, **kwargs)

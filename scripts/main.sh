@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Sets up .venv and runs the main job on the embedded toy model, offline, on the CPU:
-# generates images for a few prompts and prints the judge's figures.
-# (Erasing a concept joins this job with the erasure issue.)
-# If the toy model is not in weights/ yet, it is trained first with scripts/train_toy.py (about 90 min on 2 cores).
+# 1. generates images for a few prompts;
+# 2. erases the concept "circle" with ESD-u (toy preset), writing the adapter, a before/after grid and a report;
+# 3. prints the judge's figures without and with the adapter: presence of "circle" on prompts that name it,
+#    accuracy on prompts that do not.
+# If the toy model is not in weights/, it is trained first with scripts/train_toy.py (about 90 min on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh dev
@@ -12,9 +14,16 @@ if [ ! -f weights/toy/model_index.json ] || [ ! -f weights/judge.safetensors ]; 
   .venv/bin/python scripts/train_toy.py
 fi
 out="${1:-out/main}"
-.venv/bin/unsee generate --model toy --out "$out" --num-images 4 --seed 0 \
+concept="${CONCEPT:-circle}"
+mkdir -p "$out"
+.venv/bin/unsee generate --model toy --out "$out/samples" --num-images 4 --seed 0 \
   --prompt "a red circle on a gray background" \
   --prompt "a striped blue star on a white background" \
   --prompt "a yellow heart on a black background"
-.venv/bin/unsee eval --model toy --concept circle --n 32 --json "$out/eval.json"
-echo "images and figures in $out"
+.venv/bin/unsee erase --model toy --method esd-u --concept "$concept" --grid 8 --out "$out/esd-u-$concept.safetensors"
+echo "== before erasing =="
+.venv/bin/unsee eval --model toy --concept "$concept" --n 64 --json "$out/eval-before.json"
+echo "== after erasing (adapter $out/esd-u-$concept.safetensors) =="
+.venv/bin/unsee eval --model toy --concept "$concept" --n 64 --adapter "$out/esd-u-$concept.safetensors" \
+  --json "$out/eval-after.json"
+echo "images, adapter, before/after grid ($out/esd-u-$concept.grid.png) and figures in $out"

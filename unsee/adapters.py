@@ -37,6 +37,7 @@ and unloading copies the originals back, so the weights return bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -48,7 +49,7 @@ import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 import safetensors
 import safetensors.torch
@@ -751,6 +752,8 @@ class _Term:
 class _Active:
     scale: float
     terms: dict[tuple[str, str], _Term]
+    concepts: list[str] = field(default_factory=list)
+    transport: bool = False  # SPM's Facilitated Transport: scale by the prompt's relation to the concepts
 
 
 @dataclass
@@ -836,8 +839,13 @@ class ErasureAdapterMixin:
         adapter: Union[str, os.PathLike, Adapter],
         scale: float = 1.0,
         adapter_name: Optional[str] = None,
+        facilitated_transport: Optional[bool] = None,
     ) -> str:
         """Apply an erasure adapter (a file path or an :class:`Adapter`) with ``scale``; returns its name.
+
+        ``facilitated_transport``: scale the adapter, on every pipeline call, by how much the prompts relate
+        to its erased concepts (SPM's Facilitated Transport, :func:`unsee.erasure.spm.transport_strength`).
+        None: as the adapter asks (SPM adapters trained with ``facilitated_transport=True``; no others).
 
         The name defaults to the file's stem (or ``<method>-<concepts>`` for an in-memory adapter) and must
         not be in use. Everything is validated against this pipeline before any weight changes: the
@@ -872,7 +880,10 @@ class ErasureAdapterMixin:
                     if key not in state.touched:
                         state.touched[key] = _Touched(param=param, original=param.detach().clone())
                         new_keys.append(key)
-                state.active[name] = _Active(scale=scale, terms={k: term for k, (_, term) in terms.items()})
+                if facilitated_transport is None:
+                    facilitated_transport = bool(adapter.hyperparameters.get("facilitated_transport", False))
+                state.active[name] = _Active(scale=scale, terms={k: term for k, (_, term) in terms.items()},
+                                             concepts=list(adapter.concepts), transport=bool(facilitated_transport))
                 self._recompute(terms.keys())
         except BaseException:
             state.active.pop(name, None)
@@ -906,6 +917,31 @@ class ErasureAdapterMixin:
         for name in names:
             keys.update(state.active.pop(name).terms)
         self._recompute(keys, forget=True)
+
+    @contextlib.contextmanager
+    def _erasure_transport(self, prompt: Any) -> Iterator[None]:
+        """For one pipeline call: adapters with Facilitated Transport (SPM) scaled by their strength for
+        ``prompt`` (text or a list of texts; None, i.e. ``prompt_embeds`` only, leaves them at full strength)."""
+        state = self._erasure_state()
+        transported = [entry for entry in state.active.values() if entry.transport and entry.scale != 0.0]
+        if not transported or prompt is None:
+            yield
+            return
+        from unsee.erasure.spm import transport_strength
+
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        saved = [(entry, entry.scale) for entry in transported]
+        keys: set = set()
+        try:
+            for entry, scale in saved:
+                entry.scale = scale * transport_strength(self, prompts, entry.concepts)
+                keys.update(entry.terms)
+            self._recompute(keys)
+            yield
+        finally:
+            for entry, scale in saved:
+                entry.scale = scale
+            self._recompute(keys)
 
     # -- internals ---------------------------------------------------------------------------
 

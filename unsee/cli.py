@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "losses, time). --config FILE runs several jobs (concepts x methods) from a YAML or "
                                     "JSON file with one combined report; every flag below has a key there "
                                     "(see unsee.erasure.jobs).")
-    er.add_argument("--method", default=None, metavar="METHOD", help="esd-u, esd-x, esd-all, esd-x-strict or salun")
+    er.add_argument("--method", default=None, metavar="METHOD", help="esd-u, esd-x, esd-all, esd-x-strict, salun or spm")
     er.add_argument("--concept", default=None, help="the concept to erase, e.g. circle, red, striped")
     er.add_argument("--erase-from", default=None, metavar="CONCEPT", help="ESD: erase the concept only from this one")
     er.add_argument("--preset", default=None, choices=("toy", "paper"),
@@ -301,7 +301,7 @@ def _erase_config(args: argparse.Namespace) -> dict:
             config["resume"] = True
         return config
     if args.method is None or args.concept is None:
-        raise UsageError("pass --method (esd-u, esd-x, esd-all, esd-x-strict or salun) and --concept, or --config FILE")
+        raise UsageError("pass --method (esd-u, esd-x, esd-all, esd-x-strict, salun or spm) and --concept, or --config FILE")
     config = {key: getattr(args, key) for key in _ERASE_KEYS if getattr(args, key) is not None}
     if config.get("dtype") is not None:
         config["dtype"] = DTYPES[config["dtype"]]

@@ -22,7 +22,7 @@ TINY_WORDS = world.vocabulary() + ["cat", "dog", "photo", "painting", "style", "
 
 
 def tiny_tokenizer():
-    return toy.build_tokenizer(TINY_WORDS)
+    return toy.build_tokenizer(TINY_WORDS, max_length=77)  # SD 1.x/2.x and SDXL pad to 77 tokens
 
 
 def _tiny_vae() -> AutoencoderKL:

@@ -33,11 +33,12 @@ EOS_TOKEN = "<|endoftext|>"
 MAX_LENGTH = 32  # world prompts are under 16 tokens; room left for prefix tokens (attacks, AdvUnlearn)
 
 
-def build_tokenizer(words: Iterable[str]) -> CLIPTokenizer:
+def build_tokenizer(words: Iterable[str], max_length: int = MAX_LENGTH) -> CLIPTokenizer:
     """A CLIP BPE tokenizer built in memory, offline, in which each of ``words`` is one token.
 
     The vocabulary is the 256 byte-level symbols, the same with the end-of-word marker ``</w>``,
-    the merged tokens learned from ``words`` and the two special tokens. Any text can be encoded
+    the merged tokens learned from ``words`` and the two special tokens; prompts are padded to
+    ``max_length`` tokens (the toy model's 32; SD's 77 for the tiny test pipelines). Any text can be encoded
     (unknown words fall back to characters) and decodes back to its lower-cased form.
     """
     words = sorted({w.lower() for w in words})
@@ -63,7 +64,7 @@ def build_tokenizer(words: Iterable[str]) -> CLIPTokenizer:
     vocab[EOS_TOKEN] = len(vocab)
     return CLIPTokenizer(
         vocab=vocab, merges=merges, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
-        unk_token=EOS_TOKEN, model_max_length=MAX_LENGTH,
+        unk_token=EOS_TOKEN, model_max_length=max_length,
     )
 
 
@@ -71,7 +72,7 @@ def text_encoder_config(tokenizer: CLIPTokenizer, hidden_size: int = 128, layers
     """A CLIPTextConfig sized for ``tokenizer`` with its special-token ids filled in."""
     return CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=MAX_LENGTH,
+        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         projection_dim=hidden_size,
     )

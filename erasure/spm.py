@@ -1,0 +1,229 @@
+"""SPM: One-dimensional Adapter to Rule Them All (Lyu, Yang, Hong, Chen, Zhang, Ding, Han; CVPR 2024).
+
+arXiv 2312.16145. A rank-1 LoRA ("semi-permeable membrane") on every Linear and Conv2d inside every
+transformer block of the UNet (``proj_in``, ``proj_out``, the query/key/value/out projections of self- and
+cross-attention, the feed-forward's two projections: 12 per block, 192 on SD 1.5), trained with
+
+    L = MSE( eps_spm(x_t, c),  eps*(x_t, "") - g * (eps*(x_t, c) - eps*(x_t, "")) )            (erase, ESD form)
+      + la_strength * mean_a MSE( eps_spm(x_t, a),  eps*(x_t, a) )                          (Latent Anchoring)
+
+``eps*`` is the model with the adapter switched off. ``x_t`` is sampled by DDIM (``ddim_steps`` steps, CFG
+``start_guidance``, prompt ``c``) with the adapter on, stopped after k ~ U{1..ddim_steps-1} steps. The anchors
+``a`` are random text embeddings, not words: Gaussian vectors of the text-embedding shape, normalised, kept
+with probability ``1 - cos(c, a)`` (so directions close to the concept are rarely anchored), rescaled to
+``|c| * U(0.8, 1.2)``.
+
+At inference, Facilitated Transport (:func:`transport_strength`) scales each SPM by how much the prompt
+relates to its erased concept: ``m = max(cos(E(prompt), E(concept)), token overlap)`` in [0, 1], with
+``E`` the text encoder's last hidden states, flattened. unsee's pipelines apply it by themselves for SPM
+adapters (``pipe.load_erasure(path)``); ``load_erasure(path, facilitated_transport=False)`` turns it off.
+
+Deliberate differences from the official code (Con6924/SPM):
+
+- every sampled anchor is used (``anchors``, default 4); the official code packs them with the
+  unconditional embedding and, splitting the batch in half, trains on only two of the four;
+- Facilitated Transport multiplies the adapter's *delta* by ``m`` (``W + m * scale * up @ down``); the
+  official code multiplies each of down, up and alpha by ``m`` (an ``m^2``-scaled delta) and sums the
+  tensors of several SPMs before loading, so (sum up_i)(sum down_j) has cross terms between SPMs; here
+  several SPMs add their deltas, each with its own ``m``, and no cross terms;
+- one batch of prompts gets one strength per SPM, the largest over its prompts (erasing whenever any
+  prompt of the batch relates to the concept); ``prompt_embeds`` without text gets full strength;
+- plain Adam with a constant learning rate (the trainer contract) instead of AdamW8bit with cosine restarts;
+- the UNet is queried at exactly the noise level the sampler stopped at (the official code rounds to
+  ``int(k * 1000 / ddim_steps)``);
+- the file is a diffusers/peft LoRA (``lora_A`` = down, ``lora_B`` = up, rank and alpha in the header's
+  ``lora_adapter_metadata``) that ``pipe.load_lora_weights`` reads, instead of kohya-style keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import ConfigError, Conditioning, Trainer, TrainerConfig, _is_int, _is_number, ddim_sample, encode_prompts, mse, predict
+
+__all__ = ["SPMConfig", "SPMTrainer", "spm_modules", "transport_strength"]
+
+
+@dataclass
+class SPMConfig(TrainerConfig):
+    """SPM settings; defaults from the paper and its official configs (Lyu et al., CVPR 2024).
+
+    Args:
+        rank, alpha: the adapter's rank (1: "one-dimensional") and LoRA alpha (1.0).
+        steps: iterations (3000). lr: learning rate (1e-4).
+        guidance: the erase term's negative guidance g (1.0).
+        la_strength: weight of the Latent Anchoring term (1000).
+        anchors: random anchor embeddings per step (4).
+        start_guidance: CFG scale of the DDIM run that samples x_t (3).
+        ddim_steps: DDIM steps of that run (30); it stops after k ~ U{1..ddim_steps-1} of them.
+        resolution: image size of the sampled x_t (None: the pipeline's default).
+        facilitated_transport: stored in the adapter; unsee pipelines then scale it per prompt (True).
+    """
+
+    steps: int = 3000
+    lr: float = 1e-4
+    rank: int = 1
+    alpha: float = 1.0
+    guidance: float = 1.0
+    la_strength: float = 1000.0
+    anchors: int = 4
+    start_guidance: float = 3.0
+    ddim_steps: int = 30
+    resolution: Optional[int] = None
+    facilitated_transport: bool = True
+
+    method: ClassVar[str] = "spm"
+
+    def validate(self) -> None:
+        super().validate()
+        if not _is_int(self.rank) or self.rank < 1:
+            raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
+        if not _is_number(self.alpha) or self.alpha == 0:
+            raise ConfigError(f"alpha must be a non-zero number, got {self.alpha!r}")
+        if not _is_number(self.guidance):
+            raise ConfigError(f"guidance must be a finite number, got {self.guidance!r}")
+        if not _is_number(self.la_strength) or self.la_strength < 0:
+            raise ConfigError(f"la_strength must be a number >= 0, got {self.la_strength!r}")
+        if not _is_int(self.anchors) or self.anchors < 0:
+            raise ConfigError(f"anchors must be an integer >= 0, got {self.anchors!r}")
+        if not _is_number(self.start_guidance) or self.start_guidance < 0:
+            raise ConfigError(f"start_guidance must be a number >= 0, got {self.start_guidance!r}")
+        if not _is_int(self.ddim_steps) or self.ddim_steps < 2:
+            raise ConfigError(f"ddim_steps must be an integer >= 2, got {self.ddim_steps!r}")
+        if self.resolution is not None and (not _is_int(self.resolution) or self.resolution < 8):
+            raise ConfigError(f"resolution must be an integer >= 8 or None, got {self.resolution!r}")
+        if not isinstance(self.facilitated_transport, bool):
+            raise ConfigError(f"facilitated_transport must be true or false, got {self.facilitated_transport!r}")
+
+
+def spm_modules(unet: nn.Module) -> list[str]:
+    """Names of every Linear and Conv2d inside the UNet's transformer blocks (``isinstance``, not class names)."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    names = []
+    for name, module in unet.named_modules():
+        if isinstance(module, Transformer2DModel):
+            names.extend(f"{name}.{sub}" for sub, layer in module.named_modules()
+                         if isinstance(layer, (nn.Linear, nn.Conv2d)))
+    return names
+
+
+class SPMTrainer(Trainer):
+    """Trains an SPM adapter. ``SPMTrainer(SPMConfig(concept="circle")).train(pipe)``."""
+
+    config_class: ClassVar[type] = SPMConfig
+    config: SPMConfig
+    #: the last step's two loss terms (before weighting): {"erase": ..., "anchor": ...}
+    last_terms: dict[str, float] = {}
+
+    @property
+    def output_kind(self) -> str:
+        return "lora"
+
+    def lora_config(self, unet: nn.Module) -> Any:
+        from peft import LoraConfig
+
+        modules = spm_modules(unet)
+        if not modules:
+            raise ConfigError("this UNet has no transformer blocks for SPM to attach to")
+        # peft's default init is SPM's: down Kaiming-uniform, up zero (the adapter starts as the identity)
+        return LoraConfig(r=self.config.rank, lora_alpha=self.config.alpha, init_lora_weights=True,
+                          target_modules=modules)
+
+    def setup(self, pipe: Any, state: Optional[dict] = None) -> None:
+        from diffusers import DDIMScheduler
+
+        height, width = self.image_size(pipe)
+        factor = pipe.vae_scale_factor
+        self.latent_shape = (1, pipe.unet.config.in_channels, height // factor, width // factor)
+        conditioning = encode_prompts(pipe, [self.config.concept, ""], height, width)
+        self.cond_erase, self.cond_empty = conditioning.rows([0]), conditioning.rows([1])
+        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.scheduler.set_timesteps(self.config.ddim_steps, device=self.device)
+
+    def sample_anchors(self, n: int) -> Conditioning:
+        """``n`` random anchor embeddings (rejection-sampled away from the concept, scaled to its norm)."""
+        target = self.cond_erase.embeds[0].float().cpu()
+        direction = target.flatten() / target.norm()
+        anchors = []
+        while len(anchors) < n:
+            noise = torch.randn(target.numel(), generator=self.generator)
+            noise = noise / noise.norm()
+            keep_probability = 1.0 - float(noise @ direction)
+            if float(torch.rand((), generator=self.generator)) < keep_probability:
+                scale = float(torch.empty(()).uniform_(0.8, 1.2, generator=self.generator))
+                anchors.append((noise * target.norm() * scale).reshape(target.shape))
+        embeds = torch.stack(anchors).to(self.device, self.cond_erase.embeds.dtype)
+        empty = self.cond_empty.repeat(n)  # SDXL: the anchors replace the token embeddings only
+        return Conditioning(embeds, empty.pooled, empty.time_ids)
+
+    def training_step(self, step: int) -> torch.Tensor:
+        config = self.config
+        k = int(self.randint(1, config.ddim_steps))
+        noise = self.randn(*self.latent_shape) * self.scheduler.init_noise_sigma
+        with torch.no_grad():  # sampled with the adapter on: the model being trained
+            x_t = ddim_sample(self.unet, self.scheduler, noise, self.cond_erase, self.cond_empty,
+                              config.start_guidance, stop_at=k)
+        t = self.scheduler.timesteps[k]
+        parts = [self.cond_erase, self.cond_empty]
+        if config.anchors:
+            parts.append(self.sample_anchors(config.anchors))
+        rows = Conditioning.cat(parts)
+        x = x_t.repeat(len(rows), 1, 1, 1)
+        with torch.no_grad(), self.frozen_teacher() as teacher:
+            frozen = predict(teacher, x, t, rows)
+        target = frozen[1:2] - config.guidance * (frozen[0:1] - frozen[1:2])
+        # the student sees the teacher's exact batch, so at initialisation (up = 0) both agree bit for bit
+        student = predict(self.model, x, t, rows)
+        erase = mse(student[0:1], target)
+        anchor = mse(student[2:], frozen[2:]) if config.anchors else torch.zeros((), device=erase.device)
+        self.last_terms = {"erase": float(erase.detach()), "anchor": float(anchor.detach())}
+        return erase + config.la_strength * anchor
+
+    def training_summary(self) -> dict:
+        return {"modules": len(spm_modules(self.unet)), "rank": self.config.rank}
+
+
+# ----------------------------------------------------------------------------------------------
+# Facilitated Transport
+# ----------------------------------------------------------------------------------------------
+
+
+def _hidden_states(pipe: Any, texts: Sequence[str]) -> torch.Tensor:
+    """The text encoder's last hidden states for ``texts`` as the pipeline encodes prompts, flattened per text."""
+    device = pipe.unet.device if hasattr(pipe, "unet") else pipe.text_encoder.device
+    with torch.no_grad():
+        encoded = pipe.encode_prompt(list(texts), device, 1, False)
+    return encoded[0].float().flatten(1)
+
+
+def _tokens(pipe: Any, text: str) -> set[int]:
+    special = set(pipe.tokenizer.all_special_ids)
+    return {i for i in pipe.tokenizer(text).input_ids if i not in special}
+
+
+def transport_strength(pipe: Any, prompts: Sequence[str], concepts: Sequence[str]) -> float:
+    """Facilitated Transport's strength for an SPM erasing ``concepts``, given a batch of ``prompts``.
+
+    For each prompt p and concept e: ``max(cos(E(p), E(e)), |tokens(p) & tokens(e)| / |tokens(e)|)``, with E
+    the text encoder's last hidden states (flattened) and special tokens left out; clipped to [0, 1]. The
+    strength is the largest over the prompts and concepts: 1 for a prompt that is the concept itself.
+    """
+    prompts, concepts = list(prompts), list(concepts)
+    if not prompts or not concepts:
+        return 1.0
+    states = _hidden_states(pipe, prompts + concepts)
+    cos = F.cosine_similarity(states[: len(prompts), None], states[None, len(prompts):], dim=-1)
+    best = 0.0
+    for i, prompt in enumerate(prompts):
+        words = _tokens(pipe, prompt)
+        for j, concept in enumerate(concepts):
+            target = _tokens(pipe, concept)
+            overlap = len(words & target) / len(target) if target else 0.0
+            best = max(best, float(cos[i, j]), overlap)
+    return min(1.0, max(0.0, best))

@@ -1,0 +1,106 @@
+"""SPM (erasure/spm.py): module selection, initial invariants, the adapter file, Facilitated Transport."""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+from unsee.adapters import load_adapter
+from unsee.erasure import ConfigError, SPMConfig, SPMTrainer, spm_modules, transport_strength
+from unsee.testing import tiny_sd_pipeline
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8,
+)
+FAST = dict(concept="circle", ddim_steps=3, anchors=2, lr=1e-2)
+
+
+def test_spm_targets_the_12_linear_and_conv_modules_of_each_of_sd15s_16_transformer_blocks():
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+    names = spm_modules(unet)
+    assert len(names) == 192 == len(set(names))
+    modules = dict(unet.named_modules())
+    assert all(isinstance(modules[n], (nn.Linear, nn.Conv2d)) for n in names)
+    blocks = {n.split(".transformer_blocks")[0].rsplit(".proj_", 1)[0] for n in names}
+    assert len(blocks) == 16
+    leaves = sorted({n.split(".transformer_blocks.0.")[-1] if ".transformer_blocks.0." in n else n.rsplit(".", 1)[-1]
+                     for n in names})
+    assert leaves == sorted(["proj_in", "proj_out", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                             "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2"])
+
+
+def test_spm_at_initialisation_is_the_base_model_bit_for_bit():
+    pipe = tiny_sd_pipeline()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = pipe.unet(x, 500, text).sample
+        pipe.unet.add_adapter(SPMTrainer(SPMConfig(concept="circle")).lora_config(pipe.unet))
+        after = pipe.unet(x, 500, text).sample
+    assert torch.equal(before, after)
+
+
+def test_first_step_anchor_loss_is_zero_and_weights_are_restored():
+    pipe = tiny_sd_pipeline()
+    state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    trainer = SPMTrainer(SPMConfig(steps=1, **FAST))
+    adapter = trainer.train(pipe)
+    assert trainer.last_terms["anchor"] == 0.0 and trainer.last_terms["erase"] > 0
+    assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in state.items())
+    modules = spm_modules(pipe.unet)
+    assert adapter.kind == "lora" and adapter.rank == 1 and adapter.alpha == 1.0
+    downs = {k[len("unet."):-len(".lora_A.weight")] for k in adapter.tensors if k.endswith(".lora_A.weight")}
+    ups = {k[len("unet."):-len(".lora_B.weight")] for k in adapter.tensors if k.endswith(".lora_B.weight")}
+    assert downs == ups == set(modules)
+
+
+def test_spm_adapter_file_round_trips_and_loads_with_diffusers(tmp_path):
+    pipe = tiny_sd_pipeline()
+    adapter = SPMTrainer(SPMConfig(steps=2, **FAST)).train(pipe)
+    path = adapter.save(tmp_path / "spm-circle.safetensors")
+    loaded = load_adapter(path)
+    assert loaded.method == "spm" and loaded.concepts == ["circle"] and loaded.hyperparameters["facilitated_transport"]
+    assert set(loaded.tensors) == set(adapter.tensors)
+    pipe.load_lora_weights(str(path))  # a plain diffusers LoRA file
+    assert pipe.unet.peft_config
+
+
+def test_transport_strength_is_one_for_the_concept_and_in_unit_interval_otherwise():
+    pipe = tiny_sd_pipeline()
+    assert transport_strength(pipe, ["circle"], ["circle"]) == pytest.approx(1.0)
+    assert transport_strength(pipe, ["a red circle on a gray background"], ["circle"]) == 1.0  # token overlap
+    for prompt in ["a blue square", "a green star on a white background", "xyz"]:
+        assert 0.0 <= transport_strength(pipe, [prompt], ["circle"]) <= 1.0
+
+
+def test_facilitated_transport_scales_the_delta_linearly_for_the_call_only(tmp_path):
+    pipe = tiny_sd_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    path = SPMTrainer(SPMConfig(steps=3, **FAST)).train(pipe).save(tmp_path / "spm.safetensors")
+    prompt = "a blue square"
+    strength = transport_strength(pipe, [prompt], ["circle"])
+    assert 0.0 < strength < 1.0
+
+    def image(**kwargs):
+        return pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np",
+                    **kwargs).images
+
+    name = pipe.load_erasure(path)  # SPM: transport on by default
+    weights = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    transported = image()
+    assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in weights.items())  # restored after the call
+    pipe.unload_erasure(name)
+    pipe.load_erasure(path, scale=strength, facilitated_transport=False)
+    manual = image()
+    assert transported == pytest.approx(manual, abs=1e-6)
+
+
+@pytest.mark.parametrize("field, value", [("rank", 0), ("la_strength", -1.0), ("anchors", -1), ("ddim_steps", 1),
+                                          ("alpha", 0.0), ("facilitated_transport", "yes")])
+def test_invalid_spm_config_fails_on_construction(field, value):
+    with pytest.raises(ConfigError, match=field):
+        SPMConfig(concept="circle", **{field: value})
