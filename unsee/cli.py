@@ -252,6 +252,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.prompt and any(not p.strip() for p in args.prompt):
         raise UsageError("--prompt must not be empty")
     pipe = _load(args)
+    pipe.set_progress_bar_config(disable=True)  # one figure per line, not hundreds of bars
     for path, scale in args.adapter:
         pipe.load_erasure(path, scale=scale)
     common = dict(n=args.n, seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
