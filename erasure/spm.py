@@ -120,6 +120,8 @@ class SPMTrainer(Trainer):
     config: SPMConfig
     #: the last step's two loss terms (before weighting): {"erase": ..., "anchor": ...}
     last_terms: dict[str, float] = {}
+    #: the adapted modules' names (set when the adapter is attached)
+    modules: list[str] = []
 
     @property
     def output_kind(self) -> str:
@@ -128,7 +130,7 @@ class SPMTrainer(Trainer):
     def lora_config(self, unet: nn.Module) -> Any:
         from peft import LoraConfig
 
-        modules = spm_modules(unet)
+        modules = self.modules = spm_modules(unet)
         if not modules:
             raise ConfigError("this UNet has no transformer blocks for SPM to attach to")
         # peft's default init is SPM's: down Kaiming-uniform, up zero (the adapter starts as the identity)
@@ -186,7 +188,7 @@ class SPMTrainer(Trainer):
         return erase + config.la_strength * anchor
 
     def training_summary(self) -> dict:
-        return {"modules": len(spm_modules(self.unet)), "rank": self.config.rank}
+        return {"modules": len(self.modules), "rank": self.config.rank}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,7 +200,8 @@ def _hidden_states(pipe: Any, texts: Sequence[str]) -> torch.Tensor:
     """The text encoder's last hidden states for ``texts`` as the pipeline encodes prompts, flattened per text."""
     device = pipe.unet.device if hasattr(pipe, "unet") else pipe.text_encoder.device
     with torch.no_grad():
-        encoded = pipe.encode_prompt(list(texts), device, 1, False)
+        encoded = pipe.encode_prompt(prompt=list(texts), device=device, num_images_per_prompt=1,
+                                     do_classifier_free_guidance=False)  # SD and SDXL alike
     return encoded[0].float().flatten(1)
 
 

@@ -56,6 +56,15 @@ def test_first_step_anchor_loss_is_zero_and_weights_are_restored():
     downs = {k[len("unet."):-len(".lora_A.weight")] for k in adapter.tensors if k.endswith(".lora_A.weight")}
     ups = {k[len("unet."):-len(".lora_B.weight")] for k in adapter.tensors if k.endswith(".lora_B.weight")}
     assert downs == ups == set(modules)
+    assert adapter.training["modules"] == len(modules)
+
+
+def test_transport_strength_works_on_sdxl_pipelines():
+    from unsee.testing import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline()
+    assert transport_strength(pipe, ["circle"], ["circle"]) == pytest.approx(1.0)
+    assert 0.0 <= transport_strength(pipe, ["a blue square"], ["circle"]) <= 1.0
 
 
 def test_spm_adapter_file_round_trips_and_loads_with_diffusers(tmp_path):
