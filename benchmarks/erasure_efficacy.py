@@ -28,6 +28,7 @@ import unsee  # noqa: E402
 from unsee import world  # noqa: E402
 from unsee.erasure import TOY_PRESETS, make_trainer  # noqa: E402
 from unsee.erasure.jobs import before_after_grid  # noqa: E402
+from unsee.evaluation import evaluate_erasure  # noqa: E402
 from unsee.judge import Judge  # noqa: E402
 
 ROWS = [("circle", "esd-u"), ("circle", "salun"), ("red", "esd-x"), ("red", "esd-u"), ("striped", "esd-x")]
@@ -35,13 +36,9 @@ EVAL_SEED = 1234  # other than the training seed, so evaluation prompts and nois
 
 
 def figures(pipe, concept: str, n: int, judge) -> dict:
-    named = unsee.evaluate(pipe, world.concept_prompts(concept, EVAL_SEED, n), concept=concept, judge=judge, n=n,
-                           seed=EVAL_SEED)
-    others = unsee.evaluate(pipe, world.other_prompts(concept, EVAL_SEED, n), judge=judge, n=n, seed=EVAL_SEED)
-    attribute = world.concept_attribute(concept)[0]
+    named, others = evaluate_erasure(pipe, concept, n=n, seed=EVAL_SEED, judge=judge)
     accuracy = others.accuracy
-    mean = sum(accuracy.values()) / len(accuracy)
-    return {"presence": named.presence, "accuracy": accuracy, "mean_accuracy": mean, "attribute": attribute}
+    return {"presence": named.presence, "accuracy": accuracy, "mean_accuracy": sum(accuracy.values()) / len(accuracy)}
 
 
 def main() -> None:

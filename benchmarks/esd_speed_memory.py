@@ -33,13 +33,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hardware, write_section  # noqa: E402
 
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8,
-)
-
 
 def _status(field: str) -> int:
     """A /proc/self/status memory field in bytes (VmRSS, VmHWM)."""
@@ -58,7 +51,7 @@ def build_pipe(model: str):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from unsee import UnseeStableDiffusionPipeline
-    from unsee.testing import tiny_tokenizer
+    from unsee.testing import SD15_UNET_CONFIG, tiny_tokenizer
 
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()
@@ -72,7 +65,7 @@ def build_pipe(model: str):
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
     pipe = UnseeStableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                        unet=UNet2DConditionModel(**SD15_UNET), scheduler=scheduler,
+                                        unet=UNet2DConditionModel(**SD15_UNET_CONFIG), scheduler=scheduler,
                                         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     return pipe, {"ddim_steps": 4, "resolution": 128}
 

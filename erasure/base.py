@@ -420,6 +420,20 @@ class Trainer:
             raise ConfigError(f"resolution {height} is not a multiple of the VAE's scale factor {pipe.vae_scale_factor}")
         return height, width
 
+    def latent_size(self, pipe: Any) -> tuple[int, int, int]:
+        """(channels, height, width) of the UNet's latents for :meth:`image_size`."""
+        height, width = self.image_size(pipe)
+        factor = pipe.vae_scale_factor
+        return pipe.unet.config.in_channels, height // factor, width // factor
+
+    def ddim_scheduler(self, steps: int) -> Any:
+        """A fresh ``DDIMScheduler`` with the pipeline's noise schedule, set to ``steps`` steps on the run's device."""
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        scheduler.set_timesteps(steps, device=self.device)
+        return scheduler
+
     # -- the training loop -------------------------------------------------------------------
 
     def train(

@@ -190,18 +190,14 @@ class ESDTrainer(Trainer):
     def setup(self, pipe: Any, state: Optional[dict] = None) -> None:
         config = self.config
         height, width = self.image_size(pipe)
-        factor = pipe.vae_scale_factor
-        self.latent_shape = (config.batch_size, pipe.unet.config.in_channels, height // factor, width // factor)
+        self.latent_shape = (config.batch_size, *self.latent_size(pipe))
         # rows: the erased concept c, the empty prompt, and c_from when erasing from another concept
         prompts = [config.concept, ""] + ([config.erase_from] if config.erase_from is not None else [])
         self.conditioning = encode_prompts(pipe, prompts, height, width)
         self.cond_erase = self.conditioning.rows([0])
         self.cond_empty = self.conditioning.rows([1])
         self.cond_student = self.conditioning.rows([2]) if config.erase_from is not None else self.cond_erase
-        from diffusers import DDIMScheduler
-
-        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        self.scheduler.set_timesteps(config.ddim_steps, device=self.device)
+        self.scheduler = self.ddim_scheduler(config.ddim_steps)
 
     def sample_xt(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw (x_t, t): fresh noise denoised for a random number k of the DDIM steps, t = timesteps[k]."""

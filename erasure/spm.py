@@ -138,15 +138,11 @@ class SPMTrainer(Trainer):
                           target_modules=modules)
 
     def setup(self, pipe: Any, state: Optional[dict] = None) -> None:
-        from diffusers import DDIMScheduler
-
         height, width = self.image_size(pipe)
-        factor = pipe.vae_scale_factor
-        self.latent_shape = (1, pipe.unet.config.in_channels, height // factor, width // factor)
+        self.latent_shape = (1, *self.latent_size(pipe))
         conditioning = encode_prompts(pipe, [self.config.concept, ""], height, width)
         self.cond_erase, self.cond_empty = conditioning.rows([0]), conditioning.rows([1])
-        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        self.scheduler.set_timesteps(self.config.ddim_steps, device=self.device)
+        self.scheduler = self.ddim_scheduler(self.config.ddim_steps)
 
     def sample_anchors(self, n: int) -> Conditioning:
         """``n`` random anchor embeddings (rejection-sampled away from the concept, scaled to its norm)."""

@@ -7,20 +7,14 @@ from torch import nn
 
 from unsee.adapters import load_adapter
 from unsee.erasure import ConfigError, SPMConfig, SPMTrainer, spm_modules, transport_strength
-from unsee.testing import tiny_sd_pipeline
+from unsee.testing import SD15_UNET_CONFIG, tiny_sd_pipeline
 
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8,
-)
 FAST = dict(concept="circle", ddim_steps=3, anchors=2, lr=1e-2)
 
 
 def test_spm_targets_the_12_linear_and_conv_modules_of_each_of_sd15s_16_transformer_blocks():
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD15_UNET)
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
     names = spm_modules(unet)
     assert len(names) == 192 == len(set(names))
     modules = dict(unet.named_modules())

@@ -240,7 +240,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import world
-    from .evaluation import evaluate
+    from .evaluation import evaluate, evaluate_erasure
 
     if args.concept is None and not args.prompt:
         raise UsageError("pass --concept, --prompt, or both")
@@ -264,8 +264,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if result.presence is not None:
             print(f"presence of {args.concept!r}: {result.presence:.1%}")
     else:
-        named = evaluate(pipe, world.concept_prompts(args.concept, args.seed, args.n), concept=args.concept, **common)
-        others = evaluate(pipe, world.other_prompts(args.concept, args.seed, args.n), concept=args.concept, **common)
+        named, others = evaluate_erasure(pipe, args.concept, **common)
         figures["concept_prompts"] = named.summary()
         figures["other_prompts"] = others.summary()
         print(f"presence of {args.concept!r} on prompts that name it ({args.n} images): {named.presence:.1%}")

@@ -130,3 +130,14 @@ def evaluate(
     accuracy, presence = score(prompt_list, predictions, concept)
     return EvaluationResult(n=n, accuracy=accuracy, presence=presence, concept=concept, prompts=prompt_list,
                             predictions=list(predictions), images=images if keep_images else [])
+
+
+def evaluate_erasure(pipe, concept: str, n: int = 32, seed: int = 0, judge: Optional[JudgeFn] = None,
+                     **kwargs: Any) -> tuple[EvaluationResult, EvaluationResult]:
+    """The two figures of an erasure: ``n`` images from world prompts that name ``concept`` (read its
+    ``presence``) and ``n`` from prompts that do not (read their ``accuracy``). ``kwargs`` go to :func:`evaluate`."""
+    named = evaluate(pipe, world.concept_prompts(concept, seed, n), concept=concept, judge=judge, n=n, seed=seed,
+                     **kwargs)
+    others = evaluate(pipe, world.other_prompts(concept, seed, n), concept=concept, judge=judge, n=n, seed=seed,
+                      **kwargs)
+    return named, others

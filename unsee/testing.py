@@ -17,6 +17,15 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from . import toy, world
 
+# SD 1.5's UNet architecture (860M parameters): build it on the meta device to inspect its layers, or with
+# random weights for benchmarks that need realistic sizes without a download.
+SD15_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8,
+)
+
 # Words the tiny tokenizer knows as whole tokens (anything else still encodes, letter by letter).
 TINY_WORDS = world.vocabulary() + ["cat", "dog", "photo", "painting", "style", "van", "gogh", "nudity", "car"]
 
