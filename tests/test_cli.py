@@ -55,3 +55,15 @@ def test_generate_rejects_bad_guidance_before_loading(tmp_path, capsys):
     assert main(["generate", "--prompt", "x", "--cfgpp", "0.6", "--fdg", "10,5", "--out", str(tmp_path / "o")]) == 2
     assert "use one of them" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_demo_command_binds_to_localhost_by_default(capsys):
+    from unsee.cli import build_parser
+
+    args = build_parser().parse_args(["demo"])
+    assert (args.host, args.port, args.share, args.model) == ("127.0.0.1", 7860, False, "toy")
+    try:
+        main(["demo", "--help"])
+    except SystemExit as exit_:
+        assert exit_.code == 0
+    assert "--share" in capsys.readouterr().out

@@ -167,7 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="for a single-file model: a local diffusers folder to take configs from")
     er.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="training precision (default: as stored)")
     er.add_argument("--device", default=None, help="cpu, cuda... (default: what accelerate picks)")
+
+    demo = sub.add_parser("demo", help="launch the Gradio demo (erase, generate, compare guidance)",
+                          description="Launch the Gradio demo on this machine (needs the 'app' extra: gradio).")
+    add_demo_arguments(demo)
     return parser
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``unsee demo`` and ``python -m unsee.apps.demo``."""
+    parser.add_argument("--model", default="toy",
+                        help="'toy' (embedded default), a hub id, a local diffusers folder or a single-file checkpoint")
+    parser.add_argument("--workdir", default="unsee-demo", help="where adapters are saved (default ./unsee-demo)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -373,7 +387,15 @@ def cmd_erase(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "eval": cmd_eval, "erase": cmd_erase}
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from .apps import demo
+    except ImportError as error:
+        raise UsageError(f"the demo needs gradio ({error}); install it with: pip install 'unsee[app]'") from None
+    return demo.run(args)
+
+
+COMMANDS = {"generate": cmd_generate, "eval": cmd_eval, "erase": cmd_erase, "demo": cmd_demo}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,0 +1,643 @@
+"""unsee's Gradio demo: erase a concept, then generate with and without the erasure, side by side.
+
+    unsee demo                                    # the toy model, on http://127.0.0.1:7860
+    python -m unsee.apps.demo --model PATH_OR_HUB_ID --port 7861 --workdir demo-work
+
+Three tabs:
+
+- **Erase**: method, concept, preset or step count; live progress and a Stop button. The adapter is saved
+  in the app's working folder and offered for download, with a before/after gallery and, on the toy model,
+  the efficacy figures (the judge's concept presence and accuracy on other prompts, before and after).
+- **Generate**: prompt, negative prompt, every guidance method, and up to three adapters (trained here or
+  uploaded) with a scale each; the same seed rendered without and with the adapters, side by side.
+- **Compare guidance**: one prompt and seed under each guidance method, in a grid.
+
+Safety: the app binds to 127.0.0.1 unless told otherwise and makes no public link unless ``share=True``.
+Model work runs one job at a time (a queue with concurrency 1); the Stop button runs beside it. Every input
+is validated and a bad one is answered with a message, never a traceback; a failing job leaves the pipeline
+as it was (adapters unloaded, trained weights restored) and the app serving. The UI names adapters by file
+name only: they live in ``<workdir>/adapters``. A model is ``toy``, a hub id (from the local cache when
+offline) or the name of a folder in ``<workdir>/models``; no other server path is reachable from the UI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no version-check thread on an offline machine
+
+import gradio as gr  # noqa: E402
+import torch  # noqa: E402
+
+from unsee import world  # noqa: E402
+from unsee.adapters import AdapterError, load_adapter  # noqa: E402
+from unsee.erasure import METHODS, PRESETS, ConfigError, TrainingError, make_trainer, preset_settings  # noqa: E402
+from unsee.erasure.jobs import grid_prompts  # noqa: E402
+from unsee.guidance import FDG, NASA, PAG, CFGpp, GuidanceError, NegativeSteer, validate_combination  # noqa: E402
+from unsee.loading import ModelLoadError, load_pipeline  # noqa: E402
+
+__all__ = ["DemoApp", "InputError", "build_demo", "launch", "main"]
+
+logger = logging.getLogger("unsee.demo")
+
+ADAPTER_SLOTS = 3
+MAX_PROMPT_CHARS = 300
+MAX_UPLOAD_BYTES = 512 * 1024 * 1024
+MAX_SEED = 2**31 - 1
+NEGATIVE_MODES = ("off", "fixed", "adaptive", "dng")
+_ADAPTER_FILE = re.compile(r"[A-Za-z0-9][\w.+-]*\.safetensors")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
+# errors whose message is meant for the user: shown as they are
+_USER_ERRORS = (AdapterError, ConfigError, GuidanceError, ModelLoadError, TrainingError)
+
+
+class InputError(ValueError):
+    """A bad value from the UI; the message names the field and what it accepts."""
+
+
+class StopRequested(Exception):
+    """Raised inside a training run's progress callback when the Stop button was pressed."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks (every value from the UI goes through one of these)
+# ----------------------------------------------------------------------------------------------
+
+
+def check_text(value: Any, field: str, required: bool = True, max_chars: int = MAX_PROMPT_CHARS) -> str:
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise InputError(f"{field} must be text, got {type(value).__name__}")
+    value = value.strip()
+    if required and not value:
+        raise InputError(f"{field} is empty: type something, e.g. 'a red circle on a gray background'")
+    if len(value) > max_chars:
+        raise InputError(f"{field} is too long ({len(value)} characters; at most {max_chars})")
+    return value
+
+
+def check_number(value: Any, field: str, low: float, high: float, integer: bool = False) -> Any:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise InputError(f"{field} must be a number between {low:g} and {high:g}, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise InputError(f"{field} must be a number between {low:g} and {high:g}, got {value!r}")
+    if not low <= value <= high:
+        raise InputError(f"{field} must be between {low:g} and {high:g}, got {value:g}")
+    if integer:
+        if float(value) != int(value):
+            raise InputError(f"{field} must be a whole number, got {value:g}")
+        return int(value)
+    return float(value)
+
+
+def parse_scales(text: Any) -> Optional[tuple[float, ...]]:
+    """FDG's per-band scales from "10, 5" (None for an empty field)."""
+    text = check_text(text, "FDG scales", required=False, max_chars=60)
+    if not text:
+        return None
+    try:
+        scales = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise InputError(f"FDG scales must be comma-separated numbers from high to low frequency, e.g. '10, 5'; "
+                         f"got {text!r}") from None
+    if not 2 <= len(scales) <= 6:
+        raise InputError(f"FDG needs 2 to 6 scales (one per band), got {len(scales)}")
+    for scale in scales:
+        check_number(scale, "each FDG scale", 1.0, 30.0)
+    return scales
+
+
+def guidance_methods(cfgpp: float = 0.0, pag: float = 0.0, fdg: Any = "", negative_mode: str = "off",
+                     negative_start: float = 0.3, nasa: float = 0.0) -> list:
+    """The guidance objects the Generate tab's controls ask for (0 or empty turns a method off)."""
+    methods: list = []
+    cfgpp = check_number(cfgpp, "CFG++ lambda", 0.0, 1.0)
+    if cfgpp > 0:
+        methods.append(CFGpp(cfgpp))
+    scales = parse_scales(fdg)
+    if scales is not None:
+        methods.append(FDG(scales))
+    pag = check_number(pag, "PAG scale", 0.0, 10.0)
+    if pag > 0:
+        methods.append(PAG(pag))
+    if negative_mode not in NEGATIVE_MODES:
+        raise InputError(f"negative steering mode must be one of {', '.join(NEGATIVE_MODES)}, got {negative_mode!r}")
+    negative_start = check_number(negative_start, "negative start", 0.0, 1.0)
+    if negative_mode != "off":
+        methods.append(NegativeSteer(start=negative_start, mode=negative_mode))
+    nasa = check_number(nasa, "NASA alpha", 0.0, 1.0)
+    if nasa > 0:
+        methods.append(NASA(nasa))
+    return methods
+
+
+def describe(methods: Sequence[Any], guidance_scale: float) -> str:
+    if not methods:
+        return f"CFG {guidance_scale:g}"
+    return " + ".join(_describe_one(m) for m in methods)
+
+
+def _describe_one(method: Any) -> str:
+    if isinstance(method, CFGpp):
+        return f"CFG++ λ={method.lam:g}"
+    if isinstance(method, FDG):
+        return "FDG " + ",".join(f"{s:g}" for s in method.scales)
+    if isinstance(method, PAG):
+        return f"PAG {method.scale:g}"
+    if isinstance(method, NegativeSteer):
+        return f"negative {method.mode} from {method.start:g}"
+    if isinstance(method, NASA):
+        return f"NASA α={method.alpha:g}"
+    return type(method).__name__
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:40] or "concept"
+
+
+# ----------------------------------------------------------------------------------------------
+# The app's state and actions (plain Python: the Gradio layer below only wires them to widgets)
+# ----------------------------------------------------------------------------------------------
+
+
+class DemoApp:
+    """The demo's model, working folder and actions.
+
+    Args:
+        pipe: a pipeline to serve (unsee's SD or SDXL subclass); None loads ``model`` on first use.
+        model: the model's name as the UI shows it (``"toy"``, a hub id, or a folder in ``<workdir>/models``).
+        workdir: where adapters are saved and uploads are kept (a new temporary folder when None).
+        judge: callable(images) -> judged attributes, for the efficacy figures; None uses the toy judge on
+            the toy model and shows no figures on other models.
+        eval_images: images per figure (more is slower and steadier).
+        max_steps: the largest inference step count the UI accepts.
+    """
+
+    def __init__(self, pipe: Any = None, model: str = "toy", workdir: Optional[os.PathLike] = None,
+                 judge: Optional[Callable] = None, eval_images: int = 16, max_steps: int = 100) -> None:
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="unsee-demo-"))
+        self.adapter_dir = self.workdir / "adapters"
+        self.model_dir = self.workdir / "models"
+        self.adapter_dir.mkdir(parents=True, exist_ok=True)
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        self.pipe = pipe
+        self.model = model
+        self.judge = judge
+        self.eval_images = eval_images
+        self.max_steps = max_steps
+        self._stop = threading.Event()
+        self._model_lock = threading.Lock()  # the queue runs one model job at a time; this guards direct calls
+
+    # -- model -----------------------------------------------------------------------------------
+
+    def pipeline(self) -> Any:
+        if self.pipe is None:
+            self.pipe = self._load(self.model)
+        return self.pipe
+
+    def resolve_model(self, text: Any) -> str:
+        """What ``load_pipeline`` gets for a model field value; refuses anything that is a server path."""
+        text = check_text(text, "model", max_chars=200)
+        if text == "toy":
+            return text
+        if _FOLDER_NAME.fullmatch(text) and ".." not in text and (self.model_dir / text).is_dir():
+            return str(self.model_dir / text)
+        if _HUB_ID.fullmatch(text) and ".." not in text and not Path(text).exists():
+            return text
+        raise InputError(f"model must be 'toy', a hub id such as 'owner/name', or the name of a folder in "
+                         f"{self.model_dir}; got {text!r}")
+
+    def _load(self, model: str) -> Any:
+        pipe = load_pipeline(model)
+        pipe.set_progress_bar_config(disable=True)
+        if not hasattr(pipe, "load_erasure"):
+            raise InputError(f"{model!r} is not a Stable Diffusion or SDXL pipeline; the demo needs one")
+        return pipe
+
+    def load_model(self, text: Any) -> str:
+        target = self.resolve_model(text)
+        with self._model_lock:
+            pipe = self._load(target)
+            self.pipe, self.model = pipe, text.strip()
+        return f"Loaded {self.model} ({type(pipe).__name__})."
+
+    def _judge(self) -> Optional[Callable]:
+        if self.judge is not None:
+            return self.judge
+        if self.model == "toy":
+            from unsee.evaluation import default_judge
+
+            try:
+                self.judge = default_judge()
+            except (OSError, FileNotFoundError):
+                return None
+            return self.judge
+        return None
+
+    # -- adapters ----------------------------------------------------------------------------------
+
+    def adapter_names(self) -> list[str]:
+        return sorted(p.name for p in self.adapter_dir.glob("*.safetensors") if _ADAPTER_FILE.fullmatch(p.name))
+
+    def adapter_path(self, name: Any) -> Path:
+        """The file of an adapter the UI names; only plain file names inside the adapters folder."""
+        if not isinstance(name, str) or not _ADAPTER_FILE.fullmatch(name) or ".." in name:
+            raise InputError(f"unknown adapter {name!r}: pick one from the list (the adapters in the app's working "
+                             "folder), or upload a .safetensors file")
+        path = self.adapter_dir / name
+        if not path.is_file():
+            raise InputError(f"no adapter named {name!r} in the working folder; pick one from the list")
+        return path
+
+    def _unique_adapter_path(self, stem: str) -> Path:
+        stem = _slug(stem)
+        path = self.adapter_dir / f"{stem}.safetensors"
+        index = 2
+        while path.exists():
+            path = self.adapter_dir / f"{stem}-{index}.safetensors"
+            index += 1
+        return path
+
+    def upload(self, file: Any) -> tuple[str, str]:
+        """Validate an uploaded adapter, check it fits the model, and keep it in the working folder.
+
+        Returns (the stored name, a message)."""
+        if file is None:
+            raise InputError("choose a .safetensors adapter file to upload")
+        source = Path(getattr(file, "name", file))
+        if source.suffix != ".safetensors":
+            raise InputError(f"adapters are .safetensors files; {source.name!r} is not")
+        if source.stat().st_size > MAX_UPLOAD_BYTES:
+            raise InputError(f"{source.name} is larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
+        adapter = load_adapter(source)  # AdapterError with the reason when the file is not a valid adapter
+        pipe = self.pipeline()
+        with self._model_lock:
+            name = pipe.load_erasure(adapter, adapter_name="unsee-demo-upload-check")
+            pipe.unload_erasure(name)
+        target = self._unique_adapter_path(source.stem)
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+        return target.name, f"Uploaded {target.name}: {adapter.method} erasing {', '.join(adapter.concepts)}."
+
+    # -- generate ----------------------------------------------------------------------------------
+
+    def _render(self, prompt: str, negative: str, steps: int, guidance_scale: float, seed: int,
+                methods: list) -> Any:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        return self.pipe(prompt, negative_prompt=negative or None, num_inference_steps=steps,
+                         guidance_scale=guidance_scale, generator=generator, guidance=methods).images[0]
+
+    def generate(self, prompt: Any, negative: Any = "", steps: Any = 25, guidance_scale: Any = 5.0, seed: Any = 0,
+                 cfgpp: Any = 0.0, pag: Any = 0.0, fdg: Any = "", negative_mode: str = "off",
+                 negative_start: Any = 0.3, nasa: Any = 0.0,
+                 adapters: Sequence[tuple[Any, Any]] = ()) -> list[tuple[Any, str]]:
+        """The prompt without and with the chosen adapters (same seed); [(image, caption), ...]."""
+        prompt = check_text(prompt, "prompt")
+        negative = check_text(negative, "negative prompt", required=False)
+        steps = check_number(steps, "steps", 1, self.max_steps, integer=True)
+        guidance_scale = check_number(guidance_scale, "guidance scale", 1.0, 20.0)
+        seed = check_number(seed, "seed", 0, MAX_SEED, integer=True)
+        methods = guidance_methods(cfgpp, pag, fdg, negative_mode, negative_start, nasa)
+        validate_combination(methods, has_negative_prompt=bool(negative))
+        chosen = []
+        for index, (name, scale) in enumerate(adapters, start=1):
+            if name in (None, "", "(none)"):
+                continue
+            chosen.append((self.adapter_path(name), check_number(scale, f"adapter {index} scale", -2.0, 2.0)))
+        settings = f"seed {seed}, {steps} steps, {describe(methods, guidance_scale)}"
+        with self._model_lock:
+            self.pipeline()
+            before = self._render(prompt, negative, steps, guidance_scale, seed, methods)
+            if not chosen:
+                return [(before, f"no adapter · {settings}")]
+            loaded = []
+            try:
+                for index, (path, scale) in enumerate(chosen):
+                    loaded.append(self.pipe.load_erasure(path, scale=scale, adapter_name=f"unsee-demo-{index}"))
+                after = self._render(prompt, negative, steps, guidance_scale, seed, methods)
+            finally:
+                for name in loaded:
+                    self.pipe.unload_erasure(name)
+        with_text = ", ".join(f"{path.name}×{scale:g}" for path, scale in chosen)
+        return [(before, f"without adapters · {settings}"), (after, f"with {with_text} · {settings}")]
+
+    # -- compare guidance --------------------------------------------------------------------------
+
+    def compare(self, prompt: Any, negative: Any = "", steps: Any = 25, guidance_scale: Any = 5.0,
+                seed: Any = 0) -> list[tuple[Any, str]]:
+        """One prompt and seed under each guidance method; the negative-prompt methods need a negative prompt."""
+        prompt = check_text(prompt, "prompt")
+        negative = check_text(negative, "negative prompt", required=False)
+        steps = check_number(steps, "steps", 1, self.max_steps, integer=True)
+        guidance_scale = check_number(guidance_scale, "guidance scale", 1.0, 20.0)
+        seed = check_number(seed, "seed", 0, MAX_SEED, integer=True)
+        rows: list[list] = [[], [CFGpp(0.6)], [PAG(3.0)], [FDG((2 * guidance_scale, guidance_scale))]]
+        if negative:
+            rows += [[NegativeSteer(start=0.3)], [NegativeSteer(mode="adaptive")], [NASA(0.3)]]
+        gallery = []
+        with self._model_lock:
+            self.pipeline()
+            for methods in rows:
+                # a negative prompt goes to CFG as diffusers uses it; NASA takes it instead of the CFG branch
+                validate_combination(methods, has_negative_prompt=bool(negative))
+                image = self._render(prompt, negative, steps, guidance_scale, seed, methods)
+                label = describe(methods, guidance_scale) + (" (negative prompt)" if negative and not methods else "")
+                gallery.append((image, label))
+        return gallery
+
+    # -- erase -------------------------------------------------------------------------------------
+
+    def stop(self) -> str:
+        self._stop.set()
+        return "Stopping: training ends at its next step; the model is left as it was."
+
+    def erase(self, method: Any, concept: Any, preset: Any = "toy", steps: Any = 0,
+              progress: Optional[Callable[[float, str], None]] = None) -> dict:
+        """Train an erasure adapter on the current model; returns its file, a before/after gallery and figures.
+
+        ``steps`` 0 takes the preset's step count. ``progress(fraction, text)`` is called as training goes.
+        """
+        if method not in METHODS:
+            raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        concept = check_text(concept, "concept", max_chars=60)
+        if preset not in PRESETS:
+            raise InputError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        steps = check_number(steps, "steps", 0, 5000, integer=True)
+        settings = preset_settings(preset, method)
+        settings["concept"] = concept
+        if steps:
+            settings["steps"] = steps
+        trainer = make_trainer(method, **settings)  # ConfigError before any work
+        self._stop.clear()
+        report = progress or (lambda fraction, text: None)
+
+        def on_progress(event: Any) -> None:
+            if self._stop.is_set():
+                raise StopRequested()
+            fraction = event.step / max(1, event.total)
+            loss = f", loss {event.loss:.4f}" if event.loss is not None else ""
+            report(fraction, f"{event.phase} {event.step}/{event.total}{loss}")
+
+        with self._model_lock:
+            pipe = self.pipeline()
+            started = time.perf_counter()
+            try:
+                adapter = trainer.train(pipe, progress=on_progress)
+            except StopRequested:
+                raise InputError("training stopped; nothing was saved and the model is as it was") from None
+            seconds = time.perf_counter() - started
+            path = self._unique_adapter_path(f"{method}-{concept}")
+            adapter.save(path)
+            report(1.0, "before/after images")
+            prompts = grid_prompts(concept, 4, seed=0)
+            generator = torch.Generator(device="cpu").manual_seed(0)
+            before = pipe(prompts, num_inference_steps=25, generator=generator).images
+            name = pipe.load_erasure(adapter, adapter_name="unsee-demo-erase")
+            try:
+                generator = torch.Generator(device="cpu").manual_seed(0)
+                after = pipe(prompts, num_inference_steps=25, generator=generator).images
+                figures = self._figures(concept, report)
+            finally:
+                pipe.unload_erasure(name)
+        gallery = [(image, f"before · {p}") for image, p in zip(before, prompts)]
+        gallery += [(image, f"after · {p}") for image, p in zip(after, prompts)]
+        summary = (f"Trained {method} on {concept!r} in {seconds:.0f} s ({adapter.training.get('steps')} steps); "
+                   f"saved {path.name} ({path.stat().st_size / 1024:.0f} KiB).")
+        return {"file": path, "gallery": gallery, "summary": summary, "figures": figures}
+
+    def _figures(self, concept: str, report: Callable[[float, str], None]) -> Optional[dict]:
+        """Presence of the concept and accuracy on other prompts, with the erasure on and off (toy world only).
+
+        Called with the erasure adapter loaded; it is switched off for the "before" figures."""
+        judge = self._judge()
+        try:
+            world.concept_attribute(concept)
+        except ValueError:
+            return None
+        if judge is None:
+            return None
+        from unsee.evaluation import evaluate_erasure
+
+        report(1.0, "efficacy figures (after)")
+        named_after, others_after = evaluate_erasure(self.pipe, concept, n=self.eval_images, judge=judge)
+        self.pipe.set_erasure_scale("unsee-demo-erase", 0.0)
+        report(1.0, "efficacy figures (before)")
+        named_before, others_before = evaluate_erasure(self.pipe, concept, n=self.eval_images, judge=judge)
+        self.pipe.set_erasure_scale("unsee-demo-erase", 1.0)
+
+        def mean_accuracy(result: Any) -> float:
+            return sum(result.accuracy.values()) / max(1, len(result.accuracy))
+
+        return {"images": self.eval_images,
+                "presence_before": named_before.presence, "presence_after": named_after.presence,
+                "accuracy_other_before": mean_accuracy(others_before),
+                "accuracy_other_after": mean_accuracy(others_after)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The Gradio layer
+# ----------------------------------------------------------------------------------------------
+
+
+def _user_error(error: BaseException) -> gr.Error:
+    """A message for the UI; unexpected errors are logged in full on the server and shown by name only."""
+    if isinstance(error, (InputError, *_USER_ERRORS)):
+        return gr.Error(html.escape(str(error)), print_exception=False)  # the UI renders messages as HTML
+    logger.exception("demo job failed")
+    return gr.Error(html.escape(f"the job failed ({type(error).__name__}: {error}); the app is still running"),
+                    print_exception=False)
+
+
+def _figures_markdown(figures: Optional[dict]) -> str:
+    if figures is None:
+        return "Efficacy figures need the toy model and a concept of its world (a shape, colour, background or style)."
+    pct = (lambda value: f"{100 * value:.0f}%")
+    return (f"| judged on {figures['images']} images each | before | after |\n|---|---|---|\n"
+            f"| concept present on prompts that name it | {pct(figures['presence_before'])} | "
+            f"{pct(figures['presence_after'])} |\n"
+            f"| accuracy on prompts that do not | {pct(figures['accuracy_other_before'])} | "
+            f"{pct(figures['accuracy_other_after'])} |")
+
+
+def build_demo(app: DemoApp) -> gr.Blocks:
+    """The Blocks app for ``app``; its API endpoints are /generate, /compare, /erase, /upload, /load_model."""
+
+    def adapter_choices() -> list[str]:
+        return ["(none)", *app.adapter_names()]
+
+    def refreshed(*selected: Any) -> list:
+        choices = adapter_choices()
+        return [gr.update(choices=choices, value=value if value in choices else "(none)") for value in selected]
+
+    def generate(prompt, negative, steps, guidance_scale, seed, cfgpp, pag, fdg, negative_mode, negative_start,
+                 nasa, *slots):
+        try:
+            pairs = list(zip(slots[0::2], slots[1::2]))
+            return app.generate(prompt, negative, steps, guidance_scale, seed, cfgpp, pag, fdg, negative_mode,
+                                negative_start, nasa, pairs)
+        except Exception as error:  # noqa: BLE001 - every failure becomes a message; the app keeps serving
+            raise _user_error(error) from None
+
+    def compare(prompt, negative, steps, guidance_scale, seed):
+        try:
+            return app.compare(prompt, negative, steps, guidance_scale, seed)
+        except Exception as error:  # noqa: BLE001
+            raise _user_error(error) from None
+
+    def erase(method, concept, preset, steps, *selected, progress=gr.Progress()):
+        try:
+            result = app.erase(method, concept, preset, steps,
+                               progress=lambda fraction, text: progress(fraction, desc=text))
+        except Exception as error:  # noqa: BLE001
+            raise _user_error(error) from None
+        return [str(result["file"]), result["gallery"], result["summary"], _figures_markdown(result["figures"]),
+                *refreshed(*selected)]
+
+    def upload(file, *selected):
+        try:
+            _, message = app.upload(file)
+        except Exception as error:  # noqa: BLE001
+            raise _user_error(error) from None
+        return [message, *refreshed(*selected)]
+
+    def load_model(text):
+        try:
+            return app.load_model(text)
+        except Exception as error:  # noqa: BLE001
+            raise _user_error(error) from None
+
+    with gr.Blocks(title="unsee: erase and generate") as demo:
+        gr.Markdown("# unsee\nErase a concept from a text-to-image model, then generate with and without the "
+                    "erasure. Model work runs one job at a time.")
+        with gr.Row():
+            model_box = gr.Textbox(value=app.model, label="Model",
+                                   info=f"'toy', a hub id (owner/name), or a folder in {app.model_dir}")
+            model_button = gr.Button("Load model", scale=0)
+            model_status = gr.Markdown()
+        model_button.click(load_model, [model_box], [model_status], api_name="load_model")
+
+        slot_dropdowns: list[gr.Dropdown] = []
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column():
+                    prompt = gr.Textbox(label="Prompt", value="a red circle on a gray background")
+                    negative = gr.Textbox(label="Negative prompt", value="")
+                    with gr.Row():
+                        steps = gr.Slider(1, app.max_steps, value=25, step=1, label="Steps")
+                        guidance_scale = gr.Slider(1.0, 20.0, value=5.0, step=0.5, label="Guidance scale (CFG)")
+                        seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+                    with gr.Accordion("Guidance methods (0 or empty: off)", open=False):
+                        cfgpp = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="CFG++ λ (replaces CFG)")
+                        pag = gr.Slider(0.0, 10.0, value=0.0, step=0.5, label="PAG scale")
+                        fdg = gr.Textbox(label="FDG scales, high to low frequency (replaces CFG)", placeholder="10, 5")
+                        with gr.Row():
+                            negative_mode = gr.Dropdown(list(NEGATIVE_MODES), value="off", label="Negative steering")
+                            negative_start = gr.Slider(0.0, 1.0, value=0.3, step=0.05, label="Negative start (fraction)")
+                        nasa = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="NASA α (uses the negative prompt)")
+                    with gr.Accordion("Adapters", open=True):
+                        slot_inputs = []
+                        for index in range(1, ADAPTER_SLOTS + 1):
+                            with gr.Row():
+                                # custom values allowed: the list is refreshed per page, the app checks every name
+                                dropdown = gr.Dropdown(adapter_choices(), value="(none)", label=f"Adapter {index}",
+                                                       allow_custom_value=True)
+                                scale = gr.Slider(-2.0, 2.0, value=1.0, step=0.1, label="Scale")
+                            slot_dropdowns.append(dropdown)
+                            slot_inputs += [dropdown, scale]
+                        upload_file = gr.File(label="Upload an adapter (.safetensors)", file_types=[".safetensors"],
+                                              type="filepath")
+                        upload_status = gr.Markdown()
+                    generate_button = gr.Button("Generate", variant="primary")
+                with gr.Column():
+                    generate_gallery = gr.Gallery(label="Without / with adapters (same seed)", columns=2,
+                                                  format="png")
+            generate_button.click(
+                generate, [prompt, negative, steps, guidance_scale, seed, cfgpp, pag, fdg, negative_mode,
+                           negative_start, nasa, *slot_inputs],
+                [generate_gallery], api_name="generate")
+            upload_file.upload(upload, [upload_file, *slot_dropdowns], [upload_status, *slot_dropdowns],
+                               api_name="upload")
+
+        with gr.Tab("Erase"):
+            with gr.Row():
+                with gr.Column():
+                    method = gr.Dropdown(list(METHODS), value="esd-u", label="Method")
+                    concept = gr.Textbox(value="circle", label="Concept to erase")
+                    preset = gr.Radio(list(PRESETS), value="toy" if app.model == "toy" else "paper", label="Preset")
+                    erase_steps = gr.Number(value=0, precision=0, minimum=0, maximum=5000,
+                                            label="Steps (0: the preset's)")
+                    with gr.Row():
+                        erase_button = gr.Button("Erase", variant="primary")
+                        stop_button = gr.Button("Stop", variant="stop")
+                    erase_summary = gr.Markdown()
+                    adapter_file = gr.File(label="Adapter (download)", interactive=False)
+                with gr.Column():
+                    erase_gallery = gr.Gallery(label="Before (top) / after (bottom)", columns=4, format="png")
+                    erase_figures = gr.Markdown()
+            erase_event = erase_button.click(
+                erase, [method, concept, preset, erase_steps, *slot_dropdowns],
+                [adapter_file, erase_gallery, erase_summary, erase_figures, *slot_dropdowns], api_name="erase")
+            stop_button.click(app.stop, None, [erase_summary], cancels=[erase_event], concurrency_limit=None,
+                              api_name="stop")
+
+        with gr.Tab("Compare guidance"):
+            with gr.Row():
+                with gr.Column():
+                    compare_prompt = gr.Textbox(label="Prompt", value="a red circle on a gray background")
+                    compare_negative = gr.Textbox(label="Negative prompt (adds the negative-prompt methods)", value="")
+                    with gr.Row():
+                        compare_steps = gr.Slider(1, app.max_steps, value=25, step=1, label="Steps")
+                        compare_scale = gr.Slider(1.0, 20.0, value=5.0, step=0.5, label="Guidance scale")
+                        compare_seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+                    compare_button = gr.Button("Compare", variant="primary")
+                with gr.Column():
+                    compare_gallery = gr.Gallery(label="Guidance methods", columns=4, format="png")
+            compare_button.click(compare, [compare_prompt, compare_negative, compare_steps, compare_scale,
+                                           compare_seed], [compare_gallery], api_name="compare")
+        demo.load(refreshed, slot_dropdowns, slot_dropdowns, api_visibility="private")  # adapters saved since
+    demo.queue(default_concurrency_limit=1, max_size=64)
+    return demo
+
+
+def launch(app: DemoApp, host: str = "127.0.0.1", port: Optional[int] = None, share: bool = False,
+           block: bool = True) -> gr.Blocks:
+    """Build and launch the demo; with ``block=False`` it returns at once (the server runs in a thread)."""
+    demo = build_demo(app)
+    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
+                allowed_paths=[str(app.adapter_dir)], show_error=True, footer_links=["gradio"])
+    return demo
+
+
+def run(args: argparse.Namespace) -> int:
+    app = DemoApp(model=args.model, workdir=args.workdir)
+    app.pipe = app._load(args.model)  # the launch option may be any path; the UI's model field may not
+    launch(app, host=args.host, port=args.port, share=args.share)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from unsee.cli import add_demo_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m unsee.apps.demo", description="unsee's Gradio demo")
+    add_demo_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
