@@ -5,7 +5,7 @@
     adapter.save("esd-u-circle.safetensors")
     pipe.load_erasure("esd-u-circle.safetensors")
 
-``base`` holds the contract every trainer follows; ``esd``, ``salun`` and ``spm`` the methods; ``jobs`` scripted
+``base`` holds the contract every trainer follows; ``esd``, ``salun``, ``spm`` and ``advunlearn`` the methods; ``jobs`` scripted
 training of several concepts x methods (``run_jobs``, ``unsee erase --config``).
 """
 
@@ -24,8 +24,11 @@ from .presets import PRESETS, TOY_PRESETS, preset_settings
 from .jobs import METHODS, Job, load_job_file, make_trainer, plan_jobs, run_jobs
 from .salun import SalUnConfig, SalUnTrainer, load_mask, pack_mask, save_mask, unpack_mask
 from .spm import SPMConfig, SPMTrainer, spm_modules, transport_strength
+from .advunlearn import AdvUnlearnConfig, AdvUnlearnTrainer, encoder_layer_parameters, prefix_embedding
 
 __all__ = [
+    "AdvUnlearnConfig",
+    "AdvUnlearnTrainer",
     "ConfigError",
     "Conditioning",
     "ESDConfig",
@@ -45,6 +48,7 @@ __all__ = [
     "TOY_PRESETS",
     "TrainingError",
     "esd_modules",
+    "encoder_layer_parameters",
     "esd_parameters",
     "load_checkpoint",
     "load_job_file",
@@ -52,6 +56,7 @@ __all__ = [
     "make_trainer",
     "pack_mask",
     "plan_jobs",
+    "prefix_embedding",
     "preset_settings",
     "run_jobs",
     "save_mask",

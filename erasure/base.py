@@ -308,8 +308,9 @@ class Trainer:
     :meth:`extra_state` / :meth:`load_extra_state` (method data kept in checkpoints) and
     :meth:`training_summary`.
 
-    While :meth:`train` runs, these attributes are set: ``pipe``, ``unet`` (the bare UNet), ``model``
-    (the UNet as prepared by ``accelerate``: call it for predictions that need gradients), ``accelerator``,
+    While :meth:`train` runs, these attributes are set: ``pipe``, ``unet`` (the bare UNet), ``trained_module``
+    (the component named by ``trained_component``: the UNet, or the text encoder for AdvUnlearn), ``model``
+    (it as prepared by ``accelerate``: call it for predictions that need gradients), ``accelerator``,
     ``device``, ``generator`` (the CPU generator every random draw comes from) and ``params`` (name ->
     trained parameter).
     """
@@ -317,6 +318,8 @@ class Trainer:
     config_class: ClassVar[type] = TrainerConfig
     #: leave tensors the training did not change out of a delta adapter
     drop_unchanged: ClassVar[bool] = False
+    #: the pipeline component whose weights are trained ("unet", or "text_encoder" for AdvUnlearn)
+    trained_component: ClassVar[str] = "unet"
 
     def __init__(self, config: TrainerConfig) -> None:
         if not isinstance(config, self.config_class):
@@ -340,7 +343,8 @@ class Trainer:
         return getattr(self.config, "kind", "delta")
 
     def select_parameters(self, unet: nn.Module) -> dict[str, nn.Parameter]:
-        """The UNet parameters to train (full-weight training), name -> parameter, in a stable order."""
+        """The parameters of the trained component (the UNet unless ``trained_component`` says otherwise) to
+        train (full-weight training), name -> parameter, in a stable order."""
         raise NotImplementedError
 
     def lora_config(self, unet: nn.Module) -> Any:
@@ -483,21 +487,27 @@ class Trainer:
             pipe.to(dtype=DTYPES[config.dtype])
         pipe.to(device)
         self.pipe, self.unet = pipe, pipe.unet
+        trained = getattr(pipe, self.trained_component, None)
+        if not isinstance(trained, nn.Module):
+            raise TrainingError(f"{self.method} trains the pipeline's {self.trained_component}, and "
+                                f"{type(pipe).__name__} has none")
+        self.trained_module = trained
         self.generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
         self.losses = []
         started = time.perf_counter()
-        requires_grad = {name: p.requires_grad for name, p in self.unet.named_parameters()}
+        requires_grad = {name: p.requires_grad for name, p in trained.named_parameters()}
         for module in (getattr(pipe, name, None) for name in ("unet", "text_encoder", "text_encoder_2", "vae")):
             if isinstance(module, nn.Module):
                 module.requires_grad_(False)
-        was_training = self.unet.training
-        self.unet.eval()  # no dropout: the teacher and the student see the same function
+        was_training = {module: module.training for module in {self.unet, trained}}
+        for module in was_training:
+            module.eval()  # no dropout: the teacher and the student see the same function
         model = None
         try:
             self.setup(pipe, checkpoint.get("extra") if checkpoint is not None else None)
             self._attach_trainable()
             optimizer = torch.optim.Adam(list(self.params.values()), lr=config.lr, weight_decay=0.0)
-            model, optimizer = accelerator.prepare(self.unet, optimizer)
+            model, optimizer = accelerator.prepare(trained, optimizer)
             self.model = model
             start = 0
             if checkpoint is not None:
@@ -538,7 +548,8 @@ class Trainer:
             if model is not None:
                 accelerator.unwrap_model(model, keep_fp32_wrapper=False)
             self._restore_pipeline(requires_grad)
-            self.unet.train(was_training)
+            for module, mode in was_training.items():
+                module.train(mode)
             accelerator.free_memory()
             self.model = None
 
@@ -559,7 +570,7 @@ class Trainer:
             self._originals = {}
         else:
             self._lora = False
-            self.params = self.select_parameters(self.unet)
+            self.params = self.select_parameters(self.trained_module)
             # exact copies of the trained subset only: the teacher and the restore come from these
             self._originals = {n: p.detach().clone() for n, p in self.params.items()}
             for param in self.params.values():
@@ -575,7 +586,7 @@ class Trainer:
             for name, param in self.params.items():
                 if name in self._originals:
                     param.data = self._originals[name]  # the exact original values
-        for name, param in self.unet.named_parameters():
+        for name, param in self.trained_module.named_parameters():
             param.requires_grad_(requires_grad.get(name, False))
 
     def _make_adapter(self, summary: dict) -> Adapter:
@@ -585,7 +596,7 @@ class Trainer:
             if self._lora:
                 return lora_adapter_from_peft(self.unet, "unet", **common)
             trained = {n: p.detach() for n, p in self.params.items()}
-            return delta_adapter_from_weights(self._originals, trained, "unet", model=self.unet,
+            return delta_adapter_from_weights(self._originals, trained, self.trained_component, model=self.trained_module,
                                               drop_unchanged=self.drop_unchanged, **common)
         except AdapterError as error:
             raise TrainingError(f"training produced no usable adapter: {error}") from error

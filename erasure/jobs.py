@@ -8,7 +8,7 @@ The same config as a YAML or JSON file: ``unsee erase --config jobs.yaml`` or ``
 
 Keys (every ``unsee erase`` flag has one, spelled with underscores):
 
-- ``method`` (esd-x, esd-u, esd-all, esd-x-strict, salun, spm) and ``concept``: a value or a list; a job with
+- ``method`` (esd-x, esd-u, esd-all, esd-x-strict, salun, spm, advunlearn) and ``concept``: a value or a list; a job with
   lists runs every (concept, method) pair;
 - ``model`` ("toy", a hub id, a local folder or a single file), ``model_config`` (configs folder for a
   single file), ``dtype``, ``device``;
@@ -50,6 +50,7 @@ from .presets import preset_settings
 from .esd import ESD_VARIANTS, ESDConfig, ESDTrainer
 from .salun import SalUnConfig, SalUnTrainer, save_mask
 from .spm import SPMConfig, SPMTrainer
+from .advunlearn import AdvUnlearnConfig, AdvUnlearnTrainer
 
 __all__ = ["METHODS", "Job", "make_trainer", "plan_jobs", "run_jobs", "load_job_file"]
 
@@ -58,6 +59,7 @@ METHODS: dict[str, tuple[type[Trainer], type[TrainerConfig]]] = {
     **{variant: (ESDTrainer, ESDConfig) for variant in ESD_VARIANTS},
     "salun": (SalUnTrainer, SalUnConfig),
     "spm": (SPMTrainer, SPMConfig),
+    "advunlearn": (AdvUnlearnTrainer, AdvUnlearnConfig),
 }
 JOB_KEYS = ("method", "concept", "model", "model_config", "out", "checkpoint_dir", "resume", "grid", "preset")
 FILE_KEYS = ("jobs", "out_dir", "report")

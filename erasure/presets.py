@@ -29,6 +29,7 @@ TOY_PRESETS: dict[str, dict[str, Any]] = {
     "esd-x-strict": dict(_TOY_ESD),
     "spm": {"steps": 200, "lr": 4e-3, "ddim_steps": 25, "la_strength": 100.0},
     "salun": {"steps": 150, "lr": 5e-5, "num_forget": 128, "num_retain": 128, "generation_steps": 25},
+    "advunlearn": {"steps": 150, "lr": 1e-4, "ddim_steps": 25, "warmup": 30, "attack_steps": 10},
 }
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {"paper": {}, "toy": TOY_PRESETS}

@@ -134,12 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", default=None, help="also write the figures to this JSON file")
     _add_model_options(ev)
 
-    er = sub.add_parser("erase", help="train an erasure adapter (ESD, SalUn)",
+    er = sub.add_parser("erase", help="train an erasure adapter (ESD, SalUn, SPM, AdvUnlearn)",
                         description="Erase a concept: train an adapter, write it and a JSON report next to it (settings, "
                                     "losses, time). --config FILE runs several jobs (concepts x methods) from a YAML or "
                                     "JSON file with one combined report; every flag below has a key there "
                                     "(see unsee.erasure.jobs).")
-    er.add_argument("--method", default=None, metavar="METHOD", help="esd-u, esd-x, esd-all, esd-x-strict, salun or spm")
+    er.add_argument("--method", default=None, metavar="METHOD", help="esd-u, esd-x, esd-all, esd-x-strict, salun, spm or advunlearn")
     er.add_argument("--concept", default=None, help="the concept to erase, e.g. circle, red, striped")
     er.add_argument("--erase-from", default=None, metavar="CONCEPT", help="ESD: erase the concept only from this one")
     er.add_argument("--preset", default=None, choices=("toy", "paper"),
