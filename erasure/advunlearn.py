@@ -61,7 +61,8 @@ from .base import (
     predict,
 )
 
-__all__ = ["AdvUnlearnConfig", "AdvUnlearnTrainer", "COCO_OBJECTS", "encoder_layer_parameters", "prefix_embedding"]
+__all__ = ["AdvUnlearnConfig", "AdvUnlearnTrainer", "COCO_OBJECTS", "encoder_layer_parameters", "prefix_embedding",
+           "prefixed_ids"]
 
 # The 80 COCO object classes: the official retain set is "a photo of <object>" over such a list.
 COCO_OBJECTS = (
@@ -174,6 +175,15 @@ def encoder_layer_parameters(text_encoder: nn.Module, layers: Optional[tuple[int
     return {name: p for name, p in text_encoder.named_parameters() if id(p) in chosen}
 
 
+def prefixed_ids(ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Token ids with ``k`` placeholder tokens right after the start token (the prompt's tokens move right by
+    ``k``, the padded length stays); :func:`prefix_embedding` overwrites the placeholders' embeddings."""
+    out = ids.clone()
+    out[:, 1 + k:] = ids[:, 1:ids.shape[1] - k]
+    out[:, 1:1 + k] = ids[:, 1:2]  # any real token: its embedding is overwritten
+    return out
+
+
 @contextlib.contextmanager
 def prefix_embedding(text_encoder: nn.Module, delta: torch.Tensor, start: int = 1) -> Iterator[None]:
     """Within the block, the token embeddings at positions ``start .. start + k - 1`` are replaced by ``delta``
@@ -229,12 +239,7 @@ class AdvUnlearnTrainer(Trainer):
         self.cond_concept, self.cond_empty = base.rows([0]), base.rows([1])
         self.cond_retain = encode_prompts(pipe, self.retain_prompts, height, width)
         self.concept_ids = self.tokenize([config.concept])
-        # [start] + k placeholders + the concept's tokens (+ end, padding); the placeholders' embeddings are replaced
-        k = config.prefix_tokens
-        ids = self.concept_ids.clone()
-        ids[:, 1 + k:] = self.concept_ids[:, 1:ids.shape[1] - k]
-        ids[:, 1:1 + k] = self.concept_ids[:, 1:2]  # any real token: its embedding is overwritten
-        self.adversarial_ids = ids
+        self.adversarial_ids = prefixed_ids(self.concept_ids, config.prefix_tokens)
         self.retain_ids = self.tokenize(self.retain_prompts)
         self.latest_delta = state.get("latest_delta") if state else None
         self.last_attack_losses: list[float] = []

@@ -3,6 +3,8 @@
     unsee generate --prompt "a red circle on a gray background" --out out/
     unsee erase --method esd-u --concept circle --steps 200 --out esd-u-circle.safetensors
     unsee erase --config jobs.yaml
+    unsee attack --adapter esd-u-circle.safetensors --concept circle
+    unsee demo
     unsee --version
 """
 
@@ -167,6 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="for a single-file model: a local diffusers folder to take configs from")
     er.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="training precision (default: as stored)")
     er.add_argument("--device", default=None, help="cpu, cuda... (default: what accelerate picks)")
+
+    at = sub.add_parser("attack", help="attack an erasure with adversarial prompts (UnlearnDiffAtk-style)",
+                        description="Optimise adversarial prefix tokens that make the erased model regenerate the "
+                                    "concept; prints the attack success rate judged by the toy judge.")
+    at.add_argument("--adapter", action="append", required=True, type=_adapter_spec, metavar="FILE[:SCALE]",
+                    help="erasure adapter to attack (repeat to stack several)")
+    at.add_argument("--concept", required=True, help="the erased concept of the toy world, e.g. circle, red, striped")
+    at.add_argument("--n", type=_positive_int, default=16, help="prompts naming the concept (default 16)")
+    at.add_argument("--prefix-tokens", type=_positive_int, default=5, help="adversarial tokens k (default 5)")
+    at.add_argument("--attack-steps", type=_positive_int, default=40, help="optimisation steps per prompt (default 40)")
+    at.add_argument("--seed", type=int, default=0)
+    at.add_argument("--report", default=None, help="also write the result as JSON here")
+    _add_model_options(at)
 
     demo = sub.add_parser("demo", help="launch the Gradio demo (erase, generate, compare guidance)",
                           description="Launch the Gradio demo on this machine (needs the 'app' extra: gradio).")
@@ -387,6 +402,29 @@ def cmd_erase(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attack(args: argparse.Namespace) -> int:
+    from .attack import AttackConfig, attack
+    from . import world
+
+    try:
+        world.concept_attribute(args.concept)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    pipe = _load(args)
+    pipe.set_progress_bar_config(disable=True)
+    for path, scale in args.adapter:
+        pipe.load_erasure(path, scale=scale)
+    config = AttackConfig(prefix_tokens=args.prefix_tokens, steps=args.attack_steps, seed=args.seed)
+    result = attack(pipe, args.concept, n=args.n, config=config,
+                    progress=lambda done, total: print(f"attacked {done}/{total} prompts", file=sys.stderr))
+    summary = result.summary()
+    if args.report:
+        Path(args.report).write_text(json.dumps(summary, indent=2))
+    print(f"{args.concept}: attack success rate {result.success_rate:.1%} over {len(result.attacks)} prompts "
+          f"(present without attack: {result.presence_before:.1%})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     try:
         from .apps import demo
@@ -395,7 +433,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(args)
 
 
-COMMANDS = {"generate": cmd_generate, "eval": cmd_eval, "erase": cmd_erase, "demo": cmd_demo}
+COMMANDS = {"generate": cmd_generate, "eval": cmd_eval, "erase": cmd_erase, "attack": cmd_attack, "demo": cmd_demo}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
