@@ -522,6 +522,16 @@ def build_demo(app: DemoApp) -> gr.Blocks:
         except Exception as error:  # noqa: BLE001
             raise _user_error(error) from None
 
+    def prompt_controls(negative_label: str) -> tuple:
+        """Prompt, negative prompt, steps, guidance scale and seed widgets (Generate and Compare share them)."""
+        prompt = gr.Textbox(label="Prompt", value="a red circle on a gray background")
+        negative = gr.Textbox(label=negative_label, value="")
+        with gr.Row():
+            steps = gr.Slider(1, app.max_steps, value=25, step=1, label="Steps")
+            guidance_scale = gr.Slider(1.0, 20.0, value=5.0, step=0.5, label="Guidance scale (CFG)")
+            seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+        return prompt, negative, steps, guidance_scale, seed
+
     with gr.Blocks(title="unsee: erase and generate") as demo:
         gr.Markdown("# unsee\nErase a concept from a text-to-image model, then generate with and without the "
                     "erasure. Model work runs one job at a time.")
@@ -536,12 +546,7 @@ def build_demo(app: DemoApp) -> gr.Blocks:
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column():
-                    prompt = gr.Textbox(label="Prompt", value="a red circle on a gray background")
-                    negative = gr.Textbox(label="Negative prompt", value="")
-                    with gr.Row():
-                        steps = gr.Slider(1, app.max_steps, value=25, step=1, label="Steps")
-                        guidance_scale = gr.Slider(1.0, 20.0, value=5.0, step=0.5, label="Guidance scale (CFG)")
-                        seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+                    prompt, negative, steps, guidance_scale, seed = prompt_controls("Negative prompt")
                     with gr.Accordion("Guidance methods (0 or empty: off)", open=False):
                         cfgpp = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="CFG++ λ (replaces CFG)")
                         pag = gr.Slider(0.0, 10.0, value=0.0, step=0.5, label="PAG scale")
@@ -599,17 +604,11 @@ def build_demo(app: DemoApp) -> gr.Blocks:
         with gr.Tab("Compare guidance"):
             with gr.Row():
                 with gr.Column():
-                    compare_prompt = gr.Textbox(label="Prompt", value="a red circle on a gray background")
-                    compare_negative = gr.Textbox(label="Negative prompt (adds the negative-prompt methods)", value="")
-                    with gr.Row():
-                        compare_steps = gr.Slider(1, app.max_steps, value=25, step=1, label="Steps")
-                        compare_scale = gr.Slider(1.0, 20.0, value=5.0, step=0.5, label="Guidance scale")
-                        compare_seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+                    compare_inputs = prompt_controls("Negative prompt (adds the negative-prompt methods)")
                     compare_button = gr.Button("Compare", variant="primary")
                 with gr.Column():
                     compare_gallery = gr.Gallery(label="Guidance methods", columns=4, format="png")
-            compare_button.click(compare, [compare_prompt, compare_negative, compare_steps, compare_scale,
-                                           compare_seed], [compare_gallery], api_name="compare")
+            compare_button.click(compare, list(compare_inputs), [compare_gallery], api_name="compare")
         demo.load(refreshed, slot_dropdowns, slot_dropdowns, api_visibility="private")  # adapters saved since
     demo.queue(default_concurrency_limit=1, max_size=64)
     return demo
