@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from unsee import world  # noqa: E402
 from unsee.adapters import AdapterError, load_adapter  # noqa: E402
 from unsee.erasure import METHODS, PRESETS, ConfigError, TrainingError, make_trainer, preset_settings  # noqa: E402
-from unsee.erasure.jobs import grid_prompts  # noqa: E402
+from unsee.erasure.jobs import before_after_images, grid_prompts  # noqa: E402
 from unsee.guidance import FDG, NASA, PAG, CFGpp, GuidanceError, NegativeSteer, validate_combination  # noqa: E402
 from unsee.loading import ModelLoadError, load_pipeline  # noqa: E402
 
@@ -244,7 +244,7 @@ class DemoApp:
 
             try:
                 self.judge = default_judge()
-            except (OSError, FileNotFoundError):
+            except OSError:  # no judge weights
                 return None
             return self.judge
         return None
@@ -406,25 +406,16 @@ class DemoApp:
             adapter.save(path)
             report(1.0, "before/after images")
             prompts = grid_prompts(concept, 4, seed=0)
-            generator = torch.Generator(device="cpu").manual_seed(0)
-            before = pipe(prompts, num_inference_steps=25, generator=generator).images
-            name = pipe.load_erasure(adapter, adapter_name="unsee-demo-erase")
-            try:
-                generator = torch.Generator(device="cpu").manual_seed(0)
-                after = pipe(prompts, num_inference_steps=25, generator=generator).images
-                figures = self._figures(concept, report)
-            finally:
-                pipe.unload_erasure(name)
+            before, after = before_after_images(pipe, adapter, prompts, seed=0, steps=25)
+            figures = self._figures(adapter, concept, report)
         gallery = [(image, f"before · {p}") for image, p in zip(before, prompts)]
         gallery += [(image, f"after · {p}") for image, p in zip(after, prompts)]
         summary = (f"Trained {method} on {concept!r} in {seconds:.0f} s ({adapter.training.get('steps')} steps); "
                    f"saved {path.name} ({path.stat().st_size / 1024:.0f} KiB).")
         return {"file": path, "gallery": gallery, "summary": summary, "figures": figures}
 
-    def _figures(self, concept: str, report: Callable[[float, str], None]) -> Optional[dict]:
-        """Presence of the concept and accuracy on other prompts, with the erasure on and off (toy world only).
-
-        Called with the erasure adapter loaded; it is switched off for the "before" figures."""
+    def _figures(self, adapter: Any, concept: str, report: Callable[[float, str], None]) -> Optional[dict]:
+        """Presence of the concept and accuracy on other prompts, without and with ``adapter`` (toy world only)."""
         judge = self._judge()
         try:
             world.concept_attribute(concept)
@@ -434,12 +425,14 @@ class DemoApp:
             return None
         from unsee.evaluation import evaluate_erasure
 
-        report(1.0, "efficacy figures (after)")
-        named_after, others_after = evaluate_erasure(self.pipe, concept, n=self.eval_images, judge=judge)
-        self.pipe.set_erasure_scale("unsee-demo-erase", 0.0)
         report(1.0, "efficacy figures (before)")
         named_before, others_before = evaluate_erasure(self.pipe, concept, n=self.eval_images, judge=judge)
-        self.pipe.set_erasure_scale("unsee-demo-erase", 1.0)
+        name = self.pipe.load_erasure(adapter, adapter_name="unsee-demo-erase")
+        try:
+            report(1.0, "efficacy figures (after)")
+            named_after, others_after = evaluate_erasure(self.pipe, concept, n=self.eval_images, judge=judge)
+        finally:
+            self.pipe.unload_erasure(name)
 
         def mean_accuracy(result: Any) -> float:
             return sum(result.accuracy.values()) / max(1, len(result.accuracy))

@@ -62,7 +62,7 @@ from .base import (
 )
 
 __all__ = ["AdvUnlearnConfig", "AdvUnlearnTrainer", "COCO_OBJECTS", "encoder_layer_parameters", "prefix_embedding",
-           "prefixed_ids"]
+           "prefixed_ids", "token_ids"]
 
 # The 80 COCO object classes: the official retain set is "a photo of <object>" over such a list.
 COCO_OBJECTS = (
@@ -175,6 +175,12 @@ def encoder_layer_parameters(text_encoder: nn.Module, layers: Optional[tuple[int
     return {name: p for name, p in text_encoder.named_parameters() if id(p) in chosen}
 
 
+def token_ids(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
+    """The prompts' token ids, padded to the tokenizer's length as the pipeline pads them."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
 def prefixed_ids(ids: torch.Tensor, k: int) -> torch.Tensor:
     """Token ids with ``k`` placeholder tokens right after the start token (the prompt's tokens move right by
     ``k``, the padded length stays); :func:`prefix_embedding` overwrites the placeholders' embeddings."""
@@ -222,9 +228,7 @@ class AdvUnlearnTrainer(Trainer):
             return tuple(f"a photo of a {name}" for name in COCO_OBJECTS)
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        tokenizer = self.pipe.tokenizer
-        return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids.to(self.device)
+        return token_ids(self.pipe.tokenizer, prompts).to(self.device)
 
     def setup(self, pipe: Any, state: Optional[dict] = None) -> None:
         config = self.config

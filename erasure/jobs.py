@@ -282,10 +282,9 @@ def grid_prompts(concept: str, n: int, seed: int = 0) -> list[str]:
         return [concept] * n
 
 
-def before_after_grid(pipe: Any, adapter: Any, prompts: list[str], seed: int = 0, steps: int = 25) -> Any:
-    """A PIL image: one column per prompt, the model as it is on top, with ``adapter`` below (same seeds)."""
+def before_after_images(pipe: Any, adapter: Any, prompts: list[str], seed: int = 0, steps: int = 25) -> tuple[list, list]:
+    """(before, after): PIL images of ``prompts`` from the model as it is and with ``adapter`` loaded, same seeds."""
     import torch
-    from PIL import Image
 
     def generate() -> list:
         generator = torch.Generator().manual_seed(seed)
@@ -297,6 +296,14 @@ def before_after_grid(pipe: Any, adapter: Any, prompts: list[str], seed: int = 0
         after = generate()
     finally:
         pipe.unload_erasure(name)
+    return before, after
+
+
+def before_after_grid(pipe: Any, adapter: Any, prompts: list[str], seed: int = 0, steps: int = 25) -> Any:
+    """A PIL image: one column per prompt, the model as it is on top, with ``adapter`` below (same seeds)."""
+    from PIL import Image
+
+    before, after = before_after_images(pipe, adapter, prompts, seed=seed, steps=steps)
     width, height = before[0].size
     grid = Image.new("RGB", (width * len(prompts), height * 2), "white")
     for column, (top, bottom) in enumerate(zip(before, after)):

@@ -121,15 +121,13 @@ def _target_latents(pipe: Any, image: Any) -> torch.Tensor:
 def attack_prompt(pipe: Any, prompt: str, target_image: Any, config: AttackConfig,
                   generator: torch.Generator) -> PromptAttack:
     """Optimise ``config.prefix_tokens`` adversarial tokens before ``prompt`` (see the module docstring)."""
-    from unsee.erasure.advunlearn import prefix_embedding, prefixed_ids
+    from unsee.erasure.advunlearn import prefix_embedding, prefixed_ids, token_ids
     from unsee.erasure.base import denoising_target
 
     encoder, unet, scheduler = pipe.text_encoder, pipe.unet, pipe.scheduler
     device = unet.device
     tokenizer = pipe.tokenizer
-    ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    ids = prefixed_ids(ids, config.prefix_tokens).to(device)
+    ids = prefixed_ids(token_ids(tokenizer, [prompt]), config.prefix_tokens).to(device)
     table = encoder.get_input_embeddings().weight.detach()
     latents = _target_latents(pipe, target_image)
     n = config.timesteps
@@ -151,18 +149,18 @@ def attack_prompt(pipe: Any, prompt: str, target_image: Any, config: AttackConfi
     requires_grad = [p.requires_grad for p in encoder.parameters()] + [p.requires_grad for p in unet.parameters()]
     for p in list(encoder.parameters()) + list(unet.parameters()):
         p.requires_grad_(False)
-    losses = []
+    losses = []  # the objective before the first step and after each (projected) step
     try:
-        with torch.no_grad():
-            losses.append(float(loss_of(weights)))
         for _ in range(config.steps):
             optimizer.zero_grad(set_to_none=True)
             loss = loss_of(weights)
+            losses.append(float(loss.detach()))
             loss.backward()
             optimizer.step()
             with torch.no_grad():
                 weights.copy_(project_to_simplex(weights))
-                losses.append(float(loss_of(weights)))
+        with torch.no_grad():
+            losses.append(float(loss_of(weights)))
     finally:
         for p, flag in zip(list(encoder.parameters()) + list(unet.parameters()), requires_grad):
             p.requires_grad_(flag)
