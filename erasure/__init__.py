@@ -5,7 +5,7 @@
     adapter.save("esd-u-circle.safetensors")
     pipe.load_erasure("esd-u-circle.safetensors")
 
-``base`` holds the contract every trainer follows; ``esd``, ``salun``, ``spm`` and ``advunlearn`` the methods; ``jobs`` scripted
+``base`` holds the contract every trainer follows; ``esd``, ``salun``, ``spm``, ``advunlearn`` and ``ant`` the methods; ``jobs`` scripted
 training of several concepts x methods (``run_jobs``, ``unsee erase --config``).
 """
 
@@ -25,10 +25,13 @@ from .jobs import METHODS, Job, load_job_file, make_trainer, plan_jobs, run_jobs
 from .salun import SalUnConfig, SalUnTrainer, load_mask, pack_mask, save_mask, unpack_mask
 from .spm import SPMConfig, SPMTrainer, spm_modules, transport_strength
 from .advunlearn import AdvUnlearnConfig, AdvUnlearnTrainer, encoder_layer_parameters, prefix_embedding
+from .ant import ANTConfig, ANTTrainer, ant_lora_modules
 
 __all__ = [
     "AdvUnlearnConfig",
     "AdvUnlearnTrainer",
+    "ANTConfig",
+    "ANTTrainer",
     "ConfigError",
     "Conditioning",
     "ESDConfig",
@@ -47,6 +50,7 @@ __all__ = [
     "TrainerConfig",
     "TOY_PRESETS",
     "TrainingError",
+    "ant_lora_modules",
     "esd_modules",
     "encoder_layer_parameters",
     "esd_parameters",

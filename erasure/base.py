@@ -232,16 +232,17 @@ def predict(unet: nn.Module, x: torch.Tensor, t: Union[int, torch.Tensor], cond:
 
 @torch.no_grad()
 def ddim_sample(unet: nn.Module, scheduler: Any, x: torch.Tensor, cond: Conditioning, uncond: Conditioning,
-                guidance_scale: float, stop_at: Optional[int] = None) -> torch.Tensor:
+                guidance_scale: float, stop_at: Optional[int] = None, start_at: int = 0) -> torch.Tensor:
     """Deterministic DDIM sampling with classifier-free guidance from the noise ``x``.
 
-    ``scheduler`` is a ``DDIMScheduler`` whose ``set_timesteps`` was called. Runs the first ``stop_at``
-    steps (all when None): the result is at the noise level of ``scheduler.timesteps[stop_at]`` (the clean
-    latents when ``stop_at`` is None). The conditional and unconditional predictions share one UNet call.
+    ``scheduler`` is a ``DDIMScheduler`` whose ``set_timesteps`` was called. Runs steps ``start_at`` to
+    ``stop_at`` (the end when None): the result is at the noise level of ``scheduler.timesteps[stop_at]`` (the
+    clean latents when ``stop_at`` is None); ``x`` must be at the level of ``scheduler.timesteps[start_at]``.
+    The conditional and unconditional predictions share one UNet call.
     """
     steps = len(scheduler.timesteps) if stop_at is None else stop_at
     both = Conditioning.cat([cond, uncond])
-    for t in scheduler.timesteps[:steps]:
+    for t in scheduler.timesteps[start_at:steps]:
         out = predict(unet, torch.cat([x, x]), t, both)
         out_c, out_u = out.chunk(2)
         guided = out_u + guidance_scale * (out_c - out_u)
@@ -316,6 +317,8 @@ class Trainer:
     """
 
     config_class: ClassVar[type] = TrainerConfig
+    #: a gradient mask (trained tensor name -> bool tensor) applied by :meth:`adjust_gradients`; None: none
+    mask: Optional[dict[str, torch.Tensor]] = None
     #: leave tensors the training did not change out of a delta adapter
     drop_unchanged: ClassVar[bool] = False
     #: the pipeline component whose weights are trained ("unet", or "text_encoder" for AdvUnlearn)
@@ -330,6 +333,7 @@ class Trainer:
         self.losses: list[float] = []
         self._originals: dict[str, torch.Tensor] = {}
         self._lora = False
+        self._device_mask: dict[str, torch.Tensor] = {}
 
     # -- what a method defines ---------------------------------------------------------------
 
@@ -363,7 +367,17 @@ class Trainer:
         raise NotImplementedError
 
     def adjust_gradients(self) -> None:
-        """Called after the backward pass, before the optimizer step (e.g. to mask gradients)."""
+        """Called after the backward pass, before the optimizer step. By default: when the method set ``mask``
+        (name -> bool tensor, SalUn and ANT), each trained tensor's gradient is multiplied by its mask; with
+        zero gradients Adam's moments and updates stay zero, so the entries outside the mask stay bit-identical."""
+        if self.mask is None:
+            return
+        for name, param in self.params.items():
+            if param.grad is None:
+                continue
+            if name not in self._device_mask:
+                self._device_mask[name] = self.mask[name].to(param.device, param.grad.dtype)
+            param.grad.mul_(self._device_mask[name])
 
     def extra_state(self) -> dict:
         """Method data to keep in checkpoints (tensors, numbers, strings, lists, dicts only)."""
@@ -494,6 +508,7 @@ class Trainer:
         self.trained_module = trained
         self.generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
         self.losses = []
+        self._device_mask = {}
         started = time.perf_counter()
         requires_grad = {name: p.requires_grad for name, p in trained.named_parameters()}
         for module in (getattr(pipe, name, None) for name in ("unet", "text_encoder", "text_encoder_2", "vae")):

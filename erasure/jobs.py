@@ -8,7 +8,7 @@ The same config as a YAML or JSON file: ``unsee erase --config jobs.yaml`` or ``
 
 Keys (every ``unsee erase`` flag has one, spelled with underscores):
 
-- ``method`` (esd-x, esd-u, esd-all, esd-x-strict, salun, spm, advunlearn) and ``concept``: a value or a list; a job with
+- ``method`` (esd-x, esd-u, esd-all, esd-x-strict, salun, spm, advunlearn, ant) and ``concept``: a value or a list; a job with
   lists runs every (concept, method) pair;
 - ``model`` ("toy", a hub id, a local folder or a single file), ``model_config`` (configs folder for a
   single file), ``dtype``, ``device``;
@@ -27,8 +27,8 @@ Keys (every ``unsee erase`` flag has one, spelled with underscores):
 Top-level keys are defaults for every job (a method-specific key such as ``eta`` only applies to the methods
 that have it); a job's own keys win. Everything is validated before any model is loaded: an unknown key or
 method, a bad value, two jobs writing the same file all raise :class:`~unsee.erasure.ConfigError`.
-Each adapter is written atomically; a SalUn job also writes its saliency mask (packed bits) next to the
-adapter as ``<name>.mask.safetensors``.
+Each adapter is written atomically; a SalUn job (and an ANT job with ``kind: delta``) also writes its saliency
+mask (packed bits) next to the adapter as ``<name>.mask.safetensors``.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from .esd import ESD_VARIANTS, ESDConfig, ESDTrainer
 from .salun import SalUnConfig, SalUnTrainer, save_mask
 from .spm import SPMConfig, SPMTrainer
 from .advunlearn import AdvUnlearnConfig, AdvUnlearnTrainer
+from .ant import ANTConfig, ANTTrainer
 
 __all__ = ["METHODS", "Job", "make_trainer", "plan_jobs", "run_jobs", "load_job_file"]
 
@@ -60,6 +61,7 @@ METHODS: dict[str, tuple[type[Trainer], type[TrainerConfig]]] = {
     "salun": (SalUnTrainer, SalUnConfig),
     "spm": (SPMTrainer, SPMConfig),
     "advunlearn": (AdvUnlearnTrainer, AdvUnlearnConfig),
+    "ant": (ANTTrainer, ANTConfig),
 }
 JOB_KEYS = ("method", "concept", "model", "model_config", "out", "checkpoint_dir", "resume", "grid", "preset")
 FILE_KEYS = ("jobs", "out_dir", "report")
@@ -85,7 +87,8 @@ class Job:
 
     @property
     def mask_path(self) -> Optional[Path]:
-        return self.out.with_suffix(".mask.safetensors") if self.method == "salun" else None
+        masked = self.method == "salun" or (self.method == "ant" and getattr(self.config, "kind", None) == "delta")
+        return self.out.with_suffix(".mask.safetensors") if masked else None
 
     def describe(self) -> str:
         extra = f" from {self.config.erase_from!r}" if getattr(self.config, "erase_from", None) else ""

@@ -30,6 +30,7 @@ TOY_PRESETS: dict[str, dict[str, Any]] = {
     "spm": {"steps": 200, "lr": 4e-3, "ddim_steps": 25, "la_strength": 100.0},
     "salun": {"steps": 150, "lr": 5e-5, "num_forget": 128, "num_retain": 128, "generation_steps": 25},
     "advunlearn": {"steps": 150, "lr": 1e-4, "ddim_steps": 25, "warmup": 30, "attack_steps": 10},
+    "ant": {"steps": 200, "lr": 1e-4, "ddim_steps": 25, "before_step": 4, "saliency_iterations": 2},
 }
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {"paper": {}, "toy": TOY_PRESETS}

@@ -255,14 +255,13 @@ def load_mask(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
 class SalUnTrainer(Trainer):
     """Trains a SalUn adapter. ``SalUnTrainer(SalUnConfig(concept="circle")).train(pipe)``.
 
-    After ``train``, ``mask`` holds the saliency mask (parameter name -> bool tensor).
+    After ``train``, ``mask`` holds the saliency mask (parameter name -> bool tensor); the base class's
+    :meth:`~unsee.erasure.base.Trainer.adjust_gradients` applies it to every step's gradients.
     """
 
     config_class: ClassVar[type] = SalUnConfig
     config: SalUnConfig
     drop_unchanged: ClassVar[bool] = True  # tensors the mask does not touch are left out of the adapter
-
-    mask: Optional[dict[str, torch.Tensor]] = None
 
     def candidates(self, unet: nn.Module) -> dict[str, nn.Parameter]:
         """The parameters the saliency mask ranks."""
@@ -301,7 +300,6 @@ class SalUnTrainer(Trainer):
             self.forget_latents = self._generate(self.forget_cond, generator, "generating forget images")
             self.retain_latents = self._generate(self.retain_cond, generator, "generating retain images")
             self.mask = self.saliency_mask(generator)
-        self._device_mask: dict[str, torch.Tensor] = {}
 
     def _encode_unique(self, pipe: Any, prompts: list[str], height: int, width: int) -> Conditioning:
         unique = sorted(set(prompts))
@@ -386,14 +384,6 @@ class SalUnTrainer(Trainer):
         forget_loss = mse(out_f, target_f)
         retain_loss = mse(out_r, denoising_target(self.noise_scheduler, x0_r, noise_r, tr))
         return forget_loss + config.alpha * retain_loss
-
-    def adjust_gradients(self) -> None:
-        for name, param in self.params.items():
-            if param.grad is None:
-                continue
-            if name not in self._device_mask:
-                self._device_mask[name] = self.mask[name].to(param.device, param.grad.dtype)
-            param.grad.mul_(self._device_mask[name])
 
     def extra_state(self) -> dict:
         return {"mask": pack_mask(self.mask), "forget_latents": self.forget_latents.detach().cpu(),

@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "losses, time). --config FILE runs several jobs (concepts x methods) from a YAML or "
                                     "JSON file with one combined report; every flag below has a key there "
                                     "(see unsee.erasure.jobs).")
-    er.add_argument("--method", default=None, metavar="METHOD", help="esd-u, esd-x, esd-all, esd-x-strict, salun, spm or advunlearn")
+    er.add_argument("--method", default=None, metavar="METHOD", help="esd-u, esd-x, esd-all, esd-x-strict, salun, spm, advunlearn or ant")
     er.add_argument("--concept", default=None, help="the concept to erase, e.g. circle, red, striped")
     er.add_argument("--erase-from", default=None, metavar="CONCEPT", help="ESD: erase the concept only from this one")
     er.add_argument("--preset", default=None, choices=("toy", "paper"),
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--lr", type=float, default=None, help="learning rate (default: the paper's)")
     er.add_argument("--eta", type=float, default=None, help="ESD negative guidance (default 1)")
     er.add_argument("--seed", type=int, default=None)
-    er.add_argument("--kind", default=None, metavar="KIND", help="ESD output: delta (default) or lora")
+    er.add_argument("--kind", default=None, metavar="KIND", help="ESD or ANT output: delta (default) or lora")
     er.add_argument("--rank", type=_positive_int, default=None, help="LoRA rank (with --kind lora)")
     er.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="any other setting of the method's config, e.g. ddim_steps=10 (repeat for several)")
@@ -314,7 +314,7 @@ _ERASE_KEYS = ("method", "concept", "erase_from", "preset", "steps", "lr", "eta"
 
 def _erase_config(args: argparse.Namespace) -> dict:
     """The jobs config the erase flags describe (a file's contents with --config)."""
-    from .erasure import ConfigError, load_job_file
+    from .erasure import METHODS, ConfigError, load_job_file
 
     if args.config is not None:
         given = [f"--{key.replace('_', '-')}" for key in _ERASE_KEYS if key != "resume" and getattr(args, key) is not None]
@@ -330,7 +330,7 @@ def _erase_config(args: argparse.Namespace) -> dict:
             config["resume"] = True
         return config
     if args.method is None or args.concept is None:
-        raise UsageError("pass --method (esd-u, esd-x, esd-all, esd-x-strict, salun or spm) and --concept, or --config FILE")
+        raise UsageError(f"pass --method ({', '.join(METHODS)}) and --concept, or --config FILE")
     config = {key: getattr(args, key) for key in _ERASE_KEYS if getattr(args, key) is not None}
     if config.get("dtype") is not None:
         config["dtype"] = DTYPES[config["dtype"]]

@@ -1,0 +1,101 @@
+"""ANT on the tiny pipeline: the trajectory-split loss, the augmentation-enhanced saliency mask, LoRA output."""
+
+import pytest
+import torch
+
+from unsee.erasure import ANTConfig, ANTTrainer, ConfigError, ant_lora_modules
+from unsee.erasure.ant import _top_fraction, augmentation_prompts
+from unsee.testing import tiny_sd_pipeline
+
+TINY = dict(ddim_steps=4, before_step=2, saliency_iterations=1, saliency_seeds=[0], saliency_prompts=["circle"])
+
+
+def _train(steps=1, **settings):
+    pipe = tiny_sd_pipeline()
+    originals = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    seen = {}
+
+    def progress(event):
+        if event.phase == "train" and event.step == event.total:
+            seen.update({n: p.detach().clone() for n, p in pipe.unet.named_parameters()})
+
+    config = ANTConfig(concept="circle", steps=steps, **{**TINY, **settings})
+    trainer = ANTTrainer(config)
+    adapter = trainer.train(pipe, progress=progress)
+    return pipe, trainer, adapter, originals, seen
+
+
+def test_top_fraction_keeps_the_largest_magnitudes():
+    grad = torch.tensor([[0.1, -5.0, 0.3], [2.0, -0.2, 0.0]])
+    kept = _top_fraction(grad, 0.5)
+    assert kept.tolist() == [[False, True, True], [True, False, False]]  # |g| 5, 2, 0.3: the official code keeps the others
+    assert not _top_fraction(None, 0.5).any()
+
+
+def test_initial_loss_is_the_erase_term_alone():
+    # at the original weights the student is the teacher: the enhance term (eta = 1) and the unconditional terms
+    # are exactly 0, and the erase term is (1 + eta)^2 * mean((eps(c) - eps(""))^2) on the same trajectory
+    losses = {}
+    for eta, enhance in [(1.0, 1.0), (1.0, 0.0), (2.0, 0.0)]:
+        _, _, adapter, _, _ = _train(kind="lora", eta=eta, enhance_weight=enhance, uncond_weight=0.7)
+        losses[eta, enhance] = adapter.training["loss_first"]
+    assert losses[1.0, 1.0] > 0
+    assert losses[1.0, 1.0] == pytest.approx(losses[1.0, 0.0], rel=1e-6)
+    assert losses[2.0, 0.0] == pytest.approx(losses[1.0, 0.0] * 9 / 4, rel=1e-5)
+
+
+def test_single_augmentation_mask_keeps_half_of_each_tensor_and_the_rest_stays_bit_identical():
+    pipe, trainer, adapter, originals, seen = _train(steps=3, lr=1e-2)
+    with_grad = 0
+    for name, mask in trainer.mask.items():
+        if mask.any():
+            with_grad += 1
+            assert int(mask.sum()) == int(0.5 * mask.numel()), name  # per tensor, as the paper's mask
+            key = f"unet.{name}"
+            assert key in adapter.tensors and not adapter.tensors[key][~mask].any()
+        assert torch.equal(seen[name][~mask], originals[name][~mask]), name
+    assert with_grad > 0.5 * len(trainer.mask)
+    assert any(not torch.equal(seen[n], originals[n]) for n in trainer.mask)
+    assert all(torch.equal(p, originals[n]) for n, p in pipe.unet.named_parameters())  # the pipeline is handed back
+    pipe.load_erasure(adapter)
+    pipe.unload_erasure()
+
+
+def test_mask_is_the_intersection_over_augmentations():
+    _, one, _, _, _ = _train(steps=1)
+    _, many, _, _, _ = _train(steps=1, saliency_seeds=[0, 1], saliency_prompts=["circle", "ball"])
+    kept_one = sum(int(m.sum()) for m in one.mask.values())
+    kept_many = sum(int(m.sum()) for m in many.mask.values())
+    assert 0 < kept_many < kept_one
+    for name, mask in many.mask.items():
+        assert not (mask & ~one.mask[name]).any()  # every augmentation's mask contains the intersection
+
+
+def test_lora_adapter_covers_the_blocks_and_loads_back():
+    pipe, _, adapter, originals, _ = _train(steps=2, kind="lora", rank=2, lr=1e-2)
+    modules = ant_lora_modules(pipe.unet)
+    assert modules and all(m.split(".")[0] in ("down_blocks", "mid_block", "up_blocks") for m in modules)
+    assert adapter.kind == "lora"
+    assert all(torch.equal(p, originals[n]) for n, p in pipe.unet.named_parameters())
+    generator = torch.Generator().manual_seed(0)
+    before = pipe("a circle", num_inference_steps=2, generator=generator, output_type="np").images
+    pipe.load_erasure(adapter)
+    after = pipe("a circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    pipe.unload_erasure()
+    assert not (before == after).all()
+
+
+def test_augmentation_prompts_default_to_the_concept_and_its_synonyms():
+    assert augmentation_prompts(ANTConfig(concept="circle")) == ["circle", "ball", "disc"]
+    assert augmentation_prompts(ANTConfig(concept="Van Gogh")) == ["Van Gogh"]
+    assert augmentation_prompts(ANTConfig(concept="circle", saliency_prompts=["a"])) == ["a"]
+
+
+@pytest.mark.parametrize("settings, field", [
+    (dict(before_step=0), "before_step"), (dict(before_step=50), "before_step"), (dict(kind="full"), "kind"),
+    (dict(mask_fraction=0), "mask_fraction"), (dict(saliency_seeds=[]), "saliency_seeds"),
+    (dict(saliency_prompts="circle"), "saliency_prompts"), (dict(eta=-1), "eta"), (dict(parameters="x"), "parameters"),
+])
+def test_invalid_config_fails_before_any_work(settings, field):
+    with pytest.raises(ConfigError, match=field):
+        ANTConfig(concept="circle", **settings)
