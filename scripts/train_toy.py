@@ -346,7 +346,7 @@ def main() -> None:
                         help="weight of the 2x-downsampled reconstruction term (0: off)")
     parser.add_argument("--judge-steps", type=int, default=800)
     parser.add_argument("--judge-batch", type=int, default=96)
-    parser.add_argument("--unet-steps", type=int, default=6000)
+    parser.add_argument("--unet-steps", type=int, default=7000)
     parser.add_argument("--unet-batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument("--warmup", type=int, default=200)
