@@ -63,17 +63,17 @@ from .base import (
     OUTPUT_KINDS,
     ConfigError,
     Conditioning,
-    Trainer,
     TrainerConfig,
     _is_int,
     _is_number,
     ddim_sample,
     encode_prompts,
+    gaussian_lora_config,
     mse,
     predict,
 )
-from .esd import ESD_VARIANTS, esd_parameters
-from .salun import pack_mask, unpack_mask
+from .esd import ESD_VARIANTS
+from .salun import SaliencyMaskedTrainer, pack_mask, unpack_mask
 
 __all__ = ["ANTConfig", "ANTTrainer", "ant_lora_modules", "augmentation_prompts"]
 
@@ -178,7 +178,7 @@ def ant_lora_modules(unet: nn.Module) -> list[str]:
             if isinstance(module, (nn.Linear, nn.Conv2d)) and name.split(".")[0] in ("down_blocks", "mid_block", "up_blocks")]
 
 
-class ANTTrainer(Trainer):
+class ANTTrainer(SaliencyMaskedTrainer):
     """Trains an ANT adapter. ``ANTTrainer(ANTConfig(concept="circle")).train(pipe)``.
 
     With ``kind="delta"``, ``mask`` holds the saliency mask after ``train`` (parameter name -> bool tensor).
@@ -186,23 +186,9 @@ class ANTTrainer(Trainer):
 
     config_class: ClassVar[type] = ANTConfig
     config: ANTConfig
-    drop_unchanged: ClassVar[bool] = True  # tensors the mask does not touch are left out of the adapter
-
-    def candidates(self, unet: nn.Module) -> dict[str, nn.Parameter]:
-        """The parameters the saliency mask ranks."""
-        if self.config.parameters == "full":
-            return dict(unet.named_parameters())
-        return esd_parameters(unet, self.config.parameters)
-
-    def select_parameters(self, unet: nn.Module) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.candidates(unet).items() if bool(self.mask[n].any())}
 
     def lora_config(self, unet: nn.Module) -> Any:
-        from peft import LoraConfig
-
-        rank = self.config.rank
-        alpha = self.config.lora_alpha if self.config.lora_alpha is not None else rank
-        return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=ant_lora_modules(unet))
+        return gaussian_lora_config(self.config.rank, self.config.lora_alpha, ant_lora_modules(unet))
 
     def setup(self, pipe: Any, state: Optional[dict] = None) -> None:
         config = self.config

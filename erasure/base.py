@@ -262,6 +262,15 @@ def denoising_target(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: t
     raise TrainingError(f"unsupported prediction_type {kind!r}")
 
 
+def gaussian_lora_config(rank: int, lora_alpha: Optional[float], modules: Sequence[str]) -> Any:
+    """A peft ``LoraConfig`` on ``modules`` with Gaussian-initialised down weights (the adapter starts as the
+    identity: up is zero); ``lora_alpha`` None means alpha = rank (scaling 1)."""
+    from peft import LoraConfig
+
+    alpha = lora_alpha if lora_alpha is not None else rank
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(modules))
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ from .base import (
     _is_number,
     ddim_sample,
     encode_prompts,
+    gaussian_lora_config,
     mse,
     predict,
 )
@@ -180,12 +181,7 @@ class ESDTrainer(Trainer):
         return esd_parameters(unet, self.config.variant)
 
     def lora_config(self, unet: nn.Module) -> Any:
-        from peft import LoraConfig
-
-        rank = self.config.rank
-        alpha = self.config.lora_alpha if self.config.lora_alpha is not None else rank
-        return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                          target_modules=esd_modules(unet, self.config.variant))
+        return gaussian_lora_config(self.config.rank, self.config.lora_alpha, esd_modules(unet, self.config.variant))
 
     def setup(self, pipe: Any, state: Optional[dict] = None) -> None:
         config = self.config

@@ -252,15 +252,14 @@ def load_mask(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 
 
-class SalUnTrainer(Trainer):
-    """Trains a SalUn adapter. ``SalUnTrainer(SalUnConfig(concept="circle")).train(pipe)``.
+class SaliencyMaskedTrainer(Trainer):
+    """A trainer whose full-weight training is restricted by a saliency mask its ``setup`` computes (SalUn, ANT).
 
-    After ``train``, ``mask`` holds the saliency mask (parameter name -> bool tensor); the base class's
-    :meth:`~unsee.erasure.base.Trainer.adjust_gradients` applies it to every step's gradients.
+    The config has a ``parameters`` field (``"full"`` or an ESD variant): the candidates the mask ranks. Only
+    tensors with at least one salient entry are trained (and copied); the base class's
+    :meth:`~unsee.erasure.base.Trainer.adjust_gradients` applies ``mask`` to every step's gradients.
     """
 
-    config_class: ClassVar[type] = SalUnConfig
-    config: SalUnConfig
     drop_unchanged: ClassVar[bool] = True  # tensors the mask does not touch are left out of the adapter
 
     def candidates(self, unet: nn.Module) -> dict[str, nn.Parameter]:
@@ -270,8 +269,17 @@ class SalUnTrainer(Trainer):
         return esd_parameters(unet, self.config.parameters)
 
     def select_parameters(self, unet: nn.Module) -> dict[str, nn.Parameter]:
-        # only tensors with at least one salient entry are trained (and copied)
         return {n: p for n, p in self.candidates(unet).items() if bool(self.mask[n].any())}
+
+
+class SalUnTrainer(SaliencyMaskedTrainer):
+    """Trains a SalUn adapter. ``SalUnTrainer(SalUnConfig(concept="circle")).train(pipe)``.
+
+    After ``train``, ``mask`` holds the saliency mask (parameter name -> bool tensor).
+    """
+
+    config_class: ClassVar[type] = SalUnConfig
+    config: SalUnConfig
 
     # -- setup: data and mask --------------------------------------------------------------------
 
