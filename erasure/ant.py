@@ -73,7 +73,7 @@ from .base import (
     predict,
 )
 from .esd import ESD_VARIANTS
-from .salun import SaliencyMaskedTrainer, pack_mask, unpack_mask
+from .salun import SaliencyMaskedTrainer, pack_mask, top_fraction_mask, unpack_mask
 
 __all__ = ["ANTConfig", "ANTTrainer", "ant_lora_modules", "augmentation_prompts"]
 
@@ -261,7 +261,7 @@ class ANTTrainer(SaliencyMaskedTrainer):
                     for _ in range(config.saliency_iterations):
                         self.loss(self.unet, augmentations.rows([row]), generator).backward()
                     for name, param in candidates.items():
-                        mask[name] &= _top_fraction(param.grad, config.mask_fraction).cpu()
+                        mask[name] &= top_fraction_mask(param.grad, config.mask_fraction).cpu()
                     done += 1
                     self.report("setup", done, total, message="computing the saliency mask")
         finally:
@@ -280,14 +280,3 @@ class ANTTrainer(SaliencyMaskedTrainer):
             summary["mask_kept"] = sum(int(m.sum()) for m in self.mask.values())
         return summary
 
-
-def _top_fraction(grad: Optional[torch.Tensor], fraction: float) -> torch.Tensor:
-    """Bool mask of the ``floor(fraction * n)`` entries of ``grad`` with the largest magnitude (none if no grad)."""
-    if grad is None:
-        return torch.zeros((), dtype=torch.bool)
-    flat = grad.detach().abs().float().flatten()
-    keep = int(fraction * flat.numel())
-    chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    if keep:
-        chosen[torch.topk(flat, keep, sorted=False).indices] = True
-    return chosen.reshape(grad.shape)

@@ -70,8 +70,8 @@ from .base import (
 )
 from .esd import ESD_VARIANTS, esd_parameters
 
-__all__ = ["SalUnConfig", "SalUnTrainer", "saliency_prompts", "relabel_prompt", "pack_mask", "unpack_mask",
-           "save_mask", "load_mask"]
+__all__ = ["SalUnConfig", "SalUnTrainer", "SaliencyMaskedTrainer", "saliency_prompts", "relabel_prompt",
+           "top_fraction_mask", "pack_mask", "unpack_mask", "save_mask", "load_mask"]
 
 PARAMETER_SETS = ("full", *ESD_VARIANTS)
 
@@ -190,6 +190,19 @@ def saliency_prompts(config: SalUnConfig) -> tuple[list[str], list[str], list[st
         return [prompts[i % len(prompts)] for i in range(n)]
 
     return cycle(forget, config.num_forget), cycle(relabel, config.num_forget), cycle(retain, config.num_retain)
+
+
+def top_fraction_mask(scores: Optional[torch.Tensor], fraction: float) -> torch.Tensor:
+    """Bool mask (shaped like ``scores``) of exactly ``floor(fraction * n)`` entries with the largest magnitude,
+    ties broken by ``topk``; all False when ``scores`` is None (a tensor that got no gradient)."""
+    if scores is None:
+        return torch.zeros((), dtype=torch.bool)
+    flat = scores.detach().abs().float().flatten()
+    keep = int(math.floor(fraction * flat.numel()))
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    if keep:
+        chosen[torch.topk(flat, keep, sorted=False).indices] = True
+    return chosen.reshape(scores.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,10 +376,7 @@ class SalUnTrainer(SaliencyMaskedTrainer):
             for param in candidates.values():
                 param.requires_grad_(False)
                 param.grad = None
-        flat = torch.cat(scores)
-        keep = int(math.floor(config.mask_fraction * flat.numel()))
-        chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-        chosen[torch.topk(flat, keep, sorted=False).indices] = True  # exactly `keep` entries, ties broken by topk
+        chosen = top_fraction_mask(torch.cat(scores), config.mask_fraction)  # ranked over all candidates at once
         mask, offset = {}, 0
         for name, param in candidates.items():
             mask[name] = chosen[offset: offset + param.numel()].reshape(param.shape).cpu()

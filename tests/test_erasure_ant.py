@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from unsee.erasure import ANTConfig, ANTTrainer, ConfigError, ant_lora_modules
-from unsee.erasure.ant import _top_fraction, augmentation_prompts
+from unsee.erasure.ant import augmentation_prompts
+from unsee.erasure.salun import top_fraction_mask
 from unsee.testing import tiny_sd_pipeline
 
 TINY = dict(ddim_steps=4, before_step=2, saliency_iterations=1, saliency_seeds=[0], saliency_prompts=["circle"])
@@ -27,9 +28,9 @@ def _train(steps=1, **settings):
 
 def test_top_fraction_keeps_the_largest_magnitudes():
     grad = torch.tensor([[0.1, -5.0, 0.3], [2.0, -0.2, 0.0]])
-    kept = _top_fraction(grad, 0.5)
+    kept = top_fraction_mask(grad, 0.5)
     assert kept.tolist() == [[False, True, True], [True, False, False]]  # |g| 5, 2, 0.3: the official code keeps the others
-    assert not _top_fraction(None, 0.5).any()
+    assert not top_fraction_mask(None, 0.5).any()
 
 
 def test_initial_loss_is_the_erase_term_alone():
