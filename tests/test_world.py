@@ -37,6 +37,21 @@ def test_world_has_the_promised_variety():
         world.prompt_for(style="striped", background="gray")
 
 
+def test_placement_is_random_within_the_documented_ranges_and_inside_the_frame():
+    rng = np.random.default_rng(7)
+    scenes = [world.sample_scene(rng, shape="star", background="black", color="red", style="solid") for _ in range(300)]
+    sizes, angles = np.array([s.size for s in scenes]), np.array([s.angle for s in scenes])
+    offsets = np.array([(s.cx - world.IMAGE_SIZE / 2, s.cy - world.IMAGE_SIZE / 2) for s in scenes])
+    low, high = world.SIZE_RANGE
+    assert low <= sizes.min() and sizes.max() <= high and sizes.max() - sizes.min() > 0.8 * (high - low)
+    assert np.abs(offsets).max() <= world.POSITION_JITTER and np.abs(offsets).max() > 0.8 * world.POSITION_JITTER
+    assert np.abs(angles).max() <= world.MAX_ROTATION and np.ptp(angles) > 1.6 * world.MAX_ROTATION
+    for scene in scenes[:40]:  # the shape never touches the border: the outermost pixels are background
+        image = world.render(scene)
+        border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+        assert (border == world.BACKGROUND_RGB["black"]).all()
+
+
 def test_tokenizer_round_trip_offline(tmp_path):
     tokenizer = toy.build_tokenizer(world.vocabulary())
     assert tokenizer.model_max_length == toy.MAX_LENGTH
