@@ -246,13 +246,10 @@ class ANTTrainer(SaliencyMaskedTrainer):
     def saliency_mask(self, augmentations: Conditioning) -> dict[str, torch.Tensor]:
         """Per tensor, the top ``mask_fraction`` of ``|grad|`` of the ANT loss, intersected over augmentations."""
         config = self.config
-        candidates = self.candidates(self.unet)
-        mask = {name: torch.ones(p.shape, dtype=torch.bool) for name, p in candidates.items()}
         total = len(augmentations) * len(config.saliency_seeds)
         done = 0
-        for param in candidates.values():
-            param.requires_grad_(True)
-        try:
+        with self.candidate_gradients() as candidates:
+            mask = {name: torch.ones(p.shape, dtype=torch.bool) for name, p in candidates.items()}
             for row in range(len(augmentations)):
                 for seed in config.saliency_seeds:
                     generator = torch.Generator().manual_seed(int(seed))
@@ -264,10 +261,6 @@ class ANTTrainer(SaliencyMaskedTrainer):
                         mask[name] &= top_fraction_mask(param.grad, config.mask_fraction).cpu()
                     done += 1
                     self.report("setup", done, total, message="computing the saliency mask")
-        finally:
-            for param in candidates.values():
-                param.requires_grad_(False)
-                param.grad = None
         return mask
 
     def extra_state(self) -> dict:

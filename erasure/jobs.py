@@ -48,7 +48,7 @@ from typing import Any, Callable, Optional, Union
 from .base import DTYPES, ConfigError, Progress, Trainer, TrainerConfig, TrainingError
 from .presets import preset_settings
 from .esd import ESD_VARIANTS, ESDConfig, ESDTrainer
-from .salun import SalUnConfig, SalUnTrainer, save_mask
+from .salun import SaliencyMaskedTrainer, SalUnConfig, SalUnTrainer, save_mask
 from .spm import SPMConfig, SPMTrainer
 from .advunlearn import AdvUnlearnConfig, AdvUnlearnTrainer
 from .ant import ANTConfig, ANTTrainer
@@ -87,7 +87,8 @@ class Job:
 
     @property
     def mask_path(self) -> Optional[Path]:
-        masked = self.method == "salun" or (self.method == "ant" and getattr(self.config, "kind", None) == "delta")
+        # a saliency-masked trainer (SalUn, ANT) training full weights, i.e. not a LoRA
+        masked = issubclass(METHODS[self.method][0], SaliencyMaskedTrainer) and getattr(self.config, "kind", "delta") == "delta"
         return self.out.with_suffix(".mask.safetensors") if masked else None
 
     def describe(self) -> str:

@@ -40,13 +40,14 @@ paper's SD recipe (alpha 0.5, lr 1e-5, batch 8, 5 epochs over 800 images = 500 s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar, Iterator, Optional, Union
 
 import numpy as np
 import safetensors.torch
@@ -284,6 +285,21 @@ class SaliencyMaskedTrainer(Trainer):
     def select_parameters(self, unet: nn.Module) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.candidates(unet).items() if bool(self.mask[n].any())}
 
+    @contextlib.contextmanager
+    def candidate_gradients(self) -> Iterator[dict[str, nn.Parameter]]:
+        """The UNet's candidates with gradients on and cleared, for the mask's gradient pass; off and cleared
+        again afterwards (also after an error), so the pipeline is left as it was."""
+        candidates = self.candidates(self.unet)
+        for param in candidates.values():
+            param.requires_grad_(True)
+            param.grad = None
+        try:
+            yield candidates
+        finally:
+            for param in candidates.values():
+                param.requires_grad_(False)
+                param.grad = None
+
 
 class SalUnTrainer(SaliencyMaskedTrainer):
     """Trains a SalUn adapter. ``SalUnTrainer(SalUnConfig(concept="circle")).train(pipe)``.
@@ -353,13 +369,9 @@ class SalUnTrainer(SaliencyMaskedTrainer):
     def saliency_mask(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Stage 1: the top ``mask_fraction`` of ``|grad|`` of the forget loss, ranked over all candidates."""
         config = self.config
-        candidates = self.candidates(self.unet)
-        for param in candidates.values():
-            param.requires_grad_(True)
-            param.grad = None
         w = config.mask_guidance
         n = self.forget_latents.shape[0]
-        try:
+        with self.candidate_gradients() as candidates:
             for start in range(0, n, config.batch_size):
                 rows = list(range(start, min(n, start + config.batch_size)))
                 x0 = self.forget_latents[rows]
@@ -372,10 +384,6 @@ class SalUnTrainer(SaliencyMaskedTrainer):
                 self.report("setup", rows[-1] + 1, n, message="computing the saliency mask")
             scores = [(p.grad.detach().abs().float().flatten() if p.grad is not None
                        else torch.zeros(p.numel(), device=p.device)) for p in candidates.values()]
-        finally:
-            for param in candidates.values():
-                param.requires_grad_(False)
-                param.grad = None
         chosen = top_fraction_mask(torch.cat(scores), config.mask_fraction)  # ranked over all candidates at once
         mask, offset = {}, 0
         for name, param in candidates.items():

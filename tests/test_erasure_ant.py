@@ -100,3 +100,15 @@ def test_augmentation_prompts_default_to_the_concept_and_its_synonyms():
 def test_invalid_config_fails_before_any_work(settings, field):
     with pytest.raises(ConfigError, match=field):
         ANTConfig(concept="circle", **settings)
+
+
+def test_jobs_keep_the_mask_next_to_masked_adapters_only(tmp_path):
+    from unsee.erasure import plan_jobs
+
+    jobs, _ = plan_jobs({"out_dir": str(tmp_path), "jobs": [
+        {"method": ["ant", "salun"], "concept": "circle"},
+        {"method": ["ant", "esd-u"], "concept": "red", "kind": "lora"}]})
+    paths = {(job.method, job.config.concept): job.mask_path for job in jobs}
+    assert paths[("ant", "circle")] == tmp_path / "ant-circle.mask.safetensors"
+    assert paths[("salun", "circle")] == tmp_path / "salun-circle.mask.safetensors"
+    assert paths[("ant", "red")] is None and paths[("esd-u", "red")] is None  # LoRA adapters have no mask
