@@ -10,7 +10,9 @@ with ``eps*`` the frozen original model (no gradients), ``eta`` the negative gui
 ``anchor="concept"`` uses ``a = c`` as the official diffusers rewrite does (loss ``eta^2 * ...`` at step 0,
 zero for ``eta = 0``); that rewrite's ``negative_guidance=2`` is the paper's ``eta = 1``.
 ``erase_from`` erases an attribute from one concept ("hat" from "cowboy"): the student and the anchor
-see ``c_from``, the guidance direction is the erased concept's.
+see ``c_from``, the guidance direction is the erased concept's. A list of ``erase_from`` prompts draws one
+per step: erasing "striped" from many prompts that contain it ("a striped green triangle", ...) reaches the
+concept in context, where a small text encoder's embedding of the bare word alone does not.
 
 ``x_t`` is sampled as in the paper: a DDIM run (``ddim_steps`` steps, classifier-free guidance
 ``start_guidance``, prompt ``c`` or ``c_from``) from fresh noise *with the model being trained*, stopped
@@ -43,7 +45,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 from torch import nn
@@ -51,6 +53,7 @@ from torch import nn
 from .base import (
     OUTPUT_KINDS,
     ConfigError,
+    Conditioning,
     Trainer,
     TrainerConfig,
     _is_int,
@@ -76,7 +79,8 @@ class ESDConfig(TrainerConfig):
     Args:
         variant: ``esd-x``, ``esd-u``, ``esd-all`` or ``esd-x-strict`` (see the module docstring). The paper
             uses ESD-x for artistic styles and ESD-u for objects and nudity.
-        erase_from: erase ``concept`` only from this concept ("hat" from "cowboy"); None: everywhere.
+        erase_from: erase ``concept`` only from this concept ("hat" from "cowboy"), or from each of a list of
+            prompts (one drawn per step); None: everywhere.
         eta: negative guidance (paper: 1.0).
         anchor: ``"unconditional"`` (the paper) or ``"concept"`` (the official diffusers rewrite; with it
             ``eta`` = paper eta + 1). With ``erase_from`` the anchor is always ``c_from``.
@@ -88,10 +92,15 @@ class ESDConfig(TrainerConfig):
         resolution: image size of the sampled x_t (None: the pipeline's default, 512 for SD 1.x).
         kind: ``"delta"`` (full-weight deltas of the trained tensors) or ``"lora"``.
         rank, lora_alpha: LoRA rank and alpha (alpha None: equal to the rank, i.e. scaling 1).
+        preserve: prompts whose predictions are kept (not in the paper; empty by default): every step draws one,
+            p, samples its own x_t' (same DDIM run and stop as x_t) and adds ``preserve_weight`` times
+            MSE(eps_theta(x_t', p, t), eps*(x_t', p, t)). Erasing "red" from a small model drags its neighbour
+            "orange" along; preserving orange prompts keeps it. The term is 0 at the first step.
+        preserve_weight: weight of that term (1.0).
     """
 
     variant: str = "esd-u"
-    erase_from: Optional[str] = None
+    erase_from: Union[str, tuple[str, ...], None] = None
     eta: float = 1.0
     anchor: str = "unconditional"
     steps: int = 1000
@@ -104,17 +113,32 @@ class ESDConfig(TrainerConfig):
     kind: str = "delta"
     rank: int = 4
     lora_alpha: Optional[float] = None
+    preserve: tuple[str, ...] = ()
+    preserve_weight: float = 1.0
 
     @property
     def method(self) -> str:  # type: ignore[override]
         return self.variant
 
+    @property
+    def erase_from_prompts(self) -> tuple[str, ...]:
+        """``erase_from`` as a tuple of prompts (empty: erase everywhere)."""
+        if self.erase_from is None:
+            return ()
+        return (self.erase_from,) if isinstance(self.erase_from, str) else tuple(self.erase_from)
+
     def validate(self) -> None:
         if self.variant not in ESD_VARIANTS:
             raise ConfigError(f"unknown ESD variant {self.variant!r}; choose one of {', '.join(ESD_VARIANTS)}")
         super().validate()
-        if self.erase_from is not None and (not isinstance(self.erase_from, str) or not self.erase_from.strip()):
-            raise ConfigError(f"erase_from must be a non-empty text or None, got {self.erase_from!r}")
+        if isinstance(self.erase_from, (list, tuple)):
+            if not self.erase_from or not all(isinstance(p, str) and p.strip() for p in self.erase_from):
+                raise ConfigError(f"erase_from must be a non-empty text, a non-empty list of them, or None, "
+                                  f"got {self.erase_from!r}")
+            self.erase_from = tuple(self.erase_from)
+        elif self.erase_from is not None and (not isinstance(self.erase_from, str) or not self.erase_from.strip()):
+            raise ConfigError(f"erase_from must be a non-empty text, a non-empty list of them, or None, "
+                              f"got {self.erase_from!r}")
         if not _is_number(self.eta):
             raise ConfigError(f"eta (negative guidance) must be a finite number, got {self.eta!r}")
         if self.anchor not in ANCHORS:
@@ -135,6 +159,12 @@ class ESDConfig(TrainerConfig):
             raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
         if self.lora_alpha is not None and (not _is_number(self.lora_alpha) or self.lora_alpha == 0):
             raise ConfigError(f"lora_alpha must be a non-zero number or None, got {self.lora_alpha!r}")
+        if isinstance(self.preserve, str) or not isinstance(self.preserve, (list, tuple)) or not all(
+                isinstance(p, str) and p.strip() for p in self.preserve):
+            raise ConfigError(f"preserve must be a list of non-empty prompts, got {self.preserve!r}")
+        self.preserve = tuple(self.preserve)
+        if not _is_number(self.preserve_weight) or self.preserve_weight < 0:
+            raise ConfigError(f"preserve_weight must be a number >= 0, got {self.preserve_weight!r}")
 
 
 def esd_modules(unet: nn.Module, variant: str) -> list[str]:
@@ -187,44 +217,71 @@ class ESDTrainer(Trainer):
         config = self.config
         height, width = self.image_size(pipe)
         self.latent_shape = (config.batch_size, *self.latent_size(pipe))
-        # rows: the erased concept c, the empty prompt, and c_from when erasing from another concept
-        prompts = [config.concept, ""] + ([config.erase_from] if config.erase_from is not None else [])
-        self.conditioning = encode_prompts(pipe, prompts, height, width)
-        self.cond_erase = self.conditioning.rows([0])
-        self.cond_empty = self.conditioning.rows([1])
-        self.cond_student = self.conditioning.rows([2]) if config.erase_from is not None else self.cond_erase
+        # rows: the erased concept c, the empty prompt, then each c_from when erasing from other prompts
+        froms = config.erase_from_prompts
+        conditioning = encode_prompts(pipe, [config.concept, ""] + list(froms), height, width)
+        self.cond_erase = conditioning.rows([0])
+        self.cond_empty = conditioning.rows([1])
+        self.cond_from = [conditioning.rows([2 + i]) for i in range(len(froms))]
+        kept = encode_prompts(pipe, config.preserve, height, width) if config.preserve else None
+        self.cond_preserve = [kept.rows([i]) for i in range(len(config.preserve))] if kept is not None else []
         self.scheduler = self.ddim_scheduler(config.ddim_steps)
 
-    def sample_xt(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw (x_t, t): fresh noise denoised for a random number k of the DDIM steps, t = timesteps[k]."""
+    def draw(self, choices: list[Conditioning]) -> Conditioning:
+        """One of ``choices`` at random (no random number is drawn when there is only one)."""
+        return choices[0] if len(choices) == 1 else choices[int(self.randint(0, len(choices)))]
+
+    def sample_xt(self, cond_student: Conditioning, cond_keep: Optional[Conditioning] = None
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        """Draw (x_t, x_keep, t): fresh noise denoised for a random number k of the DDIM steps, t = timesteps[k];
+        x_t from the student's prompt, x_keep (None without ``cond_keep``) from the preserved prompt, in one run."""
         k = int(self.randint(0, self.config.ddim_steps))
-        noise = self.randn(*self.latent_shape) * self.scheduler.init_noise_sigma
+        batch = self.latent_shape[0]
+        rows = [cond_student] + ([cond_keep] if cond_keep is not None else [])
+        noise = self.randn(batch * len(rows), *self.latent_shape[1:]) * self.scheduler.init_noise_sigma
         sampler = self.frozen_teacher() if self.config.sample_with == "frozen" else contextlib.nullcontext(self.unet)
         with sampler as unet:
-            x_t = ddim_sample(unet, self.scheduler, noise, self.cond_student, self.cond_empty,
-                              self.config.start_guidance, stop_at=k)
-        return x_t, self.scheduler.timesteps[k]
+            x = ddim_sample(unet, self.scheduler, noise, Conditioning.cat([c.repeat(batch) for c in rows]),
+                            self.cond_empty.repeat(len(noise)), self.config.start_guidance, stop_at=k)
+        return x[:batch], (x[batch:] if cond_keep is not None else None), self.scheduler.timesteps[k]
 
-    def loss(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The ESD loss at (x_t, t): student on c (or c_from) against the negatively guided teacher."""
+    def loss(self, x_t: torch.Tensor, t: torch.Tensor, cond_student: Optional[Conditioning] = None,
+             x_keep: Optional[torch.Tensor] = None, cond_keep: Optional[Conditioning] = None) -> torch.Tensor:
+        """The ESD loss at (x_t, t): student on c (or ``cond_student``, a c_from) against the negatively guided
+        teacher; with ``x_keep``, plus ``preserve_weight`` times the student's error on the preserved prompt."""
         config = self.config
         n = x_t.shape[0]
+        erasing_from = cond_student is not None and cond_student is not self.cond_erase
+        student_cond = cond_student if erasing_from else self.cond_erase
+        rows = Conditioning.cat([self.cond_erase, self.cond_empty] + ([student_cond] if erasing_from else []))
+        teacher_x, teacher_cond = x_t.repeat(len(rows), 1, 1, 1), rows.repeat(n)
+        student_x, student_cond = x_t, student_cond.repeat(n)
+        if x_keep is not None:  # the preserved prompt's rows ride along in both batched calls
+            teacher_x, student_x = torch.cat([teacher_x, x_keep]), torch.cat([student_x, x_keep])
+            teacher_cond = Conditioning.cat([teacher_cond, cond_keep.repeat(n)])
+            student_cond = Conditioning.cat([student_cond, cond_keep.repeat(n)])
         with torch.no_grad(), self.frozen_teacher() as teacher:
-            # one batched call: rows [c, "", (c_from)] for each sample
-            out = predict(teacher, x_t.repeat(len(self.conditioning), 1, 1, 1), t, self.conditioning.repeat(n))
-            outs = out.chunk(len(self.conditioning))
+            # one batched call: rows [c, "", (c_from)] at x_t, then the preserved prompt at x_keep
+            out = predict(teacher, teacher_x, t, teacher_cond)
+            outs = out[: n * len(rows)].chunk(len(rows))
             eps_c, eps_empty = outs[0], outs[1]
-            if config.erase_from is not None:
+            if erasing_from:
                 anchor = outs[2]
             else:
                 anchor = eps_empty if config.anchor == "unconditional" else eps_c
             target = anchor - config.eta * (eps_c - eps_empty)
-        student = predict(self.model, x_t, t, self.cond_student.repeat(n))
-        return mse(student, target)
+            kept = out[n * len(rows):]
+        student = predict(self.model, student_x, t, student_cond)
+        loss = mse(student[:n], target)
+        if x_keep is not None:
+            loss = loss + config.preserve_weight * mse(student[n:], kept)
+        return loss
 
     def training_step(self, step: int) -> torch.Tensor:
-        x_t, t = self.sample_xt()
-        return self.loss(x_t, t)
+        cond_student = self.draw(self.cond_from) if self.cond_from else self.cond_erase
+        cond_keep = self.draw(self.cond_preserve) if self.cond_preserve else None
+        x_t, x_keep, t = self.sample_xt(cond_student, cond_keep)
+        return self.loss(x_t, t, cond_student, x_keep, cond_keep)
 
     def training_summary(self) -> dict:
         return {"variant": self.config.variant, "erase_from": self.config.erase_from}

@@ -39,8 +39,9 @@ def _initial_loss_and_expected(eta, factor, dtype=torch.float64, **config):
     calls, handle = _capture_unet_calls(pipe.unet)
     adapter = ESDTrainer(ESDConfig(concept="circle", variant="esd-x", eta=eta, lr=1e-4, **FAST, **config)).train(pipe)
     handle.remove()
-    x_t, t, rows = calls[-1]  # the last call of step 0 is the student's, on x_t
-    assert rows == 1
+    x_t, t, rows = calls[-1]  # the last call of step 0 is the student's, on x_t (then x_keep when preserving)
+    assert rows == (2 if config.get("preserve") else 1)
+    x_t = x_t[:1]
     eps_c, eps_empty = _reference_eps(pipe, x_t, t, ["circle", ""])  # weights were restored after training
     expected = factor(eta) * torch.mean((eps_c - eps_empty) ** 2).item()
     return adapter.training["losses"][0], expected
@@ -69,10 +70,29 @@ def test_official_rewrite_anchor_is_eta_squared():
     assert loss == pytest.approx(expected, rel=1e-6)
 
 
-def test_erase_from_initial_loss_is_eta_squared():
-    loss, expected = _initial_loss_and_expected(1.5, lambda e: e ** 2, erase_from="red circle")
+@pytest.mark.parametrize("erase_from", ["red circle", ["red circle", "a blue circle", "circle on black"]])
+def test_erase_from_initial_loss_is_eta_squared(erase_from):
+    loss, expected = _initial_loss_and_expected(1.5, lambda e: e ** 2, erase_from=erase_from)
     assert expected > 0
     assert loss == pytest.approx(expected, rel=1e-6)
+
+
+def test_erase_from_a_list_draws_one_prompt_per_step():
+    pipe = tiny_sd_pipeline()
+    froms = ["red circle", "a blue circle", "circle on black"]
+    embeds, _ = pipe.encode_prompt(froms, "cpu", 1, False)
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["encoder_hidden_states"][0]) if kw["encoder_hidden_states"].shape[0] == 1
+        and torch.is_grad_enabled() else None, with_kwargs=True)
+    ESDTrainer(ESDConfig(concept="circle", variant="esd-x", lr=1e-4, steps=12, ddim_steps=2, erase_from=froms)).train(pipe)
+    hook.remove()
+    used = {next(i for i in range(3) if torch.equal(e, embeds[i])) for e in seen}  # the student's rows
+    assert len(seen) == 12 and used == {0, 1, 2}
+    assert ESDConfig(concept="circle", erase_from=["a", "b"]).erase_from == ("a", "b")
+    for bad in ([], ["a", ""], [3]):
+        with pytest.raises(ConfigError, match="erase_from must be"):
+            ESDConfig(concept="circle", erase_from=bad)
 
 
 def _expected_modules(unet, keep):
@@ -220,3 +240,30 @@ def test_esd_config_defaults_are_the_papers():
     assert config.anchor == "unconditional" and config.sample_with == "trained"
     with pytest.raises(ConfigError, match="anchor"):
         ESDConfig(concept="circle", anchor="cat")
+
+
+def test_preserved_prompts_add_nothing_at_step_zero_and_hold_their_predictions():
+    # the preserve term compares student and teacher on the preserved prompts: 0 while they are the same weights
+    loss, expected = _initial_loss_and_expected(1.0, lambda e: (1 + e) ** 2, preserve=["square", "a red star"])
+    assert loss == pytest.approx(expected, rel=1e-6)
+    pipe = tiny_sd_pipeline().to(dtype=torch.float64)
+
+    # trained longer, the preserve term keeps "square" closer to the original model
+    torch.manual_seed(0)
+    size = pipe.unet.config.sample_size
+    x_t = torch.randn(1, pipe.unet.config.in_channels, size, size, dtype=torch.float64)
+    (original,) = _reference_eps(pipe, x_t, 500, ["square"])
+
+    def drift(weight):
+        config = ESDConfig(concept="circle", variant="esd-x", lr=1e-3, steps=20, ddim_steps=3, preserve=["square"],
+                           preserve_weight=weight)
+        name = pipe.load_erasure(ESDTrainer(config).train(pipe))
+        (after,) = _reference_eps(pipe, x_t, 500, ["square"])
+        pipe.unload_erasure(name)
+        return torch.mean((after - original) ** 2).item()
+
+    assert drift(1.0) < 0.5 * drift(0.0)
+    with pytest.raises(ConfigError, match="preserve must be"):
+        ESDConfig(concept="circle", preserve="square")
+    with pytest.raises(ConfigError, match="preserve_weight"):
+        ESDConfig(concept="circle", preserve=["square"], preserve_weight=-1)
