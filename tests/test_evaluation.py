@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 import unsee
@@ -50,3 +51,17 @@ def test_eval_cli_rejects_unknown_concepts(tmp_path, capsys):
     assert main(["eval", "--concept", "zebra", "--model", str(tmp_path)]) == 2
     assert "not a concept" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path)]) == 2
+
+
+def test_generate_images_broadcasts_a_negative_prompt_text(tiny_sd):
+    from unsee.evaluation import generate_images
+
+    prompts = ["a red star", "a blue star", "a green star"]
+    common = dict(seed=3, batch_size=2, num_inference_steps=2)
+    as_text = generate_images(tiny_sd, prompts, negative_prompt="circle", **common)
+    as_list = generate_images(tiny_sd, prompts, negative_prompt=["circle"] * 3, **common)
+    without = generate_images(tiny_sd, prompts, **common)
+    assert len(as_text) == 3
+    same = [np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(as_text, as_list)]
+    assert all(same)
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(as_text, without))

@@ -56,11 +56,17 @@ def default_judge() -> JudgeFn:
 
 
 def generate_images(pipe, prompts: Sequence[str], seed: int = 0, batch_size: int = 8, **pipe_kwargs: Any) -> list[Image.Image]:
-    """One image per prompt, in batches, from one seeded generator (reproducible for a seed)."""
+    """One image per prompt, in batches, from one seeded generator (reproducible for a seed).
+
+    A ``negative_prompt`` text applies to every prompt; a list gives one per prompt."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    negative = pipe_kwargs.pop("negative_prompt", None)
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
+        if negative is not None:  # diffusers wants one negative per prompt when prompts are a list
+            pipe_kwargs["negative_prompt"] = [negative] * len(batch) if isinstance(negative, str) else \
+                list(negative[start : start + batch_size])
         images.extend(pipe(batch, generator=generator, output_type="pil", **pipe_kwargs).images)
     return images
 
