@@ -92,7 +92,11 @@ class Job:
         return self.out.with_suffix(".mask.safetensors") if masked else None
 
     def describe(self) -> str:
-        extra = f" from {self.config.erase_from!r}" if getattr(self.config, "erase_from", None) else ""
+        erase_from = getattr(self.config, "erase_from", None)
+        if isinstance(erase_from, tuple):
+            extra = f" in {len(erase_from)} prompts"
+        else:
+            extra = f" from {erase_from!r}" if erase_from else ""
         return f"{self.method} {self.config.concept!r}{extra}"
 
 
@@ -212,7 +216,7 @@ def plan_jobs(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Optiona
                 raise ConfigError(f"{where}: unknown method {method!r}; choose one of {', '.join(METHODS)}")
             fields = _config_fields(METHODS[method][1])
             try:
-                settings = preset_settings(merged.get("preset"), method, str(merged.get("model", "toy")))
+                settings = preset_settings(merged.get("preset"), method, str(merged.get("model", "toy")), concept)
             except ConfigError as error:
                 raise ConfigError(f"{where}: {error}") from None
             for key, value in merged.items():
@@ -231,8 +235,9 @@ def plan_jobs(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Optiona
             out = merged.get("out")
             if out is None:
                 name = f"{method}-{_slug(str(concept))}"
-                if getattr(job_config, "erase_from", None):
-                    name += f"-from-{_slug(job_config.erase_from)}"
+                erase_from = getattr(job_config, "erase_from", None)
+                if isinstance(erase_from, str):  # a list of prompts (the toy preset's context) names nothing new
+                    name += f"-from-{_slug(erase_from)}"
                 out = out_dir / f"{name}.safetensors"
             out = Path(str(out))
             if out.suffix != ".safetensors":
@@ -388,7 +393,8 @@ def run_jobs(
             if job.grid and not hasattr(job_pipe, "load_erasure"):
                 log(f"{job.describe()}: no before/after grid (the pipeline has no load_erasure; use unsee.load_pipeline)")
             elif job.grid:
-                concept = getattr(job.config, "erase_from", None) or job.config.concept
+                erase_from = getattr(job.config, "erase_from", None)
+                concept = erase_from if isinstance(erase_from, str) else job.config.concept
                 image = before_after_grid(job_pipe, adapter, grid_prompts(concept, job.grid, job.config.seed),
                                           seed=job.config.seed)
                 tmp = job.grid_path.with_name(f".{job.grid_path.name}.tmp")

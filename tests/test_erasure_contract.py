@@ -109,6 +109,29 @@ def test_job_presets_toy_for_the_toy_model_paper_otherwise_and_flags_win(tmp_pat
         plan_jobs({"method": "esd-u", "concept": "circle", "preset": "fast"})
 
 
+def test_toy_preset_puts_esd_in_the_worlds_context(tmp_path):
+    from unsee import world
+    from unsee.erasure import preset_settings
+
+    settings = preset_settings("toy", "esd-x", concept="striped")
+    assert len(settings["erase_from"]) == 16 and len(settings["preserve"]) == 10
+    assert all(world.parse_prompt(p).get("style") == "striped" for p in settings["erase_from"])
+    assert all(world.parse_prompt(p).get("style") == "solid" for p in settings["preserve"])
+    assert "erase_from" not in preset_settings("toy", "esd-x", concept="a cat")  # not a world concept
+    assert "erase_from" not in preset_settings("toy", "salun", concept="circle")
+    assert "erase_from" not in preset_settings("paper", "esd-x", concept="circle")
+    # a job's own erase_from wins over the preset's; the preset's prompt list adds nothing to the file name
+    assert preset_settings("toy", "esd-x", concept="red")["lr"] != settings["lr"]  # by attribute
+    assert "erase_from" not in preset_settings("toy", "esd-x", concept="red")
+    (job,), _ = plan_jobs({"method": "esd-x", "concept": "striped", "out_dir": str(tmp_path)})
+    assert job.config.erase_from == tuple(settings["erase_from"]) and job.config.lr == settings["lr"]
+    assert job.out.name == "esd-x-striped.safetensors"
+    (own,), _ = plan_jobs({"method": "esd-x", "concept": "striped", "erase_from": "star", "lr": 1e-3,
+                           "out_dir": str(tmp_path)})
+    assert (own.config.erase_from, own.config.lr) == ("star", 1e-3)
+    assert own.out.name == "esd-x-striped-from-star.safetensors"
+
+
 # ------------------------------------------------------------------------------ NaN and checkpoints
 
 FAST = dict(concept="circle", variant="esd-x", lr=1e-2, ddim_steps=3, checkpoint_every=2)
