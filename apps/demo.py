@@ -202,6 +202,8 @@ class DemoApp:
         self.max_steps = max_steps
         self._stop = threading.Event()
         self._model_lock = threading.Lock()  # the queue runs one model job at a time; this guards direct calls
+        if model == "toy":
+            self._add_example_adapters()
 
     # -- model -----------------------------------------------------------------------------------
 
@@ -234,6 +236,8 @@ class DemoApp:
         with self._model_lock:
             pipe = self._load(target)
             self.pipe, self.model = pipe, text.strip()
+            if self.model == "toy":
+                self._add_example_adapters()
         return f"Loaded {self.model} ({type(pipe).__name__})."
 
     def _judge(self) -> Optional[Callable]:
@@ -250,6 +254,15 @@ class DemoApp:
         return None
 
     # -- adapters ----------------------------------------------------------------------------------
+
+    def _add_example_adapters(self) -> None:
+        """Put the toy model's shipped example adapters (weights/examples) in the adapter list."""
+        from unsee.toy import EXAMPLE_ADAPTERS_DIR
+
+        for source in sorted(EXAMPLE_ADAPTERS_DIR.glob("*.safetensors")):
+            target = self.adapter_dir / f"example-{source.name}"
+            if _ADAPTER_FILE.fullmatch(target.name) and not target.exists():
+                shutil.copyfile(source, target)
 
     def adapter_names(self) -> list[str]:
         return sorted(p.name for p in self.adapter_dir.glob("*.safetensors") if _ADAPTER_FILE.fullmatch(p.name))
@@ -379,7 +392,7 @@ class DemoApp:
         if preset not in PRESETS:
             raise InputError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
         steps = check_number(steps, "steps", 0, 5000, integer=True)
-        settings = preset_settings(preset, method)
+        settings = preset_settings(preset, method, concept=concept)
         settings["concept"] = concept
         if steps:
             settings["steps"] = steps

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up .venv and runs the main job on the embedded toy model, offline, on the CPU:
 # 1. generates images for a few prompts;
-# 2. erases the concept "circle" with ESD-u (toy preset), writing the adapter, a before/after grid and a report;
+# 2. erases the concept "circle" with ESD-x (toy preset), writing the adapter, a before/after grid and a report;
 # 3. prints the judge's figures without and with the adapter: presence of "circle" on prompts that name it,
 #    accuracy on prompts that do not.
 # If the toy model is not in weights/, it is trained first with scripts/train_toy.py (about 90 min on 2 cores).
@@ -20,10 +20,10 @@ mkdir -p "$out"
   --prompt "a red circle on a gray background" \
   --prompt "a striped blue star on a white background" \
   --prompt "a yellow heart on a black background"
-.venv/bin/unsee erase --model toy --method esd-u --concept "$concept" --grid 8 --out "$out/esd-u-$concept.safetensors"
+.venv/bin/unsee erase --model toy --method esd-x --concept "$concept" --grid 8 --out "$out/esd-x-$concept.safetensors"
 echo "== before erasing =="
 .venv/bin/unsee eval --model toy --concept "$concept" --n 64 --json "$out/eval-before.json"
-echo "== after erasing (adapter $out/esd-u-$concept.safetensors) =="
-.venv/bin/unsee eval --model toy --concept "$concept" --n 64 --adapter "$out/esd-u-$concept.safetensors" \
+echo "== after erasing (adapter $out/esd-x-$concept.safetensors) =="
+.venv/bin/unsee eval --model toy --concept "$concept" --n 64 --adapter "$out/esd-x-$concept.safetensors" \
   --json "$out/eval-after.json"
-echo "images, adapter, before/after grid ($out/esd-u-$concept.grid.png) and figures in $out"
+echo "images, adapter, before/after grid ($out/esd-x-$concept.grid.png) and figures in $out"

@@ -61,3 +61,21 @@ def test_quick_quality_check(toy_pipe, judge):
     result = unsee.evaluate(toy_pipe, prompts, judge=judge.predict, n=32, seed=0)
     for name in ("shape", "color", "background"):
         assert result.accuracy[name] >= 0.8, result.accuracy
+
+
+def test_example_adapters_load_erase_their_concept_and_the_demo_lists_them(toy_pipe, judge, tmp_path):
+    from unsee.adapters import load_adapter
+    from unsee.apps.demo import DemoApp
+    from unsee.toy import EXAMPLE_ADAPTERS_DIR
+
+    files = sorted(EXAMPLE_ADAPTERS_DIR.glob("*.safetensors"))
+    assert [f.name for f in files] == ["esd-x-circle.safetensors", "esd-x-red.safetensors", "esd-x-striped.safetensors"]
+    for path in files:
+        (concept,) = load_adapter(path).concepts
+        before = unsee.evaluate(toy_pipe, concept=concept, n=16, seed=5, judge=judge.predict)
+        name = toy_pipe.load_erasure(path)
+        after = unsee.evaluate(toy_pipe, concept=concept, n=16, seed=5, judge=judge.predict)
+        toy_pipe.unload_erasure(name)
+        assert before.presence >= 0.9 and after.presence <= 0.3, (concept, before.presence, after.presence)
+    app = DemoApp(pipe=toy_pipe, model="toy", workdir=tmp_path)
+    assert {f"example-{f.name}" for f in files} <= set(app.adapter_names())

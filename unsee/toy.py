@@ -27,6 +27,7 @@ import unsee.weights as unsee_weights
 WEIGHTS_DIR = Path(unsee_weights.__file__).resolve().parent  # weights/ ships as the package unsee.weights
 TOY_MODEL_DIR = WEIGHTS_DIR / "toy"
 JUDGE_PATH = WEIGHTS_DIR / "judge.safetensors"
+EXAMPLE_ADAPTERS_DIR = WEIGHTS_DIR / "examples"  # adapters for the toy model (weights/examples/examples.yaml)
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
