@@ -3,7 +3,7 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/erasure_efficacy.py [--n 64] [--only circle]
 
-For each (concept, method) row: train with the toy preset (``unsee.erasure.TOY_PRESETS``), time it, then
+For each (concept, method) row: train with the toy preset (``unsee.erasure.preset_settings("toy", ...)``), time it, then
 measure with the judge, before and after, (a) the concept's presence on ``n`` prompts that name it and
 (b) the judge's accuracy on ``n`` prompts that do not name it (25 DDIM steps, CFG 5, fixed seeds).
 Bars (issue 7): presence after <= 10% (from >= 90%), accuracy drop <= 5 points, <= 3 minutes per erasure.
@@ -26,12 +26,12 @@ from common import ROOT, hardware, write_section  # noqa: E402
 
 import unsee  # noqa: E402
 from unsee import world  # noqa: E402
-from unsee.erasure import TOY_PRESETS, make_trainer  # noqa: E402
+from unsee.erasure import make_trainer, preset_settings  # noqa: E402
 from unsee.erasure.jobs import before_after_grid  # noqa: E402
 from unsee.evaluation import evaluate_erasure  # noqa: E402
 from unsee.judge import Judge  # noqa: E402
 
-ROWS = [("circle", "esd-u"), ("circle", "salun"), ("red", "esd-x"), ("red", "esd-u"), ("striped", "esd-x")]
+ROWS = [("circle", "esd-x"), ("circle", "salun"), ("red", "esd-x"), ("red", "salun"), ("striped", "esd-x"), ("striped", "salun")]
 EVAL_SEED = 1234  # other than the training seed, so evaluation prompts and noise are fresh
 
 
@@ -56,7 +56,8 @@ def main() -> None:
     results, grids = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for concept, method in rows:
-            trainer = make_trainer(method, concept=concept, **TOY_PRESETS[method])
+            settings = preset_settings("toy", method, concept=concept)
+            trainer = make_trainer(method, concept=concept, **settings)
             started = time.perf_counter()
             adapter = trainer.train(pipe)
             seconds = time.perf_counter() - started
@@ -67,11 +68,11 @@ def main() -> None:
             pipe.unload_erasure(name)
             grids.append(np.asarray(before_after_grid(pipe, adapter, world.concept_prompts(concept, EVAL_SEED, 8))))
             results.append({"concept": concept, "method": method, "seconds": seconds, "before": baseline[concept],
-                            "after": after, "adapter_bytes": path.stat().st_size, "settings": TOY_PRESETS[method]})
+                            "after": after, "adapter_bytes": path.stat().st_size, "settings": settings})
             print(json.dumps(results[-1], default=float), flush=True)
 
     ok = lambda flag: "yes" if flag else "**no**"  # noqa: E731
-    lines = ["| concept | method | presence before → after | accuracy on other prompts before → after (drop) "
+    lines = ["| concept | method | presence before → after | accuracy on other prompts before → after (change) "
              "| training time | adapter | bars met |", "|---|---|---|---|---|---|---|"]
     for r in results:
         before, after = r["before"], r["after"]
@@ -79,10 +80,13 @@ def main() -> None:
         met = (after["presence"] <= 0.10 and before["presence"] >= 0.90 and drop <= 5 and r["seconds"] <= 180)
         lines.append(
             f"| {r['concept']} | {r['method']} | {before['presence']:.1%} → {after['presence']:.1%} "
-            f"| {before['mean_accuracy']:.1%} → {after['mean_accuracy']:.1%} ({drop:+.1f} pts) "
+            f"| {before['mean_accuracy']:.1%} → {after['mean_accuracy']:.1%} ({-drop:+.1f} pts) "
             f"| {r['seconds']:.0f} s | {r['adapter_bytes'] / 2**20:.2f} MB | {ok(met)} |")
-    settings = "; ".join(f"`{m}`: " + ", ".join(f"{k}={v}" for k, v in TOY_PRESETS[m].items())
-                         for m in dict.fromkeys(m for _, m in rows))
+    def shown(value):
+        return f"{len(value)} world prompts" if isinstance(value, (list, tuple)) else value
+
+    settings = "; ".join(f"{r['method']} {r['concept']}: " + ", ".join(f"{k}={shown(v)}" for k, v in r["settings"].items())
+                         for r in results)
     grid_path = ROOT / "benchmarks" / "erasure_before_after.png"
     grid = Image.fromarray(np.concatenate(grids, axis=0))
     grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(grid_path)
@@ -93,7 +97,9 @@ Hardware: {hardware()}.
 Presence: share of {args.n} images, from prompts that name the concept, in which the judge sees it.
 Accuracy: the judge's mean per-attribute accuracy on {args.n} prompts that do not name the concept.
 25 DDIM steps, CFG 5, evaluation seed {EVAL_SEED}. Bars: presence ≤ 10% (from ≥ 90%), accuracy drop ≤ 5 points,
-training ≤ 3 minutes. Toy presets (`unsee.erasure.TOY_PRESETS`, `unsee erase --preset toy`): {settings}.
+training ≤ 3 minutes. Settings: the toy preset (`unsee erase --preset toy`, the default on the toy model;
+`erase_from`: prompts that name the concept, `preserve`: prompts that name its siblings, see
+`erasure/presets.py`): {settings}.
 
 {chr(10).join(lines)}
 
