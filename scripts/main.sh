@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up .venv and runs the main job on the embedded toy model, offline, on the CPU:
 # 1. generates images for a few prompts;
-# 2. erases the concept "circle" with ESD-x (toy preset), writing the adapter, a before/after grid and a report;
+# 2. erases the concept "circle" with SalUn (toy preset; METHOD=esd-x etc. for another), writing the adapter,
+#    a before/after grid and a report;
 # 3. prints the judge's figures without and with the adapter: presence of "circle" on prompts that name it,
 #    accuracy on prompts that do not.
 # If the toy model is not in weights/, it is trained first with scripts/train_toy.py (about 90 min on 2 cores).
@@ -15,15 +16,16 @@ if [ ! -f weights/toy/model_index.json ] || [ ! -f weights/judge.safetensors ]; 
 fi
 out="${1:-out/main}"
 concept="${CONCEPT:-circle}"
+method="${METHOD:-salun}"
 mkdir -p "$out"
 .venv/bin/unsee generate --model toy --out "$out/samples" --num-images 4 --seed 0 \
   --prompt "a red circle on a gray background" \
   --prompt "a striped blue star on a white background" \
   --prompt "a yellow heart on a black background"
-.venv/bin/unsee erase --model toy --method esd-x --concept "$concept" --grid 8 --out "$out/esd-x-$concept.safetensors"
+.venv/bin/unsee erase --model toy --method "$method" --concept "$concept" --grid 8 --out "$out/$method-$concept.safetensors"
 echo "== before erasing =="
 .venv/bin/unsee eval --model toy --concept "$concept" --n 64 --json "$out/eval-before.json"
-echo "== after erasing (adapter $out/esd-x-$concept.safetensors) =="
-.venv/bin/unsee eval --model toy --concept "$concept" --n 64 --adapter "$out/esd-x-$concept.safetensors" \
+echo "== after erasing (adapter $out/$method-$concept.safetensors) =="
+.venv/bin/unsee eval --model toy --concept "$concept" --n 64 --adapter "$out/$method-$concept.safetensors" \
   --json "$out/eval-after.json"
-echo "images, adapter, before/after grid ($out/esd-x-$concept.grid.png) and figures in $out"
+echo "images, adapter, before/after grid ($out/$method-$concept.grid.png) and figures in $out"
