@@ -54,6 +54,7 @@ from .base import (
     TrainingError,
     _is_int,
     _is_number,
+    _is_prompt_list,
     ddim_sample,
     encode_prompts,
     is_sdxl,
@@ -133,8 +134,7 @@ class AdvUnlearnConfig(TrainerConfig):
         if self.attack_init not in ATTACK_INITS:
             raise ConfigError(f"attack_init must be one of {', '.join(ATTACK_INITS)}, got {self.attack_init!r}")
         if self.retain_prompts is not None:
-            if isinstance(self.retain_prompts, str) or not all(isinstance(p, str) and p.strip()
-                                                               for p in self.retain_prompts):
+            if not _is_prompt_list(self.retain_prompts, allow_empty=True):
                 raise ConfigError("retain_prompts must be a list of non-empty prompts (or None for the default set)")
             self.retain_prompts = tuple(self.retain_prompts)
             if not self.retain_prompts:

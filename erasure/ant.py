@@ -66,6 +66,7 @@ from .base import (
     TrainerConfig,
     _is_int,
     _is_number,
+    _is_prompt_list,
     ddim_sample,
     encode_prompts,
     gaussian_lora_config,
@@ -144,9 +145,7 @@ class ANTConfig(TrainerConfig):
             raise ConfigError(f"parameters must be one of {', '.join(PARAMETER_SETS)}, got {self.parameters!r}")
         if not _is_number(self.mask_fraction) or not 0 < self.mask_fraction <= 1:
             raise ConfigError(f"mask_fraction must be in (0, 1], got {self.mask_fraction!r}")
-        if self.saliency_prompts is not None and (
-                isinstance(self.saliency_prompts, str) or not isinstance(self.saliency_prompts, (list, tuple))
-                or not self.saliency_prompts or not all(isinstance(p, str) and p.strip() for p in self.saliency_prompts)):
+        if self.saliency_prompts is not None and not _is_prompt_list(self.saliency_prompts):
             raise ConfigError(f"saliency_prompts must be a non-empty list of non-empty prompts or None, "
                               f"got {self.saliency_prompts!r}")
         if (isinstance(self.saliency_seeds, (str, bytes)) or not isinstance(self.saliency_seeds, (list, tuple))

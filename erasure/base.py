@@ -103,6 +103,12 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _is_prompt_list(value: Any, allow_empty: bool = False) -> bool:
+    """A list or tuple (not a text) of non-empty prompts; empty only with ``allow_empty``."""
+    return (isinstance(value, (list, tuple)) and (allow_empty or len(value) > 0)
+            and all(isinstance(p, str) and p.strip() for p in value))
+
+
 @dataclass
 class TrainerConfig:
     """Settings every erasure trainer shares. Subclasses add their method's fields and paper defaults.

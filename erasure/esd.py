@@ -58,6 +58,7 @@ from .base import (
     TrainerConfig,
     _is_int,
     _is_number,
+    _is_prompt_list,
     ddim_sample,
     encode_prompts,
     gaussian_lora_config,
@@ -131,14 +132,12 @@ class ESDConfig(TrainerConfig):
         if self.variant not in ESD_VARIANTS:
             raise ConfigError(f"unknown ESD variant {self.variant!r}; choose one of {', '.join(ESD_VARIANTS)}")
         super().validate()
-        if isinstance(self.erase_from, (list, tuple)):
-            if not self.erase_from or not all(isinstance(p, str) and p.strip() for p in self.erase_from):
-                raise ConfigError(f"erase_from must be a non-empty text, a non-empty list of them, or None, "
-                                  f"got {self.erase_from!r}")
-            self.erase_from = tuple(self.erase_from)
-        elif self.erase_from is not None and (not isinstance(self.erase_from, str) or not self.erase_from.strip()):
+        text = isinstance(self.erase_from, str) and bool(self.erase_from.strip())
+        if not (self.erase_from is None or text or _is_prompt_list(self.erase_from)):
             raise ConfigError(f"erase_from must be a non-empty text, a non-empty list of them, or None, "
                               f"got {self.erase_from!r}")
+        if isinstance(self.erase_from, list):
+            self.erase_from = tuple(self.erase_from)
         if not _is_number(self.eta):
             raise ConfigError(f"eta (negative guidance) must be a finite number, got {self.eta!r}")
         if self.anchor not in ANCHORS:
@@ -159,8 +158,7 @@ class ESDConfig(TrainerConfig):
             raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
         if self.lora_alpha is not None and (not _is_number(self.lora_alpha) or self.lora_alpha == 0):
             raise ConfigError(f"lora_alpha must be a non-zero number or None, got {self.lora_alpha!r}")
-        if isinstance(self.preserve, str) or not isinstance(self.preserve, (list, tuple)) or not all(
-                isinstance(p, str) and p.strip() for p in self.preserve):
+        if not _is_prompt_list(self.preserve, allow_empty=True):
             raise ConfigError(f"preserve must be a list of non-empty prompts, got {self.preserve!r}")
         self.preserve = tuple(self.preserve)
         if not _is_number(self.preserve_weight) or self.preserve_weight < 0:

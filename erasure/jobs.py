@@ -93,16 +93,22 @@ class Job:
 
     def describe(self) -> str:
         erase_from = getattr(self.config, "erase_from", None)
-        if isinstance(erase_from, tuple):
-            extra = f" in {len(erase_from)} prompts"
+        if _erase_from_text(self.config):
+            extra = f" from {erase_from!r}"
         else:
-            extra = f" from {erase_from!r}" if erase_from else ""
+            extra = f" in {len(erase_from)} prompts" if erase_from else ""
         return f"{self.method} {self.config.concept!r}{extra}"
 
 
 def _config_fields(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints.get(f.name) for f in dataclasses.fields(cls)}
+
+
+def _erase_from_text(config: Any) -> Optional[str]:
+    """The one concept an ESD job erases from; None when it erases everywhere or within a list of prompts."""
+    erase_from = getattr(config, "erase_from", None)
+    return erase_from if isinstance(erase_from, str) else None
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
@@ -235,8 +241,8 @@ def plan_jobs(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Optiona
             out = merged.get("out")
             if out is None:
                 name = f"{method}-{_slug(str(concept))}"
-                erase_from = getattr(job_config, "erase_from", None)
-                if isinstance(erase_from, str):  # a list of prompts (the toy preset's context) names nothing new
+                erase_from = _erase_from_text(job_config)  # a list of prompts (the toy preset's context) adds nothing
+                if erase_from:
                     name += f"-from-{_slug(erase_from)}"
                 out = out_dir / f"{name}.safetensors"
             out = Path(str(out))
@@ -393,8 +399,7 @@ def run_jobs(
             if job.grid and not hasattr(job_pipe, "load_erasure"):
                 log(f"{job.describe()}: no before/after grid (the pipeline has no load_erasure; use unsee.load_pipeline)")
             elif job.grid:
-                erase_from = getattr(job.config, "erase_from", None)
-                concept = erase_from if isinstance(erase_from, str) else job.config.concept
+                concept = _erase_from_text(job.config) or job.config.concept
                 image = before_after_grid(job_pipe, adapter, grid_prompts(concept, job.grid, job.config.seed),
                                           seed=job.config.seed)
                 tmp = job.grid_path.with_name(f".{job.grid_path.name}.tmp")
