@@ -35,7 +35,6 @@ import dataclasses
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unsee.adapters import Adapter, AdapterError, delta_adapter_from_weights, lora_adapter_from_peft
+from unsee.files import atomic_write
 
 __all__ = [
     "ConfigError",
@@ -283,18 +283,7 @@ def gaussian_lora_config(rank: int, lora_alpha: Optional[float], modules: Sequen
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(checkpoint_dir: Union[str, os.PathLike]) -> Optional[dict]:

@@ -44,7 +44,6 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Optional, Union
@@ -55,6 +54,7 @@ import torch
 from torch import nn
 
 from unsee import world
+from unsee.files import atomic_write
 
 from .base import (
     ConfigError,
@@ -238,17 +238,8 @@ def save_mask(mask: dict[str, torch.Tensor], path: Union[str, os.PathLike], meta
     packed = pack_mask(mask)
     header = {"format": "pt", "unsee_mask": "1", "shapes": json.dumps(packed["shapes"], sort_keys=True),
               "info": json.dumps(metadata or {}, sort_keys=True)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file({k: v.contiguous() for k, v in packed["bits"].items()}, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    tensors = {k: v.contiguous() for k, v in packed["bits"].items()}
+    return atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=header))
 
 
 def load_mask(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:

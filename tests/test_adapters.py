@@ -608,6 +608,16 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert load_adapter(target).method == "esd-u"
 
 
+def test_saved_files_get_the_permissions_of_a_plain_write(tmp_path):
+    """The temporary file of an atomic write is private (mkstemp); the saved file must not stay so."""
+    old = os.umask(0o022)
+    try:
+        path = save_adapter(make_delta(tiny_sd_pipeline()), tmp_path / "a.safetensors")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 # ---------------------------------------------------------------------------------------------
 # diffusers interop, SDXL, trainer helpers
 # ---------------------------------------------------------------------------------------------

@@ -46,7 +46,6 @@ import numbers
 import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Union
@@ -55,6 +54,8 @@ import safetensors
 import safetensors.torch
 import torch
 from torch import nn
+
+from .files import atomic_write
 
 __all__ = [
     "AdapterError",
@@ -420,38 +421,7 @@ def save_adapter(adapter: Adapter, path: Union[str, os.PathLike]) -> Path:
     metadata = _header_metadata(adapter)
     # clone() gives every tensor its own storage (safetensors refuses shared memory).
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sorted(adapter.tensors.items())}
-    folder = path.parent if str(path.parent) else Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(tensors, tmp_name, metadata=metadata)
-        with open(tmp_name, "rb+") as handle:
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_folder(folder)
-    return path
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename durable where the platform allows it (best effort)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,12 +8,13 @@ This is the layout that A1111, ComfyUI and diffusers' ``from_single_file`` read:
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Union
 
 import torch
 from safetensors.torch import save_file
+
+from .files import atomic_write
 
 _RESNET_RENAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                    "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -107,12 +108,5 @@ def save_single_file(pipe, path: Union[str, os.PathLike]) -> Path:
         state["cond_stage_model.transformer." + name] = tensor
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     return path
