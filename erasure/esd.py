@@ -20,11 +20,15 @@ at a random step ``k``; the UNet is then queried at that step's timestep. ``samp
 samples with the original model instead (the official 2025 rewrite).
 
 Variants (which parameters are trained; Linear and Conv2d modules found with ``isinstance``, names as in
-diffusers' ``UNet2DConditionModel``, the official rewrite's rules):
+diffusers' ``UNet2DConditionModel``; the official rewrite's rules, except ``esd-u``, which keeps the paper's
+code's rule (``noxattn``: the rewrite also trains ``conv_out`` and the time embedding, and on the toy model that
+turns every black background gray: presence 34% with the background right in 91% of other prompts under the
+paper's rule, against 34% / 56% with those layers trained, ``circle``, lr 1e-4, eta 2, in context)):
 
 =================  ============================================================================
 ``esd-x``          every Linear/Conv2d inside a cross-attention module (``attn2``): for styles
-``esd-u``          every Linear/Conv2d outside the cross-attention modules: for objects, nudity
+``esd-u``          every Linear/Conv2d outside the cross-attention modules except the output conv
+                   (``conv_out``) and the time embedding: for objects, nudity
 ``esd-all``        every Linear/Conv2d
 ``esd-x-strict``   only ``attn2.to_k`` and ``attn2.to_v``
 =================  ============================================================================
@@ -178,8 +182,8 @@ def esd_modules(unet: nn.Module, variant: str) -> list[str]:
             keep = "attn2" in name
         elif variant == "esd-x-strict":
             keep = "attn2.to_k" in name or "attn2.to_v" in name
-        elif variant == "esd-u":
-            keep = "attn2" not in name
+        elif variant == "esd-u":  # the paper's code: neither the output conv nor the time embedding
+            keep = "attn2" not in name and not name.startswith(("conv_out", "time_embedding"))
         else:  # esd-all
             keep = True
         if sdxl and variant in ("esd-u", "esd-all"):

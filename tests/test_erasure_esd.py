@@ -102,7 +102,7 @@ def _expected_modules(unet, keep):
 @pytest.mark.parametrize("variant, keep", [
     ("esd-x", lambda n: ".attn2." in n),
     ("esd-x-strict", lambda n: n.endswith(("attn2.to_k", "attn2.to_v"))),
-    ("esd-u", lambda n: ".attn2." not in n),
+    ("esd-u", lambda n: ".attn2." not in n and not n.startswith(("conv_out", "time_embedding"))),
     ("esd-all", lambda n: True),
 ])
 def test_variant_parameter_sets(tiny_sd, variant, keep):
@@ -117,7 +117,8 @@ def test_variant_parameter_sets(tiny_sd, variant, keep):
     if variant == "esd-x-strict":
         assert all(name.endswith(("to_k.weight", "to_v.weight")) for name in params)
     if variant == "esd-u":
-        assert "conv_in.weight" in params and "time_embedding.linear_1.weight" in params
+        assert "conv_in.weight" in params and "down_blocks.0.resnets.0.time_emb_proj.weight" in params
+        assert "conv_out.weight" not in params and "time_embedding.linear_1.weight" not in params  # paper's rule
 
 
 def test_sdxl_esd_u_keeps_block_modules_without_emb(tiny_sdxl):
