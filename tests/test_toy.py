@@ -69,8 +69,9 @@ def test_example_adapters_load_erase_their_concept_and_the_demo_lists_them(toy_p
     from unsee.toy import EXAMPLE_ADAPTERS_DIR
 
     files = sorted(EXAMPLE_ADAPTERS_DIR.glob("*.safetensors"))
-    assert [f.name for f in files] == ["esd-x-circle.safetensors", "esd-x-red.safetensors", "esd-x-striped.safetensors"]
-    for path in files:
+    assert [f.name for f in files] == ["esd-x-circle.safetensors", "esd-x-red.safetensors", "esd-x-striped.safetensors",
+                                    "spm-circle.safetensors"]
+    for path in files[:3]:  # the ESD-x ones; the SPM has its own test below
         (concept,) = load_adapter(path).concepts
         before = unsee.evaluate(toy_pipe, concept=concept, n=16, seed=5, judge=judge.predict)
         name = toy_pipe.load_erasure(path)
@@ -79,3 +80,41 @@ def test_example_adapters_load_erase_their_concept_and_the_demo_lists_them(toy_p
         assert before.presence >= 0.9 and after.presence <= 0.3, (concept, before.presence, after.presence)
     app = DemoApp(pipe=toy_pipe, model="toy", workdir=tmp_path)
     assert {f"example-{f.name}" for f in files} <= set(app.adapter_names())
+
+
+def test_an_spm_trained_on_the_toy_model_erases_on_a_fine_tune_of_it_without_retraining(toy_pipe, judge):
+    """Issue 5: SPM transfer. The shipped SPM (trained on the toy model) on a fine-tune that draws stripes."""
+    from unsee.toy import EXAMPLE_ADAPTERS_DIR, fine_tune
+
+    variant = unsee.load_pipeline("toy")  # a copy of its own: the fine-tune changes its UNet in place
+    variant.set_progress_bar_config(disable=True)
+    style_open = world.attribute_prompts(seed=7, n=16)  # shape, colour and background named, style left open
+
+    def striped_share() -> float:
+        images = unsee.evaluation.generate_images(variant, style_open, seed=3, num_inference_steps=25,
+                                                  guidance_scale=5.0)
+        return float(np.mean([p["style"] == "striped" for p in judge.predict(images)]))
+
+    striped_before = striped_share()
+    base = {k: v.clone() for k, v in variant.unet.state_dict().items()}
+    losses = fine_tune(variant, steps=40, lr=2e-4, batch_size=8, seed=0, style="striped")
+    assert len(losses) == 40 and all(np.isfinite(losses))
+    changed = sum((v - base[k]).norm() ** 2 for k, v in variant.unet.state_dict().items()) ** 0.5
+    assert changed / sum(v.norm() ** 2 for v in base.values()) ** 0.5 > 1e-3
+    assert striped_share() >= striped_before + 0.25  # the fine-tune departs from its base
+
+    spm = EXAMPLE_ADAPTERS_DIR / "spm-circle.safetensors"
+
+    def presence(pipe, erased: bool) -> float:
+        name = pipe.load_erasure(spm) if erased else None
+        try:
+            return unsee.evaluate(pipe, concept="circle", n=16, seed=1234, judge=judge.predict).presence
+        finally:
+            if name:
+                pipe.unload_erasure(name)
+
+    before, after = presence(variant, erased=False), presence(variant, erased=True)
+    on_its_own_model = presence(toy_pipe, erased=True)
+    # it erases on the fine-tune, and about as well as on the model it was trained on
+    assert before >= 0.9 and on_its_own_model <= 0.5, (before, on_its_own_model)
+    assert after <= 0.5 and after <= on_its_own_model + 0.25, (after, on_its_own_model)
