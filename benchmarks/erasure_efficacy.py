@@ -38,7 +38,28 @@ EVAL_SEED = 1234  # other than the training seed, so evaluation prompts and nois
 def figures(pipe, concept: str, n: int, judge) -> dict:
     named, others = evaluate_erasure(pipe, concept, n=n, seed=EVAL_SEED, judge=judge)
     accuracy = others.accuracy
-    return {"presence": named.presence, "accuracy": accuracy, "mean_accuracy": sum(accuracy.values()) / len(accuracy)}
+    own, _ = world.concept_attribute(concept)
+    return {"presence": named.presence, "accuracy": accuracy, "mean_accuracy": sum(accuracy.values()) / len(accuracy),
+            "named_accuracy": {k: v for k, v in named.accuracy.items() if k != own}}
+
+
+def erase_and_measure(pipe, concept: str, method: str, n: int, judge, workdir: Path) -> tuple[dict, object]:
+    """Train ``method`` on ``concept`` with the toy preset, time it, save the adapter under ``workdir``, measure
+    with it loaded (``after``: presence, accuracy on other prompts, and ``named_accuracy``: the attributes the
+    concept does not own, judged on the prompts that name it). Returns the row and the adapter."""
+    settings = preset_settings("toy", method, concept=concept)
+    trainer = make_trainer(method, concept=concept, **settings)
+    started = time.perf_counter()
+    adapter = trainer.train(pipe)
+    seconds = time.perf_counter() - started
+    path = workdir / f"{method}-{concept}.safetensors"
+    adapter.save(path)
+    name = pipe.load_erasure(path)
+    after = figures(pipe, concept, n, judge)
+    pipe.unload_erasure(name)
+    row = {"concept": concept, "method": method, "seconds": seconds, "after": after,
+           "adapter_bytes": path.stat().st_size, "path": str(path), "settings": settings}
+    return row, adapter
 
 
 def main() -> None:
@@ -56,19 +77,9 @@ def main() -> None:
     results, grids = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for concept, method in rows:
-            settings = preset_settings("toy", method, concept=concept)
-            trainer = make_trainer(method, concept=concept, **settings)
-            started = time.perf_counter()
-            adapter = trainer.train(pipe)
-            seconds = time.perf_counter() - started
-            path = Path(tmp) / f"{method}-{concept}.safetensors"
-            adapter.save(path)
-            name = pipe.load_erasure(path)
-            after = figures(pipe, concept, args.n, judge)
-            pipe.unload_erasure(name)
+            row, adapter = erase_and_measure(pipe, concept, method, args.n, judge, Path(tmp))
+            results.append({**row, "before": baseline[concept]})
             grids.append(np.asarray(before_after_grid(pipe, adapter, world.concept_prompts(concept, EVAL_SEED, 8))))
-            results.append({"concept": concept, "method": method, "seconds": seconds, "before": baseline[concept],
-                            "after": after, "adapter_bytes": path.stat().st_size, "settings": settings})
             print(json.dumps(results[-1], default=float), flush=True)
 
     ok = lambda flag: "yes" if flag else "**no**"  # noqa: E731

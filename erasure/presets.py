@@ -12,11 +12,29 @@
   lr 5e-4 100% / 99%, lr 1e-3 eta 2 78% / 96%, in context lr 2e-3 eta 3 6% / 93%, plus preserve 9% / 100%.
   "red": lr 2e-4 0% / 93% (every "orange" prompt turns yellow); every setting tried trades one for the other:
   preserve prompts at lr 2e-4 62% / 96%, at lr 3e-4 (weight 2) 34% / 96%, at lr 5e-4 eta 2 0% / 89%.
-  ESD-u and ESD-all train every UNet weight outside (or also inside) cross-attention: on the toy model they
-  either miss the concept or damage everything ("circle", lr 1e-4: 80% presence with the background right in
-  58% of other prompts; lr 5e-5 eta 2: 72% / 99%); their preset is the gentle one, use ESD-x or SalUn here.
+  ESD-u (the paper's code's parameter rule: not ``conv_out``, not the time embedding) is erased in context
+  too, for every concept of the world (``TOY_ESD_U_CONTEXT``: 16 prompts naming it, 10 naming siblings,
+  preserved), at lr 1e-4 and eta 4. Tuning runs ("circle"): bare word, lr 1e-4 eta 2, with ``conv_out`` and
+  the time embedding trained (the 2025 rewrite's rule): 19% / 75%, every black and white background turned
+  gray; lr 5e-5 eta 2: 72% / 99%; with the paper's rule, in context: lr 1e-4 eta 2 34% / 96%, plus preserve
+  at lr 2e-4 28% / 92%, at lr 3e-4 (30 preserve prompts, weight 3) 75% / 71%; lr 1e-4 eta 4 with preserve
+  0% / 97% (the preset). ESD-all keeps the gentle lr 5e-5, eta 2 (lr 1e-4: 6% presence, background right in
+  53% of other prompts).
   SalUn's preset (world prompts as forget and retain sets) erased circle 0% / 100%, red 0% / 98%,
-  striped 9% / 99% in tuning. The benchmark's figures are in ``BENCHMARKS.md`` (``benchmarks/erasure_efficacy.py``).
+  striped 9% / 99% in tuning.
+  SPM ("circle"): lr 4e-3 guidance 1: 75% / 100%; lr 1e-2: 97% / 96%; lr 4e-3 guidance 2: 38% / 100%;
+  guidance 4: 12% / 98% (the preset); the same with the paper's anchoring strength 1000: 100% / 100%;
+  guidance 6 for 300 steps: 25% / 99%. Rank-1 SPMs vary from run to run on this model: another training with
+  the preset's settings gave 25% at evaluation seed 1234 and 69% at seed 5 (16 images each).
+  ANT ("circle"): the paper's full-UNet mask at lr 1e-4: 100% / 100%; at lr 1e-3 (eta 2, 20 DDIM steps):
+  41% with the background right in 31% of other prompts (gray again); the mask over cross-attention weights
+  only (``parameters="esd-x"``) at lr 5e-4: 91%; at lr 1e-3: 66%; before_step 1, lr 2e-3: 78%; the mask keeps
+  7% of the candidates at ``mask_fraction`` 0.5 (intersected over 15 augmentations: 3 words x 5 seeds); at
+  0.9, before_step 2, lr 1e-3: 6% / 99%, background kept in 100% of the concept's prompts (the preset).
+  AdvUnlearn ("circle"; text encoder): lr 1e-4: 56% / 100%; lr 5e-4: 62%; lr 3e-4 eta 2: 38% / 100% (the
+  preset); lr 5e-4 eta 3: 75% / 99%.
+  The benchmarks' figures are in ``BENCHMARKS.md`` (``benchmarks/erasure_efficacy.py``,
+  ``benchmarks/erasure_methods.py``).
 
 ``unsee erase`` and job files use ``toy`` when the model is ``"toy"`` and ``paper`` otherwise, unless
 ``preset`` is given. Explicit settings always win over the preset's.
@@ -31,18 +49,21 @@ from .base import ConfigError
 __all__ = ["PRESETS", "TOY_PRESETS", "preset_settings", "toy_esd_context"]
 
 _TOY_ESD_X = {"steps": 200, "lr": 5e-4, "eta": 2.0, "ddim_steps": 25}
-_TOY_ESD_U = {"steps": 200, "lr": 5e-5, "eta": 2.0, "ddim_steps": 25}
+_TOY_ESD_U = {"steps": 200, "lr": 5e-5, "eta": 2.0, "ddim_steps": 25}  # esd-all
 _ESD_X_METHODS = ("esd-x", "esd-x-strict")  # tuned per attribute (TOY_ESD_BY_ATTRIBUTE)
+# ESD-u on the toy model, for a concept of the world: erased in context, with preserved siblings (see above)
+TOY_ESD_U_CONTEXT = {"erase_from": 16, "preserve": 10}
 
 TOY_PRESETS: dict[str, dict[str, Any]] = {
     "esd-x": dict(_TOY_ESD_X),
     "esd-x-strict": dict(_TOY_ESD_X),
-    "esd-u": dict(_TOY_ESD_U),
+    "esd-u": {"steps": 200, "lr": 1e-4, "eta": 4.0, "ddim_steps": 25},  # and TOY_ESD_U_CONTEXT
     "esd-all": dict(_TOY_ESD_U),
-    "spm": {"steps": 200, "lr": 4e-3, "ddim_steps": 25, "la_strength": 100.0},
+    "spm": {"steps": 200, "lr": 4e-3, "guidance": 4.0, "ddim_steps": 25, "la_strength": 100.0},
     "salun": {"steps": 150, "lr": 5e-5, "num_forget": 128, "num_retain": 128, "generation_steps": 25},
-    "advunlearn": {"steps": 150, "lr": 1e-4, "ddim_steps": 25, "warmup": 30, "attack_steps": 10},
-    "ant": {"steps": 200, "lr": 1e-4, "ddim_steps": 25, "before_step": 4, "saliency_iterations": 2},
+    "advunlearn": {"steps": 150, "lr": 3e-4, "eta": 2.0, "ddim_steps": 25, "warmup": 30, "attack_steps": 10},
+    "ant": {"steps": 200, "lr": 1e-3, "eta": 2.0, "ddim_steps": 20, "before_step": 2, "saliency_iterations": 2,
+            "parameters": "esd-x", "mask_fraction": 0.9},
 }
 
 # ESD on the toy model, by the attribute the concept belongs to: learning rate, eta, and how many world prompts
@@ -64,11 +85,29 @@ def toy_esd_context(concept: str) -> dict[str, Any]:
     except ValueError:
         return {}
     table = TOY_ESD_BY_ATTRIBUTE[attribute]
-    settings = {"lr": table["lr"], "eta": table["eta"]}
-    if table["erase_from"]:
-        settings["erase_from"] = world.concept_prompts(concept, 0, table["erase_from"])
-    if table["preserve"]:
-        settings["preserve"] = world.other_prompts(concept, 0, table["preserve"])
+    return {"lr": table["lr"], "eta": table["eta"],
+            **_context_prompts(concept, erase_from=table["erase_from"], preserve=table["preserve"])}
+
+
+def _world_concept(concept: str) -> bool:
+    from unsee import world
+
+    try:
+        world.concept_attribute(concept)
+    except ValueError:
+        return False
+    return True
+
+
+def _context_prompts(concept: str, erase_from: int, preserve: int) -> dict[str, Any]:
+    """``erase_from``: that many world prompts naming the concept; ``preserve``: that many naming its siblings."""
+    from unsee import world
+
+    settings: dict[str, Any] = {}
+    if erase_from:
+        settings["erase_from"] = world.concept_prompts(concept, 0, erase_from)
+    if preserve:
+        settings["preserve"] = world.other_prompts(concept, 0, preserve)
     return settings
 
 
@@ -86,4 +125,6 @@ def preset_settings(preset: Optional[str], method: str, model: str = "toy",
     settings = dict(PRESETS[preset].get(method, {}))
     if preset == "toy" and method in _ESD_X_METHODS and isinstance(concept, str):
         settings.update(toy_esd_context(concept))
+    if preset == "toy" and method == "esd-u" and isinstance(concept, str) and _world_concept(concept):
+        settings.update(_context_prompts(concept, **TOY_ESD_U_CONTEXT))
     return settings

@@ -123,6 +123,10 @@ def test_toy_preset_puts_esd_in_the_worlds_context(tmp_path):
     # a job's own erase_from wins over the preset's; the preset's prompt list adds nothing to the file name
     assert preset_settings("toy", "esd-x", concept="red")["lr"] != settings["lr"]  # by attribute
     assert "erase_from" not in preset_settings("toy", "esd-x", concept="red")
+    esd_u = preset_settings("toy", "esd-u", concept="circle")  # ESD-u: every world concept in context
+    assert all(world.parse_prompt(p).get("shape") == "circle" for p in esd_u["erase_from"])
+    assert all(world.parse_prompt(p).get("shape") not in (None, "circle") for p in esd_u["preserve"])
+    assert "erase_from" not in preset_settings("toy", "esd-u", concept="a cat")
     (job,), _ = plan_jobs({"method": "esd-x", "concept": "striped", "out_dir": str(tmp_path)})
     assert job.config.erase_from == tuple(settings["erase_from"]) and job.config.lr == settings["lr"]
     assert job.out.name == "esd-x-striped.safetensors"
