@@ -4,11 +4,13 @@ Not? Safety-Driven Unlearned Diffusion Models Are Still Easy To Generate Unsafe 
 For each prompt that names the erased concept, ``k`` adversarial tokens are put before it and optimised so that
 the *erased* model denoises an image of the concept well when conditioned on the attacked prompt:
 
-- the tokens are a relaxed one-hot ``W`` (k x vocabulary): their embeddings are ``W @ E`` with ``E`` the token
-  embedding table; ``W`` is trained with Adam (lr 0.01, weight decay 0.1, 40 steps, the paper's values) on the
+- the tokens are a relaxed one-hot ``W`` (k x vocabulary), uniform at the start (as the official code; from a
+  random one-hot, 40 steps of lr 0.01 never move the argmax off its starting token): their embeddings are
+  ``W @ E`` with ``E`` the token embedding table; ``W`` is trained with Adam (lr 0.01, weight decay 0.1, 40 steps, the paper's values) on the
   denoising loss of the erased model on the target image's latents, at ``timesteps`` noise levels drawn once per
   prompt (a fixed objective, so its decrease is measurable), and projected back onto the probability simplex
-  after every step;
+  after every step (the official code feeds a one-hot sampled from ``W`` forward, straight-through; here ``W @ E``
+  itself, which keeps the objective deterministic);
 - the target image is what the model generates for the prompt with every erasure switched off (same seed);
 - the attacked prompt is the argmax tokens, decoded to text, before the prompt. The erased model generates from it
   and the judge decides whether the concept is back.
@@ -136,8 +138,10 @@ def attack_prompt(pipe: Any, prompt: str, target_image: Any, config: AttackConfi
     noisy = scheduler.add_noise(latents.repeat(n, 1, 1, 1), noise, timesteps)
     target = denoising_target(scheduler, latents.repeat(n, 1, 1, 1), noise, timesteps)
 
-    start = torch.randint(0, table.shape[0], (config.prefix_tokens,), generator=generator)
-    weights = F.one_hot(start, table.shape[0]).float().to(device).requires_grad_(True)
+    # uniform over the vocabulary (the official code's start), with a tiny seeded jitter that only breaks ties
+    vocabulary = table.shape[0]
+    jitter = torch.rand((config.prefix_tokens, vocabulary), generator=generator) * 1e-3 / vocabulary
+    weights = project_to_simplex(1.0 / vocabulary + jitter).to(device).requires_grad_(True)
     optimizer = torch.optim.Adam([weights], lr=config.lr, weight_decay=config.weight_decay)
 
     def loss_of(w: torch.Tensor) -> torch.Tensor:
