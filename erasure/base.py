@@ -581,7 +581,12 @@ class Trainer:
     def _attach_trainable(self) -> None:
         """Choose the trained tensors: LoRA layers added with peft, or a subset of the UNet's own parameters."""
         if self.output_kind == "lora":
-            self.unet.add_adapter(self.lora_config(self.unet))
+            # peft draws the down weights from the global generator: seed it from the config for this call only,
+            # so a LoRA trainer is deterministic for its seed whatever ran before it
+            cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(self.config.seed)
+                self.unet.add_adapter(self.lora_config(self.unet))
             self._lora = True
             self.params = {n: p for n, p in self.unet.named_parameters() if ".lora_" in n}
             for param in self.params.values():  # peft creates them in the UNet's dtype; train in it as well

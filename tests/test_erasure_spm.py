@@ -107,3 +107,14 @@ def test_facilitated_transport_scales_the_delta_linearly_for_the_call_only(tmp_p
 def test_invalid_spm_config_fails_on_construction(field, value):
     with pytest.raises(ConfigError, match=field):
         SPMConfig(concept="circle", **{field: value})
+
+
+def test_spm_is_deterministic_for_its_seed_whatever_the_global_generator_did():
+    """peft initialises LoRA down weights from torch's global generator; the trainer seeds it from its config."""
+    results = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        adapter = SPMTrainer(SPMConfig(steps=2, **FAST)).train(tiny_sd_pipeline())
+        results.append(adapter.tensors)
+    assert results[0].keys() == results[1].keys()
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
