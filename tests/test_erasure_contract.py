@@ -227,7 +227,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tiny_sd_folder, tmp_p
     torch.set_num_threads(1)  # as in the killed run: thread count changes float reductions, not the method
     try:
         resumed = run_jobs(_job(tiny_sd_folder, out, checkpoints, resume=True))
-        straight = run_jobs(_job(tiny_sd_folder, tmp_path / "straight.safetensors", tmp_path / "ckpt2"))
+        run_jobs(_job(tiny_sd_folder, tmp_path / "straight.safetensors", tmp_path / "ckpt2"))
     finally:
         torch.set_num_threads(threads)
     assert resumed["jobs"][0]["resumed_from_step"] == step
