@@ -26,7 +26,6 @@ from common import hardware, write_section  # noqa: E402
 from erasure_efficacy import EVAL_SEED, erase_and_measure, figures  # noqa: E402
 
 import unsee  # noqa: E402
-from unsee.adapters import load_adapter  # noqa: E402
 from unsee.attack import AttackConfig, attack  # noqa: E402
 from unsee.judge import Judge  # noqa: E402
 
@@ -59,13 +58,12 @@ def main() -> None:
                     results.append(logged[-1])
                     continue
                 before = before or figures(pipe, concept, args.n, judge)
-                row, _ = erase_and_measure(pipe, concept, method, args.n, judge, Path(tmp))
+                row, adapter = erase_and_measure(pipe, concept, method, args.n, judge, Path(tmp))
                 name = pipe.load_erasure(row["path"])
                 started = time.perf_counter()
                 attacked = attack(pipe, concept, n=args.attack_n, config=AttackConfig(seed=EVAL_SEED), judge=judge)
                 row["attack_seconds"] = time.perf_counter() - started
-                row["adapter_weight_bytes"] = sum(t.numel() * t.element_size()
-                                                  for t in load_adapter(row["path"]).tensors.values())
+                row["adapter_weight_bytes"] = sum(t.numel() * t.element_size() for t in adapter.tensors.values())
                 pipe.unload_erasure(name)
                 row.update(n=args.n, before=before, attack_success=attacked.success_rate,
                            attack_presence_before=attacked.presence_before,

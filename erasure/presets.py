@@ -49,7 +49,7 @@ from .base import ConfigError
 __all__ = ["PRESETS", "TOY_PRESETS", "preset_settings", "toy_esd_context"]
 
 _TOY_ESD_X = {"steps": 200, "lr": 5e-4, "eta": 2.0, "ddim_steps": 25}
-_TOY_ESD_U = {"steps": 200, "lr": 5e-5, "eta": 2.0, "ddim_steps": 25}  # esd-all
+_TOY_ESD_ALL = {"steps": 200, "lr": 5e-5, "eta": 2.0, "ddim_steps": 25}
 _ESD_X_METHODS = ("esd-x", "esd-x-strict")  # tuned per attribute (TOY_ESD_BY_ATTRIBUTE)
 # ESD-u on the toy model, for a concept of the world: erased in context, with preserved siblings (see above)
 TOY_ESD_U_CONTEXT = {"erase_from": 16, "preserve": 10}
@@ -58,7 +58,7 @@ TOY_PRESETS: dict[str, dict[str, Any]] = {
     "esd-x": dict(_TOY_ESD_X),
     "esd-x-strict": dict(_TOY_ESD_X),
     "esd-u": {"steps": 200, "lr": 1e-4, "eta": 4.0, "ddim_steps": 25},  # and TOY_ESD_U_CONTEXT
-    "esd-all": dict(_TOY_ESD_U),
+    "esd-all": dict(_TOY_ESD_ALL),
     "spm": {"steps": 200, "lr": 4e-3, "guidance": 4.0, "ddim_steps": 25, "la_strength": 100.0},
     "salun": {"steps": 150, "lr": 5e-5, "num_forget": 128, "num_retain": 128, "generation_steps": 25},
     "advunlearn": {"steps": 150, "lr": 3e-4, "eta": 2.0, "ddim_steps": 25, "warmup": 30, "attack_steps": 10},
@@ -78,25 +78,22 @@ TOY_ESD_BY_ATTRIBUTE: dict[str, dict[str, Any]] = {
 
 def toy_esd_context(concept: str) -> dict[str, Any]:
     """ESD settings for a concept of the shapes world by its attribute ({} for other concepts)."""
-    from unsee import world
-
-    try:
-        attribute, _ = world.concept_attribute(concept)
-    except ValueError:
+    attribute = _world_attribute(concept)
+    if attribute is None:
         return {}
     table = TOY_ESD_BY_ATTRIBUTE[attribute]
     return {"lr": table["lr"], "eta": table["eta"],
             **_context_prompts(concept, erase_from=table["erase_from"], preserve=table["preserve"])}
 
 
-def _world_concept(concept: str) -> bool:
+def _world_attribute(concept: str) -> Optional[str]:
+    """The attribute a concept of the shapes world belongs to (None for other concepts)."""
     from unsee import world
 
     try:
-        world.concept_attribute(concept)
+        return world.concept_attribute(concept)[0]
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def _context_prompts(concept: str, erase_from: int, preserve: int) -> dict[str, Any]:
@@ -125,6 +122,6 @@ def preset_settings(preset: Optional[str], method: str, model: str = "toy",
     settings = dict(PRESETS[preset].get(method, {}))
     if preset == "toy" and method in _ESD_X_METHODS and isinstance(concept, str):
         settings.update(toy_esd_context(concept))
-    if preset == "toy" and method == "esd-u" and isinstance(concept, str) and _world_concept(concept):
+    if preset == "toy" and method == "esd-u" and isinstance(concept, str) and _world_attribute(concept):
         settings.update(_context_prompts(concept, **TOY_ESD_U_CONTEXT))
     return settings

@@ -6,11 +6,11 @@ the *erased* model denoises an image of the concept well when conditioned on the
 
 - the tokens are a relaxed one-hot ``W`` (k x vocabulary), uniform at the start (as the official code; from a
   random one-hot, 40 steps of lr 0.01 never move the argmax off its starting token): their embeddings are
-  ``W @ E`` with ``E`` the token embedding table; ``W`` is trained with Adam (lr 0.01, weight decay 0.1, 40 steps, the paper's values) on the
-  denoising loss of the erased model on the target image's latents, at ``timesteps`` noise levels drawn once per
-  prompt (a fixed objective, so its decrease is measurable), and projected back onto the probability simplex
-  after every step (the official code feeds a one-hot sampled from ``W`` forward, straight-through; here ``W @ E``
-  itself, which keeps the objective deterministic);
+  ``W @ E`` with ``E`` the token embedding table; ``W`` is trained with Adam (lr 0.01, weight decay 0.1,
+  40 steps, the paper's values) on the denoising loss of the erased model on the target image's latents, at
+  ``timesteps`` noise levels drawn once per prompt (a fixed objective, so its decrease is measurable), and
+  projected back onto the probability simplex after every step (the official code feeds a one-hot sampled
+  from ``W`` forward, straight-through; here ``W @ E`` itself, which keeps the objective deterministic);
 - the target image is what the model generates for the prompt with every erasure switched off (same seed);
 - the attacked prompt is the argmax tokens, decoded to text, before the prompt. The erased model generates from it
   and the judge decides whether the concept is back.
