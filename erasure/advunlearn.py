@@ -20,6 +20,11 @@ while other prompts keep their original conditioning. Each step is a small bi-le
    over ``retain_batch`` retain prompts r (sampled the same way, with their own original conditioning).
    The retain term is exactly 0 at initialisation.
 
+``erase_from`` (not in the paper; None by default) erases the concept in context, as ESD's option of that name
+does: each step draws one of these prompts, ``c_from``, samples x_t from it, puts the adversarial prefix before it,
+and trains towards ``eps*(x_t, c_from) - eta (eps*(x_t, c) - eps*(x_t, ""))``. On the toy model the bare word
+left circles in 41% of the concept's prompts (see ``erasure/presets.py``).
+
 Trained parameters: the encoder layers by **exact index** (``layers``; default all of them plus the final
 layer norm, the paper's ``text_encoder_full``); the token and position embeddings are never trained. The
 adapter is a delta on ``text_encoder``: it plugs into any pipeline with the same text encoder.
@@ -41,7 +46,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Optional
+from typing import Any, ClassVar, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -55,8 +60,10 @@ from .base import (
     _is_int,
     _is_number,
     _is_prompt_list,
+    checked_erase_from,
     ddim_sample,
     encode_prompts,
+    erase_from_prompts,
     is_sdxl,
     mse,
     predict,
@@ -97,6 +104,8 @@ class AdvUnlearnConfig(TrainerConfig):
             a concept of the toy world, world prompts that do not name it.
         layers: encoder layer indices to train (exact indices; None: every layer and the final layer norm).
         resolution: image size for x_t (None: the pipeline's default).
+        erase_from: prompts that name the concept, to erase it from in context (one drawn per step; see the
+            module docstring); None: the bare concept (the paper).
     """
 
     steps: int = 1000
@@ -114,6 +123,7 @@ class AdvUnlearnConfig(TrainerConfig):
     retain_prompts: Optional[tuple[str, ...]] = None
     layers: Optional[tuple[int, ...]] = None
     resolution: Optional[int] = None
+    erase_from: Union[str, tuple[str, ...], None] = None
 
     method: ClassVar[str] = "advunlearn"
 
@@ -148,6 +158,7 @@ class AdvUnlearnConfig(TrainerConfig):
                                   f"{self.layers!r}")
         if self.resolution is not None and (not _is_int(self.resolution) or self.resolution < 8):
             raise ConfigError(f"resolution must be an integer of at least 8 pixels, got {self.resolution!r}")
+        self.erase_from = checked_erase_from(self.erase_from)
 
 
 def _encoder_layers(text_encoder: nn.Module) -> nn.ModuleList:
@@ -238,11 +249,14 @@ class AdvUnlearnTrainer(Trainer):
         self.latent_shape = (1, *self.latent_size(pipe))
         self.scheduler = self.ddim_scheduler(config.ddim_steps)
         self.retain_prompts = list(config.retain_prompts or self.default_retain_prompts())
-        # original conditioning (the encoder is untouched during setup)
-        base = encode_prompts(pipe, [config.concept, ""], height, width)
+        # original conditioning (the encoder is untouched during setup): c, "", then each c_from
+        froms = list(erase_from_prompts(config.erase_from))
+        base = encode_prompts(pipe, [config.concept, ""] + froms, height, width)
         self.cond_concept, self.cond_empty = base.rows([0]), base.rows([1])
+        self.cond_from = [base.rows([2 + i]) for i in range(len(froms))]
         self.cond_retain = encode_prompts(pipe, self.retain_prompts, height, width)
-        self.concept_ids = self.tokenize([config.concept])
+        # the prompts the student erases from: the concept itself, or each c_from
+        self.concept_ids = self.tokenize(froms or [config.concept])
         self.adversarial_ids = prefixed_ids(self.concept_ids, config.prefix_tokens)
         self.retain_ids = self.tokenize(self.retain_prompts)
         self.latest_delta = state.get("latest_delta") if state else None
@@ -267,7 +281,8 @@ class AdvUnlearnTrainer(Trainer):
         tokens = self.randint(0, table.shape[0], (self.config.prefix_tokens,)).to(table.device)
         return table[tokens].detach().float().clone()
 
-    def attack(self, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def attack(self, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor, adversarial_ids: torch.Tensor
+               ) -> torch.Tensor:
         """The prefix embedding that makes the current encoder regenerate the concept (the inner problem)."""
         delta = self.initial_delta().requires_grad_(True)
         optimizer = torch.optim.Adam([delta], lr=self.config.attack_lr)
@@ -275,7 +290,7 @@ class AdvUnlearnTrainer(Trainer):
         for _ in range(self.config.attack_steps):
             optimizer.zero_grad(set_to_none=True)
             with prefix_embedding(self.trained_module, delta):
-                embeds = self.trained_module(self.adversarial_ids)[0].to(self.unet.dtype)
+                embeds = self.trained_module(adversarial_ids)[0].to(self.unet.dtype)
             loss = mse(predict(self.unet, x_t, t, Conditioning(embeds)), target)
             (grad,) = torch.autograd.grad(loss, [delta])
             delta.grad = grad
@@ -287,24 +302,28 @@ class AdvUnlearnTrainer(Trainer):
 
     def training_step(self, step: int) -> torch.Tensor:
         config = self.config
+        j = int(self.randint(0, len(self.cond_from))) if self.cond_from else 0  # the c_from drawn, if any
         k = int(self.randint(0, config.ddim_steps))
         t = self.scheduler.timesteps[k]
         retain_rows = self.randint(0, len(self.retain_prompts), (config.retain_batch,))
         cond_retain = self.cond_retain.rows(retain_rows)
+        # rows c, "" (and c_from): the paper's target anchors at "", in context at c_from's own prediction
+        parts = [self.cond_concept, self.cond_empty] + ([self.cond_from[j]] if self.cond_from else [])
         with torch.no_grad():
-            x_t = self.sample_latents(self.cond_concept, k)
+            x_t = self.sample_latents(parts[-1] if self.cond_from else self.cond_concept, k)
             x_r = self.sample_latents(cond_retain, k)
-            both = Conditioning.cat([self.cond_concept, self.cond_empty])
-            eps_c, eps_empty = predict(self.unet, torch.cat([x_t, x_t]), t, both).chunk(2)
-            target = eps_empty - config.eta * (eps_c - eps_empty)
+            eps = predict(self.unet, x_t.repeat(len(parts), 1, 1, 1), t, Conditioning.cat(parts)).chunk(len(parts))
+            eps_c, eps_empty, eps_student = eps[0], eps[1], eps[-1]  # eps_student: c_from's, or c's
+            target = (eps_student if self.cond_from else eps_empty) - config.eta * (eps_c - eps_empty)
             retain_target = predict(self.unet, x_r, t, cond_retain)
         if step >= config.warmup:
-            delta = self.attack(x_t, t, eps_c)
+            adversarial_ids = self.adversarial_ids[j:j + 1]
+            delta = self.attack(x_t, t, eps_student, adversarial_ids)
             with prefix_embedding(self.trained_module, delta):
-                erase_cond = self.encode(self.adversarial_ids)
+                erase_cond = self.encode(adversarial_ids)
         else:
             self.last_attack_losses = []
-            erase_cond = self.encode(self.concept_ids)
+            erase_cond = self.encode(self.concept_ids[j:j + 1])
         erase = mse(predict(self.unet, x_t, t, erase_cond), target)
         retain = mse(predict(self.unet, x_r, t, self.encode(self.retain_ids[retain_rows.to(self.device)])),
                      retain_target)

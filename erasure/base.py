@@ -109,6 +109,21 @@ def _is_prompt_list(value: Any, allow_empty: bool = False) -> bool:
             and all(isinstance(p, str) and p.strip() for p in value))
 
 
+def checked_erase_from(value: Any) -> Union[str, tuple[str, ...], None]:
+    """An ``erase_from`` setting checked and normalised: None, one prompt, or a tuple of prompts."""
+    text = isinstance(value, str) and bool(value.strip())
+    if not (value is None or text or _is_prompt_list(value)):
+        raise ConfigError(f"erase_from must be a non-empty text, a non-empty list of them, or None, got {value!r}")
+    return tuple(value) if isinstance(value, list) else value
+
+
+def erase_from_prompts(value: Union[str, Sequence[str], None]) -> tuple[str, ...]:
+    """An ``erase_from`` setting as a tuple of prompts (empty: erase the concept wherever it is named)."""
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 @dataclass
 class TrainerConfig:
     """Settings every erasure trainer shares. Subclasses add their method's fields and paper defaults.

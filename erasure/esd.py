@@ -63,8 +63,10 @@ from .base import (
     _is_int,
     _is_number,
     _is_prompt_list,
+    checked_erase_from,
     ddim_sample,
     encode_prompts,
+    erase_from_prompts,
     gaussian_lora_config,
     mse,
     predict,
@@ -128,20 +130,13 @@ class ESDConfig(TrainerConfig):
     @property
     def erase_from_prompts(self) -> tuple[str, ...]:
         """``erase_from`` as a tuple of prompts (empty: erase everywhere)."""
-        if self.erase_from is None:
-            return ()
-        return (self.erase_from,) if isinstance(self.erase_from, str) else tuple(self.erase_from)
+        return erase_from_prompts(self.erase_from)
 
     def validate(self) -> None:
         if self.variant not in ESD_VARIANTS:
             raise ConfigError(f"unknown ESD variant {self.variant!r}; choose one of {', '.join(ESD_VARIANTS)}")
         super().validate()
-        text = isinstance(self.erase_from, str) and bool(self.erase_from.strip())
-        if not (self.erase_from is None or text or _is_prompt_list(self.erase_from)):
-            raise ConfigError(f"erase_from must be a non-empty text, a non-empty list of them, or None, "
-                              f"got {self.erase_from!r}")
-        if isinstance(self.erase_from, list):
-            self.erase_from = tuple(self.erase_from)
+        self.erase_from = checked_erase_from(self.erase_from)
         if not _is_number(self.eta):
             raise ConfigError(f"eta (negative guidance) must be a finite number, got {self.eta!r}")
         if self.anchor not in ANCHORS:

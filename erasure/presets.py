@@ -13,7 +13,7 @@
   "red": lr 2e-4 0% / 93% (every "orange" prompt turns yellow); every setting tried trades one for the other:
   preserve prompts at lr 2e-4 62% / 96%, at lr 3e-4 (weight 2) 34% / 96%, at lr 5e-4 eta 2 0% / 89%.
   ESD-u (the paper's code's parameter rule: not ``conv_out``, not the time embedding) is erased in context
-  too, for every concept of the world (``TOY_ESD_U_CONTEXT``: 16 prompts naming it, 10 naming siblings,
+  too, for every concept of the world (``TOY_IN_CONTEXT``: 16 prompts naming it, 10 naming siblings,
   preserved), at lr 1e-4 and eta 4. Tuning runs ("circle"): bare word, lr 1e-4 eta 2, with ``conv_out`` and
   the time embedding trained (the 2025 rewrite's rule): 19% / 75%, every black and white background turned
   gray; lr 5e-5 eta 2: 72% / 99%; with the paper's rule, in context: lr 1e-4 eta 2 34% / 96%, plus preserve
@@ -51,13 +51,18 @@ __all__ = ["PRESETS", "TOY_PRESETS", "preset_settings", "toy_esd_context"]
 _TOY_ESD_X = {"steps": 200, "lr": 5e-4, "eta": 2.0, "ddim_steps": 25}
 _TOY_ESD_ALL = {"steps": 200, "lr": 5e-5, "eta": 2.0, "ddim_steps": 25}
 _ESD_X_METHODS = ("esd-x", "esd-x-strict")  # tuned per attribute (TOY_ESD_BY_ATTRIBUTE)
-# ESD-u on the toy model, for a concept of the world: erased in context, with preserved siblings (see above)
-TOY_ESD_U_CONTEXT = {"erase_from": 16, "preserve": 10}
+# On the toy model, for a concept of the world, these methods erase it in context (see above): how many world
+# prompts naming it go to erase_from, and how many naming its siblings to preserve (0: none)
+TOY_IN_CONTEXT: dict[str, dict[str, int]] = {
+    "esd-u": {"erase_from": 16, "preserve": 10},
+    "spm": {"erase_from": 16, "preserve": 0},
+    "advunlearn": {"erase_from": 16, "preserve": 0},
+}
 
 TOY_PRESETS: dict[str, dict[str, Any]] = {
     "esd-x": dict(_TOY_ESD_X),
     "esd-x-strict": dict(_TOY_ESD_X),
-    "esd-u": {"steps": 200, "lr": 1e-4, "eta": 4.0, "ddim_steps": 25},  # and TOY_ESD_U_CONTEXT
+    "esd-u": {"steps": 200, "lr": 1e-4, "eta": 4.0, "ddim_steps": 25},  # and TOY_IN_CONTEXT
     "esd-all": dict(_TOY_ESD_ALL),
     "spm": {"steps": 200, "lr": 4e-3, "guidance": 4.0, "ddim_steps": 25, "la_strength": 100.0},
     "salun": {"steps": 150, "lr": 5e-5, "num_forget": 128, "num_retain": 128, "generation_steps": 25},
@@ -114,7 +119,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {"paper": {}, "toy": TOY_PRESETS
 def preset_settings(preset: Optional[str], method: str, model: str = "toy",
                     concept: Optional[str] = None) -> dict[str, Any]:
     """The settings ``preset`` gives ``method`` (None: ``toy`` for the toy model, else ``paper``); with the
-    ``toy`` preset, an ESD variant and a ``concept`` of the shapes world, also its context prompts."""
+    ``toy`` preset and a ``concept`` of the shapes world, also the prompts ESD, SPM and AdvUnlearn erase it from
+    in context (and ESD's preserved prompts)."""
     if preset is None:
         preset = "toy" if model == "toy" else "paper"
     if preset not in PRESETS:
@@ -122,6 +128,6 @@ def preset_settings(preset: Optional[str], method: str, model: str = "toy",
     settings = dict(PRESETS[preset].get(method, {}))
     if preset == "toy" and method in _ESD_X_METHODS and isinstance(concept, str):
         settings.update(toy_esd_context(concept))
-    if preset == "toy" and method == "esd-u" and isinstance(concept, str) and _world_attribute(concept):
-        settings.update(_context_prompts(concept, **TOY_ESD_U_CONTEXT))
+    if preset == "toy" and method in TOY_IN_CONTEXT and isinstance(concept, str) and _world_attribute(concept):
+        settings.update(_context_prompts(concept, **TOY_IN_CONTEXT[method]))
     return settings

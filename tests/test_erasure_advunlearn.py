@@ -62,6 +62,21 @@ def test_attack_loss_decreases_over_its_steps(pipe):
     assert losses[-1] < losses[0]
 
 
+def test_in_context_erase_term_anchors_at_the_drawn_prompt(pipe):
+    # eta 0, first step before the attack: the in-context target is c_from's own original prediction, which the
+    # untouched encoder reproduces; the paper's target (anchored at "") leaves a positive erase term
+    froms = ("a red circle", "a blue circle")
+    in_context = AdvUnlearnTrainer(AdvUnlearnConfig(steps=1, warmup=1, eta=0.0, erase_from=froms, **FAST))
+    in_context.train(pipe)
+    assert in_context.last_terms["erase"] < 1e-12
+    bare = AdvUnlearnTrainer(AdvUnlearnConfig(steps=1, warmup=1, eta=0.0, **FAST))
+    bare.train(pipe)
+    assert bare.last_terms["erase"] > 1e-6
+    attacked = AdvUnlearnTrainer(AdvUnlearnConfig(steps=1, warmup=0, erase_from=froms, **FAST))
+    attacked.train(pipe)  # the prefix goes before the drawn c_from
+    assert len(attacked.last_attack_losses) == FAST["attack_steps"]
+
+
 def test_warmup_steps_train_without_the_attack(pipe):
     trainer = AdvUnlearnTrainer(AdvUnlearnConfig(steps=2, warmup=2, **FAST))
     adapter = trainer.train(pipe)
@@ -128,6 +143,7 @@ def test_sdxl_is_refused_with_a_clear_message():
     ("layers", (-1,), "layers must be encoder layer indices"),
     ("retain_prompts", (), "retain_prompts is empty"),
     ("warmup", -1, "warmup must be a non-negative integer"),
+    ("erase_from", ["a circle", ""], "erase_from must be a non-empty text"),
 ])
 def test_invalid_config_fails_on_construction(field, value, message):
     with pytest.raises(ConfigError, match=message):

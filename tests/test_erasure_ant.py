@@ -6,24 +6,15 @@ import torch
 from unsee.erasure import ANTConfig, ANTTrainer, ConfigError, ant_lora_modules
 from unsee.erasure.ant import augmentation_prompts
 from unsee.erasure.salun import top_fraction_mask
-from unsee.testing import tiny_sd_pipeline
+from unsee.testing import train_on_tiny_pipeline
 
 TINY = dict(ddim_steps=4, before_step=2, saliency_iterations=1, saliency_seeds=[0], saliency_prompts=["circle"])
 
 
 def _train(steps=1, **settings):
-    pipe = tiny_sd_pipeline()
-    originals = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
-    seen = {}
-
-    def progress(event):
-        if event.phase == "train" and event.step == event.total:
-            seen.update({n: p.detach().clone() for n, p in pipe.unet.named_parameters()})
-
-    config = ANTConfig(concept="circle", steps=steps, **{**TINY, **settings})
-    trainer = ANTTrainer(config)
-    adapter = trainer.train(pipe, progress=progress)
-    return pipe, trainer, adapter, originals, seen
+    trainer = ANTTrainer(ANTConfig(concept="circle", steps=steps, **{**TINY, **settings}))
+    pipe, adapter, originals, final = train_on_tiny_pipeline(trainer)
+    return pipe, trainer, adapter, originals, final
 
 
 def test_top_fraction_keeps_the_largest_magnitudes():

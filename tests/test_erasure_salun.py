@@ -7,24 +7,16 @@ import torch
 
 from unsee.erasure import ConfigError, SalUnConfig, SalUnTrainer, load_mask, pack_mask, save_mask, unpack_mask
 from unsee.erasure.salun import relabel_prompt, saliency_prompts
-from unsee.testing import tiny_sd_pipeline
+from unsee.testing import train_on_tiny_pipeline
 
 
 TINY = dict(num_forget=4, num_retain=4, batch_size=2, generation_steps=3)
 
 
 def _train(fraction=0.5, steps=3, lr=1e-2, **extra):
-    pipe = tiny_sd_pipeline()
-    originals = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
-    seen = {}
-
-    def progress(event):
-        if event.phase == "train" and event.step == event.total:
-            seen.update({n: p.detach().clone() for n, p in pipe.unet.named_parameters()})
-
     trainer = SalUnTrainer(SalUnConfig(concept="circle", steps=steps, lr=lr, mask_fraction=fraction, **TINY, **extra))
-    adapter = trainer.train(pipe, progress=progress)
-    return pipe, trainer, adapter, originals, seen
+    pipe, adapter, originals, final = train_on_tiny_pipeline(trainer)
+    return pipe, trainer, adapter, originals, final
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.3])

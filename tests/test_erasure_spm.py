@@ -118,3 +118,21 @@ def test_spm_is_deterministic_for_its_seed_whatever_the_global_generator_did():
         results.append(adapter.tensors)
     assert results[0].keys() == results[1].keys()
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_in_context_erase_term_anchors_at_the_drawn_prompt():
+    # with guidance 0 the in-context target is c_from's own frozen prediction, which the fresh adapter matches;
+    # the paper's target anchors at "" instead, so the same step has a positive erase term
+    in_context = SPMTrainer(SPMConfig(steps=1, guidance=0.0, erase_from=["a red circle", "a blue circle"], **FAST))
+    in_context.train(tiny_sd_pipeline())
+    assert in_context.last_terms["erase"] < 1e-12
+    assert in_context.last_terms["anchor"] == 0.0
+    bare = SPMTrainer(SPMConfig(steps=1, guidance=0.0, **FAST))
+    bare.train(tiny_sd_pipeline())
+    assert bare.last_terms["erase"] > 1e-6
+
+
+@pytest.mark.parametrize("value", ["", [], ["a circle", ""], 3])
+def test_invalid_erase_from_is_refused(value):
+    with pytest.raises(ConfigError, match="erase_from"):
+        SPMConfig(concept="circle", erase_from=value)

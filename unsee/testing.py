@@ -107,3 +107,18 @@ def tiny_sdxl_pipeline(pipeline_class: Optional[type] = None, seed: int = 0):
     from unsee.pipelines import UnseeStableDiffusionXLPipeline
 
     return _wrap(tiny_sdxl_components(seed), pipeline_class or UnseeStableDiffusionXLPipeline)
+
+
+def train_on_tiny_pipeline(trainer: Any) -> tuple[Any, Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Train an erasure ``trainer`` on a fresh tiny SD pipeline. Returns the pipeline, the adapter, and the UNet's
+    parameters before training and at its last step (the trainer restores the pipeline's own weights when it ends)."""
+    pipe = tiny_sd_pipeline()
+    originals = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    final: dict[str, torch.Tensor] = {}
+
+    def progress(event: Any) -> None:
+        if event.phase == "train" and event.step == event.total:
+            final.update({n: p.detach().clone() for n, p in pipe.unet.named_parameters()})
+
+    adapter = trainer.train(pipe, progress=progress)
+    return pipe, adapter, originals, final
