@@ -2,6 +2,7 @@
 """Per-step time of the guidance methods against diffusers for the same work, in one run.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/guidance_speed.py [--steps 20] [--repeats 7]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/guidance_speed.py --unet sd15 --batch 1 --steps 3 --repeats 3
 
 Times whole denoising loops (``output_type="latent"``, no VAE decode) on the toy model, batch 8,
 interleaving the settings and taking the median of the repeats. Ratios:
@@ -9,7 +10,10 @@ interleaving the settings and taking the median of the repeats. Ratios:
 - PAG / diffusers' StableDiffusionPAGPipeline (same layers "mid", same scale);
 - CFG++, FDG and delayed negative steering / a CFG step;
 - NASA (one pass) / CFG with a negative prompt (two passes).
-Writes the "guidance-speed" section of BENCHMARKS.md.
+Writes the "guidance-speed" section of BENCHMARKS.md. ``--unet sd15`` swaps in a random-weight UNet of SD 1.5's
+architecture (860M parameters, 32x32 latents, the toy text encoder's 128-wide conditioning): there the UNet's
+arithmetic dominates a step, as on a GPU at full size, where on the toy model per-call overheads do; it writes
+the "guidance-speed-sd15" section.
 """
 
 from __future__ import annotations
@@ -37,8 +41,24 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--model", default="toy", help="timings depend on the architecture only, not on the weights")
     parser.add_argument("--model-label", default="the toy model")
+    parser.add_argument("--unet", choices=("model", "sd15"), default="model",
+                        help="sd15: a random-weight UNet of SD 1.5's architecture in place of the model's")
     args = parser.parse_args()
     ours = unsee.load_pipeline(args.model)
+    section, title = "guidance-speed", "Guidance speed"
+    if args.unet == "sd15":
+        from diffusers import UNet2DConditionModel
+
+        from unsee.testing import SD15_UNET_CONFIG
+
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**{**SD15_UNET_CONFIG, "sample_size": 32, "in_channels": ours.unet.config.in_channels,
+                                       "out_channels": ours.unet.config.out_channels,
+                                       "cross_attention_dim": ours.text_encoder.config.hidden_size})
+        ours = type(ours)(**{**ours.components, "unet": unet})
+        section, title = "guidance-speed-sd15", "Guidance speed, SD 1.5-shaped UNet"
+        args.model_label = ("SD 1.5's UNet architecture with random weights (860M parameters, 32x32 latents, "
+                            "cross-attention over the toy text encoder's 128-wide states)")
     plain = StableDiffusionPipeline(**ours.components)
     pag = StableDiffusionPAGPipeline(**ours.components, pag_applied_layers="mid")
     for pipe in (ours, plain, pag):
@@ -77,7 +97,7 @@ def main() -> None:
     table = "\n".join(f"| {name} | {value:.3f} | {bar} |" for name, value, bar in ratios)
     per_step = "\n".join(f"| {name} | {1000 * value:.1f} | {1000 * min(times[name]):.1f} – {1000 * max(times[name]):.1f} |"
                          for name, value in step.items())
-    body = f"""## Guidance speed (`benchmarks/guidance_speed.py`)
+    body = f"""## {title} (`benchmarks/guidance_speed.py{' --unet sd15' if args.unet == 'sd15' else ''}`)
 
 Hardware: {hardware()}. Model: {args.model_label}, batch {args.batch}, {args.steps} DDIM steps, no VAE decode; median of {args.repeats}
 interleaved repeats per setting, all in one run.
@@ -93,7 +113,7 @@ Run-to-run spread on this shared 2-core machine is several percent (min – max 
 |---|---|---|
 {per_step}
 """
-    write_section("guidance-speed", body)
+    write_section(section, body)
     print(body)
 
 

@@ -115,6 +115,7 @@ def test_an_spm_trained_on_the_toy_model_erases_on_a_fine_tune_of_it_without_ret
 
     before, after = presence(variant, erased=False), presence(variant, erased=True)
     on_its_own_model = presence(toy_pipe, erased=True)
-    # it erases on the fine-tune, and about as well as on the model it was trained on
-    assert before >= 0.9 and on_its_own_model <= 0.5, (before, on_its_own_model)
-    assert after <= 0.5 and after <= on_its_own_model + 0.25, (after, on_its_own_model)
+    # it erases on the fine-tune as on the model it was trained on: to the bar of at most 15% presence
+    # (measured: 0% on both, at evaluation seeds 1234 and 5)
+    assert before >= 0.9 and on_its_own_model <= 0.15, (before, on_its_own_model)
+    assert after <= 0.15, (after, on_its_own_model)
