@@ -302,15 +302,16 @@ class AdvUnlearnTrainer(Trainer):
 
     def training_step(self, step: int) -> torch.Tensor:
         config = self.config
-        j = int(self.randint(0, len(self.cond_from))) if self.cond_from else 0  # the c_from drawn, if any
+        j = self.draw_index(len(self.cond_from)) if self.cond_from else 0  # the c_from drawn, if any
         k = int(self.randint(0, config.ddim_steps))
         t = self.scheduler.timesteps[k]
         retain_rows = self.randint(0, len(self.retain_prompts), (config.retain_batch,))
         cond_retain = self.cond_retain.rows(retain_rows)
+        cond_student = self.cond_from[j] if self.cond_from else self.cond_concept
         # rows c, "" (and c_from): the paper's target anchors at "", in context at c_from's own prediction
-        parts = [self.cond_concept, self.cond_empty] + ([self.cond_from[j]] if self.cond_from else [])
+        parts = [self.cond_concept, self.cond_empty] + ([cond_student] if self.cond_from else [])
         with torch.no_grad():
-            x_t = self.sample_latents(parts[-1] if self.cond_from else self.cond_concept, k)
+            x_t = self.sample_latents(cond_student, k)
             x_r = self.sample_latents(cond_retain, k)
             eps = predict(self.unet, x_t.repeat(len(parts), 1, 1, 1), t, Conditioning.cat(parts)).chunk(len(parts))
             eps_c, eps_empty, eps_student = eps[0], eps[1], eps[-1]  # eps_student: c_from's, or c's

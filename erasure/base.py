@@ -420,6 +420,10 @@ class Trainer:
         """Integers in ``[low, high)`` from the run's generator."""
         return torch.randint(low, high, tuple(size), generator=self.generator)
 
+    def draw_index(self, n: int) -> int:
+        """A random index in ``[0, n)`` (no random number is drawn when ``n`` is 1)."""
+        return 0 if n == 1 else int(self.randint(0, n))
+
     @contextlib.contextmanager
     def frozen_teacher(self) -> Iterator[nn.Module]:
         """The frozen original model, in place: the trained tensors' original values are swapped in (or the

@@ -226,7 +226,7 @@ class ESDTrainer(Trainer):
 
     def draw(self, choices: list[Conditioning]) -> Conditioning:
         """One of ``choices`` at random (no random number is drawn when there is only one)."""
-        return choices[0] if len(choices) == 1 else choices[int(self.randint(0, len(choices)))]
+        return choices[self.draw_index(len(choices))]
 
     def sample_xt(self, cond_student: Conditioning, cond_keep: Optional[Conditioning] = None
                   ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
