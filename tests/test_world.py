@@ -73,3 +73,18 @@ def test_tokenizer_round_trip_offline(tmp_path):
     assert loaded.decode(loaded(text).input_ids, skip_special_tokens=True) == text
     padded = loaded(text, padding="max_length").input_ids
     assert len(padded) == toy.MAX_LENGTH
+
+
+def test_tokenizer_is_the_same_in_every_process():
+    """The merges and ids depend on the words only (the tiny test pipelines' embeddings follow the ids)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    probe = "from unsee import toy, world; import json; t = toy.build_tokenizer(world.vocabulary()); print(json.dumps(t.get_vocab(), sort_keys=True))"
+    here = json.dumps(toy.build_tokenizer(world.vocabulary()).get_vocab(), sort_keys=True)
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        there = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+        assert there.strip() == here

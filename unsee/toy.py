@@ -15,11 +15,10 @@ Components:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTokenizer
 
 import unsee.weights as unsee_weights
@@ -34,39 +33,62 @@ EOS_TOKEN = "<|endoftext|>"
 MAX_LENGTH = 32  # world prompts are under 16 tokens; room left for prefix tokens (attacks, AdvUnlearn)
 
 
+def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Byte-pair merges that turn each of ``words`` into one symbol, learned deterministically.
+
+    Classic BPE on the word list (each word counted once): merge the most frequent adjacent pair,
+    ties broken by the pair's text, until every word is a single symbol. (The ``tokenizers`` trainer
+    breaks ties by hash order, so its merges, and the ids of the partial words, differed from one
+    process to the next.)
+    """
+    spelled = [list(word[:-1]) + [word[-1] + "</w>"] for word in words]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for symbols in spelled:
+            for pair in zip(symbols, symbols[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        for symbols in spelled:
+            i = 0
+            while i < len(symbols) - 1:
+                if (symbols[i], symbols[i + 1]) == best:
+                    symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+                i += 1
+
+
 def build_tokenizer(words: Iterable[str], max_length: int = MAX_LENGTH) -> CLIPTokenizer:
     """A CLIP BPE tokenizer built in memory, offline, in which each of ``words`` is one token.
 
     The vocabulary is the 256 byte-level symbols, the same with the end-of-word marker ``</w>``,
-    the merged tokens learned from ``words`` and the two special tokens; prompts are padded to
-    ``max_length`` tokens (the toy model's 32; SD's 77 for the tiny test pipelines). Any text can be encoded
-    (unknown words fall back to characters) and decodes back to its lower-cased form.
+    the merged tokens learned from ``words`` (in merge order) and the two special tokens; prompts are
+    padded to ``max_length`` tokens (the toy model's 32; SD's 77 for the tiny test pipelines). Any text
+    can be encoded (unknown words fall back to characters) and decodes back to its lower-cased form.
+    The same words always give the same tokenizer.
     """
     words = sorted({w.lower() for w in words})
+    if not all(w.isascii() and w.isalnum() for w in words):
+        raise ValueError(f"build_tokenizer takes words of ASCII letters and digits only, got {words}")
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    learner = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    learner.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=100_000, min_frequency=1, show_progress=False, end_of_word_suffix="</w>", initial_alphabet=alphabet
-    )
-    learner.train_from_iterator(words, trainer=trainer)
-    model_state = json.loads(learner.to_str())["model"]
-    learned: dict[str, int] = model_state["vocab"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model_state["merges"]]
-
+    merges = _learn_merges(words)
     vocab: dict[str, int] = {}
     for symbol in alphabet + [s + "</w>" for s in alphabet]:
         vocab.setdefault(symbol, len(vocab))
-    for token in sorted(learned, key=lambda t: (learned[t], t)):
-        vocab.setdefault(token, len(vocab))
     for left, right in merges:
         vocab.setdefault(left + right, len(vocab))
     vocab[BOS_TOKEN] = len(vocab)
     vocab[EOS_TOKEN] = len(vocab)
-    return CLIPTokenizer(
+    tokenizer = CLIPTokenizer(
         vocab=vocab, merges=merges, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
         unk_token=EOS_TOKEN, model_max_length=max_length,
     )
+    for word in words:
+        if len(tokenizer(word, add_special_tokens=False).input_ids) != 1:
+            raise RuntimeError(f"build_tokenizer: {word!r} does not encode to one token")
+    return tokenizer
 
 
 def text_encoder_config(tokenizer: CLIPTokenizer, hidden_size: int = 128, layers: int = 3, heads: int = 4) -> CLIPTextConfig:
