@@ -39,7 +39,9 @@
   at lr 3e-4, eta 4: 9% / 100% (training seed 1: 22% / 97%), attack success on 16 prompts 19% (13% without
   the attack); the inner attack at lr 1e-2 (the toy's token embeddings are ~0.02 per element, so 10 steps at
   the paper's 1e-3 barely move the prefix): 3% / 95%, attack success 6% (all of it without the attack; the
-  preset); with 5 prefix tokens: 6% / 93%, attack success 13%.
+  previous preset; a second run of it gave 6% / 85%); with 5 prefix tokens: 6% / 93%, attack success 13%; with
+  48 prompts in ``erase_from``: 0% / 91% (squares turn to triangles), attack success 6%; the same at eta 6:
+  0% / 95%, attack success 0% (the preset).
   The benchmarks' figures are in ``BENCHMARKS.md`` (``benchmarks/erasure_efficacy.py``,
   ``benchmarks/erasure_methods.py``).
 
@@ -63,7 +65,7 @@ _ESD_X_METHODS = ("esd-x", "esd-x-strict")  # tuned per attribute (TOY_ESD_BY_AT
 TOY_IN_CONTEXT: dict[str, dict[str, int]] = {
     "esd-u": {"erase_from": 16, "preserve": 10},
     "spm": {"erase_from": 16, "preserve": 0},
-    "advunlearn": {"erase_from": 16, "preserve": 0},
+    "advunlearn": {"erase_from": 48, "preserve": 0},
 }
 
 TOY_PRESETS: dict[str, dict[str, Any]] = {
@@ -73,7 +75,7 @@ TOY_PRESETS: dict[str, dict[str, Any]] = {
     "esd-all": dict(_TOY_ESD_ALL),
     "spm": {"steps": 200, "lr": 4e-3, "guidance": 4.0, "ddim_steps": 25, "la_strength": 100.0},
     "salun": {"steps": 150, "lr": 5e-5, "num_forget": 128, "num_retain": 128, "generation_steps": 25},
-    "advunlearn": {"steps": 250, "lr": 3e-4, "eta": 4.0, "ddim_steps": 25, "warmup": 30, "attack_steps": 10,
+    "advunlearn": {"steps": 250, "lr": 3e-4, "eta": 6.0, "ddim_steps": 25, "warmup": 30, "attack_steps": 10,
                    "attack_lr": 1e-2},
     "ant": {"steps": 200, "lr": 1e-3, "eta": 2.0, "ddim_steps": 20, "before_step": 2, "saliency_iterations": 2,
             "parameters": "esd-x", "mask_fraction": 0.9},
