@@ -5,7 +5,9 @@
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/guidance_speed.py --unet sd15 --batch 1 --steps 3 --repeats 3
 
 Times whole denoising loops (``output_type="latent"``, no VAE decode) on the toy model, batch 8,
-interleaving the settings and taking the median of the repeats. Ratios:
+interleaving the settings (in reverse order every other repeat). A ratio is the median over repeats of the
+ratio within one repeat (the two runs it compares are seconds apart, so the machine's load drifts out of it);
+the ratio of the fastest repeats is shown beside it. Ratios:
 - plain CFG through unsee's pipeline (``guidance=[CFG(5)]``) / diffusers' StableDiffusionPipeline;
 - PAG / diffusers' StableDiffusionPAGPipeline (same layers "mid", same scale);
 - CFG++, FDG and delayed negative steering / a CFG step;
@@ -81,33 +83,39 @@ def main() -> None:
     for name, fn in settings.items():  # warm-up
         fn(torch.Generator().manual_seed(0))
     for repeat in range(args.repeats):
-        for name, fn in settings.items():
+        order = list(settings.items())
+        for name, fn in order if repeat % 2 == 0 else reversed(order):
             t0 = time.perf_counter()
             fn(torch.Generator().manual_seed(repeat))
             times[name].append((time.perf_counter() - t0) / args.steps)
     step = {name: statistics.median(v) for name, v in times.items()}
-    ratios = [
-        ("plain CFG: unsee / diffusers", step["unsee CFG"] / step["diffusers CFG"], "≤ 1.02"),
-        ("PAG: unsee / diffusers' PAG pipeline", step["unsee PAG"] / step["diffusers PAG"], "≤ 1.0"),
-        ("CFG++ / CFG", step["unsee CFG++"] / step["diffusers CFG"], "≤ 1.03"),
-        ("FDG / CFG", step["unsee FDG"] / step["diffusers CFG"], "≤ 1.03"),
-        ("negative steering / CFG", step["unsee negative from 20%"] / step["diffusers CFG"], "≤ 1.03"),
-        ("NASA / CFG with negative", step["unsee NASA (no CFG)"] / step["diffusers CFG + negative"], "≤ 0.6"),
+    compared = [
+        ("plain CFG: unsee / diffusers", "unsee CFG", "diffusers CFG", "≤ 1.02"),
+        ("PAG: unsee / diffusers' PAG pipeline", "unsee PAG", "diffusers PAG", "≤ 1.0"),
+        ("CFG++ / CFG", "unsee CFG++", "diffusers CFG", "≤ 1.03"),
+        ("FDG / CFG", "unsee FDG", "diffusers CFG", "≤ 1.03"),
+        ("negative steering / CFG", "unsee negative from 20%", "diffusers CFG", "≤ 1.03"),
+        ("NASA / CFG with negative", "unsee NASA (no CFG)", "diffusers CFG + negative", "≤ 0.6"),
     ]
-    table = "\n".join(f"| {name} | {value:.3f} | {bar} |" for name, value, bar in ratios)
+    table = "\n".join(
+        f"| {label} | {statistics.median(a / b for a, b in zip(times[ours_name], times[base])):.3f} "
+        f"| {min(times[ours_name]) / min(times[base]):.3f} | {bar} |"
+        for label, ours_name, base, bar in compared
+    )
     per_step = "\n".join(f"| {name} | {1000 * value:.1f} | {1000 * min(times[name]):.1f} – {1000 * max(times[name]):.1f} |"
                          for name, value in step.items())
     body = f"""## {title} (`benchmarks/guidance_speed.py{' --unet sd15' if args.unet == 'sd15' else ''}`)
 
-Hardware: {hardware()}. Model: {args.model_label}, batch {args.batch}, {args.steps} DDIM steps, no VAE decode; median of {args.repeats}
+Hardware: {hardware()}. Model: {args.model_label}, batch {args.batch}, {args.steps} DDIM steps, no VAE decode; {args.repeats}
 interleaved repeats per setting, all in one run.
 
-| ratio of per-step times | measured | bar |
-|---|---|---|
+| ratio of per-step times | median of per-repeat ratios | fastest / fastest | bar |
+|---|---|---|---|
 {table}
 
-Run-to-run spread on this shared 2-core machine is several percent (min – max column), as large as the
-2–3% bars: read the ratios as ± that spread.
+One setting's time varies by several percent from repeat to repeat on this shared 2-core machine (min – max
+column); pairing the runs of one repeat cancels the slow drift of the load, not the jitter of single runs:
+read differences of 1–2% as noise.
 
 | setting | ms per step (median) | min – max over repeats |
 |---|---|---|
