@@ -127,9 +127,9 @@ def test_toy_preset_puts_esd_in_the_worlds_context(tmp_path):
     assert all(world.parse_prompt(p).get("shape") == "circle" for p in esd_u["erase_from"])
     assert all(world.parse_prompt(p).get("shape") not in (None, "circle") for p in esd_u["preserve"])
     assert "erase_from" not in preset_settings("toy", "esd-u", concept="a cat")
-    for method in ("spm", "advunlearn"):  # in context, nothing preserved (AdvUnlearn has its own retain set)
+    for method, count in (("spm", 16), ("advunlearn", 48)):  # in context, nothing preserved (AdvUnlearn retains)
         in_context = preset_settings("toy", method, concept="circle")
-        assert len(in_context["erase_from"]) == 16 and "preserve" not in in_context
+        assert len(in_context["erase_from"]) == count and "preserve" not in in_context
         assert all(world.parse_prompt(p).get("shape") == "circle" for p in in_context["erase_from"])
         assert "erase_from" not in preset_settings("toy", method, concept="a cat")
     (job,), _ = plan_jobs({"method": "esd-x", "concept": "striped", "out_dir": str(tmp_path)})
