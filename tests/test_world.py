@@ -88,3 +88,8 @@ def test_tokenizer_is_the_same_in_every_process():
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
         there = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
         assert there.strip() == here
+
+
+def test_tokenizer_refuses_words_it_cannot_keep_whole():
+    with pytest.raises(ValueError, match="ASCII letters only"):
+        toy.build_tokenizer(["circle", "r2d2"])  # CLIP's pre-tokenizer splits the digits off

@@ -70,8 +70,8 @@ def build_tokenizer(words: Iterable[str], max_length: int = MAX_LENGTH) -> CLIPT
     The same words always give the same tokenizer.
     """
     words = sorted({w.lower() for w in words})
-    if not all(w.isascii() and w.isalnum() for w in words):
-        raise ValueError(f"build_tokenizer takes words of ASCII letters and digits only, got {words}")
+    if not all(w.isascii() and w.isalpha() for w in words):  # CLIP's pre-tokenizer splits digits and punctuation off
+        raise ValueError(f"build_tokenizer takes words of ASCII letters only, got {words}")
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     merges = _learn_merges(words)
     vocab: dict[str, int] = {}
