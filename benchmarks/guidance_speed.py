@@ -2,7 +2,7 @@
 """Per-step time of the guidance methods against diffusers for the same work, in one run.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/guidance_speed.py [--steps 20] [--repeats 7]
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/guidance_speed.py --unet sd15 --batch 1 --steps 3 --repeats 3
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/guidance_speed.py --unet sd15 --batch 1 --steps 3 --repeats 7
 
 Times whole denoising loops (``output_type="latent"``, no VAE decode) on the toy model, batch 8,
 interleaving the settings (in reverse order every other repeat). A ratio is the median over repeats of the
