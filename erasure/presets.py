@@ -42,6 +42,9 @@
   previous preset; a second run of it gave 6% / 85%); with 5 prefix tokens: 6% / 93%, attack success 13%; with
   48 prompts in ``erase_from``: 0% / 91% (squares turn to triangles), attack success 6%; the same at eta 6:
   0% / 95%, attack success 0% (the preset).
+  Style concepts ("striped", 32 images): with the circle presets ESD-u leaves 61%, SPM 72%, ANT 100%
+  (``benchmarks/erasure_methods.py``). SPM at guidance 8: 6% / 99% (``TOY_BY_ATTRIBUTE``). ESD-u: lr 5e-4:
+  0% / 89% (shapes drift); lr 1e-3 eta 3: 0% / 76%; lr 2.5e-4: 72% / 100% (not yet tuned for styles). ANT at lr 3e-3: 100% (not yet tuned for styles).
   The benchmarks' figures are in ``BENCHMARKS.md`` (``benchmarks/erasure_efficacy.py``,
   ``benchmarks/erasure_methods.py``).
 
@@ -55,7 +58,7 @@ from typing import Any, Optional
 
 from .base import ConfigError
 
-__all__ = ["PRESETS", "TOY_PRESETS", "preset_settings", "toy_esd_context"]
+__all__ = ["PRESETS", "TOY_BY_ATTRIBUTE", "TOY_PRESETS", "preset_settings", "toy_esd_context"]
 
 _TOY_ESD_X = {"steps": 200, "lr": 5e-4, "eta": 2.0, "ddim_steps": 25}
 _TOY_ESD_ALL = {"steps": 200, "lr": 5e-5, "eta": 2.0, "ddim_steps": 25}
@@ -79,6 +82,12 @@ TOY_PRESETS: dict[str, dict[str, Any]] = {
                    "attack_lr": 1e-2},
     "ant": {"steps": 200, "lr": 1e-3, "eta": 2.0, "ddim_steps": 20, "before_step": 2, "saliency_iterations": 2,
             "parameters": "esd-x", "mask_fraction": 0.9},
+}
+
+# Other methods on the toy model, by the attribute of the concept (a style is a texture, not a layout: it needs a
+# stronger erase target); applied over TOY_PRESETS
+TOY_BY_ATTRIBUTE: dict[str, dict[str, dict[str, Any]]] = {
+    "spm": {"style": {"guidance": 8.0}},
 }
 
 # ESD on the toy model, by the attribute the concept belongs to: learning rate, eta, and how many world prompts
@@ -138,6 +147,9 @@ def preset_settings(preset: Optional[str], method: str, model: str = "toy",
     settings = dict(PRESETS[preset].get(method, {}))
     if preset == "toy" and method in _ESD_X_METHODS and isinstance(concept, str):
         settings.update(toy_esd_context(concept))
-    if preset == "toy" and method in TOY_IN_CONTEXT and isinstance(concept, str) and _world_attribute(concept):
-        settings.update(_context_prompts(concept, **TOY_IN_CONTEXT[method]))
+    attribute = _world_attribute(concept) if isinstance(concept, str) else None
+    if preset == "toy" and attribute is not None:
+        settings.update(TOY_BY_ATTRIBUTE.get(method, {}).get(attribute, {}))
+        if method in TOY_IN_CONTEXT:
+            settings.update(_context_prompts(concept, **TOY_IN_CONTEXT[method]))
     return settings
