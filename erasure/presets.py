@@ -43,8 +43,17 @@
   48 prompts in ``erase_from``: 0% / 91% (squares turn to triangles), attack success 6%; the same at eta 6:
   0% / 95%, attack success 0% (the preset).
   Style concepts ("striped", 32 images): with the circle presets ESD-u leaves 61%, SPM 72%, ANT 100%
-  (``benchmarks/erasure_methods.py``). SPM at guidance 8: 6% / 99% (``TOY_BY_ATTRIBUTE``). ESD-u: lr 5e-4:
-  0% / 89% (shapes drift); lr 1e-3 eta 3: 0% / 76%; lr 2.5e-4: 72% / 100% (not yet tuned for styles). ANT at lr 3e-3: 100% (not yet tuned for styles).
+  (``benchmarks/erasure_methods.py``). SPM at guidance 8: 6% / 99% (``TOY_BY_ATTRIBUTE``). ESD-u in context: lr 2.5e-4:
+  72% / 100%; lr 3.5e-4: 16% / 99%; lr 4e-4: 16% / 96%; lr 4.5e-4: 3% / 88% (shapes drift; with preserve weight
+  3: 0% / 97%); lr 5e-4: 0% / 89%; lr 1e-3 eta 3: 0% / 76%; lr 3.5e-4 eta 6: 0% / 98% (``TOY_BY_ATTRIBUTE``). ANT
+  leaves the style in every setting tried: at lr 3e-3 100%; before_step 1, lr 3e-3, eta 4: 100% (shapes elsewhere
+  drift); the full-UNet mask: 100% / 41%; in context (``erase_from``, 16 prompts): lr 1e-3 100%, every
+  cross-attention weight (``mask_fraction`` 1) 100%, at lr 2e-3 eta 3 100% with 7 of 32 "solid" prompts turned
+  striped; without the enhance term (``enhance_weight`` 0, no longer ANT) lr 2e-3: 34% (7 "solid" prompts
+  striped), lr 4e-3: 34% / 39%; enhance 0.25, before_step 1: 84%. No toy preset for styles. The stripes are
+  not set in the steps ANT keeps: on the original model, 25 DDIM steps from "a striped <color> <shape>" switched
+  to "a solid ..." after k steps give stripes in 0% (k = 3), 3% (4), 28% (6), 59% (10) of 32 images
+  (``benchmarks/style_onset.py``).
   The benchmarks' figures are in ``BENCHMARKS.md`` (``benchmarks/erasure_efficacy.py``,
   ``benchmarks/erasure_methods.py``).
 
@@ -87,6 +96,7 @@ TOY_PRESETS: dict[str, dict[str, Any]] = {
 # Other methods on the toy model, by the attribute of the concept (a style is a texture, not a layout: it needs a
 # stronger erase target); applied over TOY_PRESETS
 TOY_BY_ATTRIBUTE: dict[str, dict[str, dict[str, Any]]] = {
+    "esd-u": {"style": {"lr": 3.5e-4, "eta": 6.0}},
     "spm": {"style": {"guidance": 8.0}},
 }
 

@@ -36,6 +36,17 @@ def test_initial_loss_is_the_erase_term_alone():
     assert losses[2.0, 0.0] == pytest.approx(losses[1.0, 0.0] * 9 / 4, rel=1e-5)
 
 
+def test_in_context_erase_term_anchors_at_the_drawn_prompt():
+    # with eta 0 and no enhance term the in-context target is c_from's own frozen prediction, which the student
+    # matches at the original weights; the bare concept's erase target is eps*(""), a positive loss
+    froms = ["a red circle", "a blue circle"]
+    _, in_context, adapter, _, _ = _train(kind="lora", eta=0.0, enhance_weight=0.0, erase_from=froms)
+    assert adapter.training["loss_first"] < 1e-12
+    assert list(adapter.training["erase_from"]) == froms
+    _, _, bare, _, _ = _train(kind="lora", eta=0.0, enhance_weight=0.0)
+    assert bare.training["loss_first"] > 1e-6
+
+
 def test_single_augmentation_mask_keeps_half_of_each_tensor_and_the_rest_stays_bit_identical():
     pipe, trainer, adapter, originals, seen = _train(steps=3, lr=1e-2)
     with_grad = 0
@@ -87,6 +98,7 @@ def test_augmentation_prompts_default_to_the_concept_and_its_synonyms():
     (dict(before_step=0), "before_step"), (dict(before_step=50), "before_step"), (dict(kind="full"), "kind"),
     (dict(mask_fraction=0), "mask_fraction"), (dict(saliency_seeds=[]), "saliency_seeds"),
     (dict(saliency_prompts="circle"), "saliency_prompts"), (dict(eta=-1), "eta"), (dict(parameters="x"), "parameters"),
+    (dict(erase_from=["a circle", ""]), "erase_from"),
 ])
 def test_invalid_config_fails_before_any_work(settings, field):
     with pytest.raises(ConfigError, match=field):

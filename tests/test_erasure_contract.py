@@ -132,9 +132,11 @@ def test_toy_preset_puts_esd_in_the_worlds_context(tmp_path):
         assert len(in_context["erase_from"]) == count and "preserve" not in in_context
         assert all(world.parse_prompt(p).get("shape") == "circle" for p in in_context["erase_from"])
         assert "erase_from" not in preset_settings("toy", method, concept="a cat")
-    # a style needs SPM's stronger erase target; shapes keep the preset's
+    # a style needs SPM's and ESD-u's stronger erase targets; shapes keep the preset's
     spm_style, spm_shape = (preset_settings("toy", "spm", concept=c)["guidance"] for c in ("striped", "circle"))
     assert spm_style > spm_shape == preset_settings("toy", "spm")["guidance"]
+    esd_style, esd_shape = (preset_settings("toy", "esd-u", concept=c)["eta"] for c in ("striped", "circle"))
+    assert esd_style > esd_shape == preset_settings("toy", "esd-u")["eta"]
     (job,), _ = plan_jobs({"method": "esd-x", "concept": "striped", "out_dir": str(tmp_path)})
     assert job.config.erase_from == tuple(settings["erase_from"]) and job.config.lr == settings["lr"]
     assert job.out.name == "esd-x-striped.safetensors"

@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--method", default=None, metavar="METHOD", help="esd-u, esd-x, esd-all, esd-x-strict, salun, spm, advunlearn or ant")
     er.add_argument("--concept", default=None, help="the concept to erase, e.g. circle, red, striped")
     er.add_argument("--erase-from", default=None, metavar="PROMPT",
-                    help="ESD, SPM, AdvUnlearn: erase the concept only from this prompt (a job file takes a list)")
+                    help="ESD, SPM, AdvUnlearn, ANT: erase the concept only from this prompt (a job file takes a list)")
     er.add_argument("--preset", default=None, choices=("toy", "paper"),
                     help="starting settings (default: toy for the toy model, paper otherwise); flags override them")
     er.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: from the preset)")
