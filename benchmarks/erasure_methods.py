@@ -105,16 +105,17 @@ def main() -> None:
             f"| {r['attack_success']:.1%} ({r['attack_presence_before']:.1%}) "
             f"| {r['seconds']:.0f} s | {r['adapter_bytes'] / 2**20:.2f} MB ({r['adapter_weight_bytes'] / unet_bytes:.2%}) "
             f"| {bars(r)} |")
-    def shown(value: object) -> object:
+    def setting_text(value: object) -> object:
         return f"{len(value)} world prompts" if isinstance(value, (list, tuple)) else value
 
     first = {r["method"]: r["settings"] for r in results if r["concept"] == results[0]["concept"]}
-    settings = "; ".join(f"{method}: " + ", ".join(f"{k}={shown(v)}" for k, v in values.items())
+    settings = "; ".join(f"{method}: " + ", ".join(f"{k}={setting_text(v)}" for k, v in values.items())
                          for method, values in first.items())
     differing = []  # later concepts' settings where they differ from the first concept's (TOY_BY_ATTRIBUTE)
     for r in results:
         base = first.get(r["method"], {})
-        changed = [f"{k}={shown(v)}" for k, v in r["settings"].items() if shown(v) != shown(base.get(k))]
+        changed = [f"{k}={setting_text(v)}" for k, v in r["settings"].items()
+                   if setting_text(v) != setting_text(base.get(k))]
         if r["concept"] != results[0]["concept"] and changed:
             differing.append(f"{r['concept']} {r['method']}: {', '.join(changed)}")
     if differing:

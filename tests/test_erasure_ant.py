@@ -40,7 +40,7 @@ def test_in_context_erase_term_anchors_at_the_drawn_prompt():
     # with eta 0 and no enhance term the in-context target is c_from's own frozen prediction, which the student
     # matches at the original weights; the bare concept's erase target is eps*(""), a positive loss
     froms = ["a red circle", "a blue circle"]
-    _, in_context, adapter, _, _ = _train(kind="lora", eta=0.0, enhance_weight=0.0, erase_from=froms)
+    _, _, adapter, _, _ = _train(kind="lora", eta=0.0, enhance_weight=0.0, erase_from=froms)
     assert adapter.training["loss_first"] < 1e-12
     assert list(adapter.training["erase_from"]) == froms
     _, _, bare, _, _ = _train(kind="lora", eta=0.0, enhance_weight=0.0)
