@@ -50,11 +50,12 @@ Where the paper and the official code disagree, and what this file does:
 
 ``erase_from`` (not in the paper; None by default) erases the concept in context, as ESD's option of that name
 does: each step draws one of these prompts, ``c_from`` ("a striped green triangle"), runs the trajectory from it,
-keeps ``eps*(x+, "") + eta * (eps*(x+, c_from) - eps*(x+, ""))`` early and erases late towards
-``eps*(x-, c_from) - eta * (eps*(x-, c) - eps*(x-, ""))``: only the concept's direction is reversed, not the rest
-of the prompt. The saliency mask is still taken on the concept's own words. On the toy model neither the bare
-word nor ``erase_from`` erased a style ("striped"), though the stripes form in the mid steps that ANT erases;
-without the enhance term 34% were left (see ``erasure/presets.py``).
+enhances early towards ``eps*(x+, c_from) + eta * (eps*(x+, c) - eps*(x+, ""))`` and erases late towards
+``eps*(x-, c_from) - eta * (eps*(x-, c) - eps*(x-, ""))``: only the concept's direction is enhanced or reversed,
+not the rest of the prompt. The saliency mask is still taken on the concept's own words. On the toy model neither the
+bare word nor ``erase_from`` erased a style ("striped"), though the stripes form in the mid steps that ANT erases:
+with the enhance term on, 84-100% of the stripes stay; without it (``enhance_weight=0``, before_step 1) 12%
+(see ``erasure/presets.py``).
 """
 
 from __future__ import annotations
@@ -248,18 +249,20 @@ class ANTTrainer(SaliencyMaskedTrainer):
         t = torch.cat([t_plus.expand(n), t_minus.expand(n)]).repeat(2)
         rows = Conditioning.cat([cond.repeat(2 * n), self.cond_empty.repeat(2 * n)])
         teacher_x, teacher_t, teacher_rows = x, t, rows
-        if concept is not None:  # in context, the teacher also sees the concept itself at x-
-            teacher_x, teacher_t = torch.cat([x, x_minus]), torch.cat([t, t_minus.expand(n)])
-            teacher_rows = Conditioning.cat([rows, concept.repeat(n)])
+        if concept is not None:  # in context, the teacher also sees the concept itself at x+ and x-
+            teacher_x, teacher_t = torch.cat([x, x_plus, x_minus]), torch.cat([t, t[: 2 * n]])
+            teacher_rows = Conditioning.cat([rows, concept.repeat(2 * n)])
         with torch.no_grad(), self.frozen_teacher() as teacher:  # one batched call for the teacher rows
-            c_plus, c_minus, u_plus, u_minus, *concept_minus = predict(teacher, teacher_x, teacher_t,
-                                                                       teacher_rows).split(n)
+            c_plus, c_minus, u_plus, u_minus, *concept_rows = predict(teacher, teacher_x, teacher_t,
+                                                                      teacher_rows).split(n)
         s_plus, s_minus, su_plus, su_minus = predict(model, x, t, rows).chunk(4)
-        enhance = mse(s_plus, u_plus + config.eta * (c_plus - u_plus))
         if concept is None:
+            enhance = mse(s_plus, u_plus + config.eta * (c_plus - u_plus))
             erase = mse(s_minus, u_minus - config.eta * (c_minus - u_minus))
-        else:  # reverse only the concept's direction; the rest of c_from is kept
-            erase = mse(s_minus, c_minus - config.eta * (concept_minus[0] - u_minus))
+        else:  # enhance, then reverse, only the concept's direction; the rest of c_from is kept
+            concept_plus, concept_minus = concept_rows
+            enhance = mse(s_plus, c_plus + config.eta * (concept_plus - u_plus))
+            erase = mse(s_minus, c_minus - config.eta * (concept_minus - u_minus))
         a1, a2 = config.enhance_weight, config.uncond_weight
         return erase + a2 * mse(su_minus, u_minus) + a1 * (enhance + a2 * mse(su_plus, u_plus))
 

@@ -37,13 +37,13 @@ def test_initial_loss_is_the_erase_term_alone():
 
 
 def test_in_context_erase_term_anchors_at_the_drawn_prompt():
-    # with eta 0 and no enhance term the in-context target is c_from's own frozen prediction, which the student
-    # matches at the original weights; the bare concept's erase target is eps*(""), a positive loss
+    # with eta 0 both in-context targets are c_from's own frozen prediction, which the student
+    # matches at the original weights; the bare concept's targets are eps*(""), a positive loss
     froms = ["a red circle", "a blue circle"]
-    _, _, adapter, _, _ = _train(kind="lora", eta=0.0, enhance_weight=0.0, erase_from=froms)
+    _, _, adapter, _, _ = _train(kind="lora", eta=0.0, erase_from=froms)
     assert adapter.training["loss_first"] < 1e-12
     assert list(adapter.training["erase_from"]) == froms
-    _, _, bare, _, _ = _train(kind="lora", eta=0.0, enhance_weight=0.0)
+    _, _, bare, _, _ = _train(kind="lora", eta=0.0)
     assert bare.training["loss_first"] > 1e-6
 
 
