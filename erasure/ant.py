@@ -241,7 +241,8 @@ class ANTTrainer(SaliencyMaskedTrainer):
     def loss(self, model: nn.Module, cond: Conditioning, generator: torch.Generator,
              concept: Optional[Conditioning] = None) -> torch.Tensor:
         """The ANT loss of one trajectory pair for the conditioning ``cond``: the concept itself, or a prompt that
-        names it (``c_from``) with ``concept`` the concept's own conditioning, whose direction is erased."""
+        names it (``c_from``) with ``concept`` the concept's own conditioning, whose direction is enhanced early and
+        reversed late."""
         config = self.config
         x_plus, t_plus, x_minus, t_minus = self.sample_pair(cond, generator)
         n = x_plus.shape[0]
@@ -268,8 +269,7 @@ class ANTTrainer(SaliencyMaskedTrainer):
 
     def training_step(self, step: int) -> torch.Tensor:
         if self.cond_from:
-            cond_from = self.cond_from[self.draw_index(len(self.cond_from))]
-            return self.loss(self.model, cond_from, self.generator, concept=self.cond_concept)
+            return self.loss(self.model, self.draw(self.cond_from), self.generator, concept=self.cond_concept)
         return self.loss(self.model, self.cond_concept, self.generator)
 
     # -- the augmentation-enhanced saliency mask ------------------------------------------------

@@ -424,6 +424,10 @@ class Trainer:
         """A random index in ``[0, n)`` (no random number is drawn when ``n`` is 1)."""
         return 0 if n == 1 else int(self.randint(0, n))
 
+    def draw(self, choices: Sequence[Conditioning]) -> Conditioning:
+        """One of ``choices`` at random (no random number is drawn when there is only one)."""
+        return choices[self.draw_index(len(choices))]
+
     @contextlib.contextmanager
     def frozen_teacher(self) -> Iterator[nn.Module]:
         """The frozen original model, in place: the trained tensors' original values are swapped in (or the

@@ -224,10 +224,6 @@ class ESDTrainer(Trainer):
         self.cond_preserve = [kept.rows([i]) for i in range(len(config.preserve))] if kept is not None else []
         self.scheduler = self.ddim_scheduler(config.ddim_steps)
 
-    def draw(self, choices: list[Conditioning]) -> Conditioning:
-        """One of ``choices`` at random (no random number is drawn when there is only one)."""
-        return choices[self.draw_index(len(choices))]
-
     def sample_xt(self, cond_student: Conditioning, cond_keep: Optional[Conditioning] = None
                   ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
         """Draw (x_t, x_keep, t): fresh noise denoised for a random number k of the DDIM steps, t = timesteps[k];

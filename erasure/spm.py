@@ -188,7 +188,7 @@ class SPMTrainer(Trainer):
     def training_step(self, step: int) -> torch.Tensor:
         config = self.config
         # rows: (a drawn c_from when erasing in context), c, "", then the anchors; the student erases on row 0
-        cond_student = self.cond_from[self.draw_index(len(self.cond_from))] if self.cond_from else self.cond_erase
+        cond_student = self.draw(self.cond_from) if self.cond_from else self.cond_erase
         o = 1 if self.cond_from else 0  # the row of c
         k = int(self.randint(1, config.ddim_steps))
         noise = self.randn(*self.latent_shape) * self.scheduler.init_noise_sigma
