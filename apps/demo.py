@@ -31,6 +31,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -481,6 +482,19 @@ def _figures_markdown(figures: Optional[dict]) -> str:
             f"{pct(figures['accuracy_other_after'])} |")
 
 
+def _own_files(gallery: list[tuple[Any, str]]) -> list[tuple[Any, str]]:
+    """The gallery with each image a copy tagged with a response id in its PNG text. Gradio caches an output image
+    under the hash of its bytes and rewrites that file for every response that returns the same image, so a client
+    still downloading it could read it half-written (seen with ten identical requests at once); distinct bytes give
+    each response its own file."""
+    tagged = []
+    for image, caption in gallery:
+        image = image.copy()
+        image.info["unsee-response"] = uuid.uuid4().hex
+        tagged.append((image, caption))
+    return tagged
+
+
 def build_demo(app: DemoApp) -> gr.Blocks:
     """The Blocks app for ``app``; its API endpoints are /generate, /compare, /erase, /upload, /load_model."""
 
@@ -495,14 +509,14 @@ def build_demo(app: DemoApp) -> gr.Blocks:
                  nasa, *slots):
         try:
             pairs = list(zip(slots[0::2], slots[1::2]))
-            return app.generate(prompt, negative, steps, guidance_scale, seed, cfgpp, pag, fdg, negative_mode,
-                                negative_start, nasa, pairs)
+            return _own_files(app.generate(prompt, negative, steps, guidance_scale, seed, cfgpp, pag, fdg,
+                                           negative_mode, negative_start, nasa, pairs))
         except Exception as error:  # noqa: BLE001 - every failure becomes a message; the app keeps serving
             raise _user_error(error) from None
 
     def compare(prompt, negative, steps, guidance_scale, seed):
         try:
-            return app.compare(prompt, negative, steps, guidance_scale, seed)
+            return _own_files(app.compare(prompt, negative, steps, guidance_scale, seed))
         except Exception as error:  # noqa: BLE001
             raise _user_error(error) from None
 
@@ -512,7 +526,7 @@ def build_demo(app: DemoApp) -> gr.Blocks:
                                progress=lambda fraction, text: progress(fraction, desc=text))
         except Exception as error:  # noqa: BLE001
             raise _user_error(error) from None
-        return [str(result["file"]), result["gallery"], result["summary"], _figures_markdown(result["figures"]),
+        return [str(result["file"]), _own_files(result["gallery"]), result["summary"], _figures_markdown(result["figures"]),
                 *refreshed(*selected)]
 
     def upload(file, *selected):

@@ -153,6 +153,7 @@ def test_ten_concurrent_generate_requests_are_all_served(served):
             for _ in range(10)]
     results = [job.result(timeout=300) for job in jobs]
     assert len(results) == 10 and all(len(r) == 1 and Path(r[0]["image"]).is_file() for r in results)
+    assert len({r[0]["image"] for r in results}) == 10  # each response its own file, never rewritten under a reader
     first = _image(results[0][0])
     assert all(np.array_equal(_image(r[0]), first) for r in results)  # one at a time, same seed: same image
 
