@@ -526,8 +526,8 @@ def build_demo(app: DemoApp) -> gr.Blocks:
                                progress=lambda fraction, text: progress(fraction, desc=text))
         except Exception as error:  # noqa: BLE001
             raise _user_error(error) from None
-        return [str(result["file"]), _own_files(result["gallery"]), result["summary"], _figures_markdown(result["figures"]),
-                *refreshed(*selected)]
+        return [str(result["file"]), _own_files(result["gallery"]), result["summary"],
+                _figures_markdown(result["figures"]), *refreshed(*selected)]
 
     def upload(file, *selected):
         try:

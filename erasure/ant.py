@@ -50,12 +50,14 @@ Where the paper and the official code disagree, and what this file does:
 
 ``erase_from`` (not in the paper; None by default) erases the concept in context, as ESD's option of that name
 does: each step draws one of these prompts, ``c_from`` ("a striped green triangle"), runs the trajectory from it,
-enhances early towards ``eps*(x+, c_from) + eta * (eps*(x+, c) - eps*(x+, ""))`` and erases late towards
-``eps*(x-, c_from) - eta * (eps*(x-, c) - eps*(x-, ""))``: only the concept's direction is enhanced or reversed,
-not the rest of the prompt. The saliency mask is still taken on the concept's own words. On the toy model neither the
-bare word nor ``erase_from`` erased a style ("striped"), though the stripes form in the mid steps that ANT erases:
-with the enhance term on, 84-100% of the stripes stay; without it (``enhance_weight=0``, before_step 1) 12%
-(see ``erasure/presets.py``).
+and uses the paper's two targets with ``eps*(x, "")`` replaced by ``c_from``'s prediction less the concept's
+direction, ``b = eps*(x, c_from) - (eps*(x, c) - eps*(x, ""))``: early ``b + eta * (eps*(x+, c) - eps*(x+, ""))``,
+late ``b - eta * (eps*(x-, c) - eps*(x-, ""))``. The rest of the prompt is kept; with ``c_from`` the concept
+itself, ``b = eps*(x, "")`` and the targets are the paper's; at the paper's eta 1 the early target is ``c_from``'s
+own prediction (kept, not enhanced). The saliency mask is still taken on the concept's own words. On the toy model
+neither the bare word nor ``erase_from`` erased a style ("striped"), though the stripes form in the mid steps that
+ANT erases: any early term, even the plain keep at eta 1, leaves 91-100% of the stripes; without it
+(``enhance_weight=0``) 19-34% (see ``erasure/presets.py``).
 """
 
 from __future__ import annotations
@@ -260,10 +262,10 @@ class ANTTrainer(SaliencyMaskedTrainer):
         if concept is None:
             enhance = mse(s_plus, u_plus + config.eta * (c_plus - u_plus))
             erase = mse(s_minus, u_minus - config.eta * (c_minus - u_minus))
-        else:  # enhance, then reverse, only the concept's direction; the rest of c_from is kept
+        else:  # the paper's targets with c_from less the concept's direction in place of eps*("")
             concept_plus, concept_minus = concept_rows
-            enhance = mse(s_plus, c_plus + config.eta * (concept_plus - u_plus))
-            erase = mse(s_minus, c_minus - config.eta * (concept_minus - u_minus))
+            enhance = mse(s_plus, c_plus + (config.eta - 1) * (concept_plus - u_plus))
+            erase = mse(s_minus, c_minus - (config.eta + 1) * (concept_minus - u_minus))
         a1, a2 = config.enhance_weight, config.uncond_weight
         return erase + a2 * mse(su_minus, u_minus) + a1 * (enhance + a2 * mse(su_plus, u_plus))
 

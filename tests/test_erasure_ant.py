@@ -36,15 +36,28 @@ def test_initial_loss_is_the_erase_term_alone():
     assert losses[2.0, 0.0] == pytest.approx(losses[1.0, 0.0] * 9 / 4, rel=1e-5)
 
 
-def test_in_context_erase_term_anchors_at_the_drawn_prompt():
-    # with eta 0 both in-context targets are c_from's own frozen prediction, which the student
-    # matches at the original weights; the bare concept's targets are eps*(""), a positive loss
+def test_in_context_targets_reduce_to_the_papers_when_the_prompt_is_the_concept():
+    # in context, eps*("") gives way to c_from less the concept's direction; with c_from = the concept itself that
+    # is eps*("") again, so the loss is the bare concept's, term for term
+    for eta in (1.0, 2.5):
+        _, _, bare, _, _ = _train(kind="lora", eta=eta)
+        _, _, own, _, _ = _train(kind="lora", eta=eta, erase_from=["circle"])
+        assert own.training["loss_first"] == pytest.approx(bare.training["loss_first"], rel=1e-5)
+        assert list(own.training["erase_from"]) == ["circle"]
+
+
+def test_in_context_early_target_at_eta_1_keeps_the_drawn_prompt():
+    # at eta 1 the early target is c_from's own frozen prediction, which the student matches at the original
+    # weights: the enhance term adds nothing to the first loss; at eta 2 it does
     froms = ["a red circle", "a blue circle"]
-    _, _, adapter, _, _ = _train(kind="lora", eta=0.0, erase_from=froms)
-    assert adapter.training["loss_first"] < 1e-12
-    assert list(adapter.training["erase_from"]) == froms
-    _, _, bare, _, _ = _train(kind="lora", eta=0.0)
-    assert bare.training["loss_first"] > 1e-6
+    first = {}
+    for eta in (1.0, 2.0):
+        for enhance in (0.0, 1.0):
+            _, _, adapter, _, _ = _train(kind="lora", eta=eta, enhance_weight=enhance, erase_from=froms)
+            first[eta, enhance] = adapter.training["loss_first"]
+    assert first[1.0, 0.0] > 0
+    assert first[1.0, 1.0] == pytest.approx(first[1.0, 0.0], rel=1e-6)
+    assert first[2.0, 1.0] > first[2.0, 0.0] * (1 + 1e-4)
 
 
 def test_single_augmentation_mask_keeps_half_of_each_tensor_and_the_rest_stays_bit_identical():
