@@ -42,7 +42,7 @@
   previous preset; a second run of it gave 6% / 85%); with 5 prefix tokens: 6% / 93%, attack success 13%; with
   48 prompts in ``erase_from``: 0% / 91% (squares turn to triangles), attack success 6%; the same at eta 6:
   0% / 95%, attack success 0% (the preset). On "striped" with the paper's 30 inner attack steps: 0% / 97%,
-  attack success 6% (1 of 16), as with 10.
+  attack success 6% (1 of 16), as with 10; with ``attack_init="latest"``: 0% / 100%, attack success 6% again.
   Style concepts ("striped", 32 images): with the circle presets ESD-u leaves 61%, SPM 72%, ANT 100%
   (``benchmarks/erasure_methods.py``). SPM at guidance 8: 6% / 99% (``TOY_BY_ATTRIBUTE``). ESD-u in context: lr 2.5e-4:
   72% / 100%; lr 3.5e-4: 16% / 99%; lr 4e-4: 16% / 96%; lr 4.5e-4: 3% / 88% (shapes drift; with preserve weight
