@@ -243,8 +243,8 @@ class ANTTrainer(SaliencyMaskedTrainer):
     def loss(self, model: nn.Module, cond: Conditioning, generator: torch.Generator,
              concept: Optional[Conditioning] = None) -> torch.Tensor:
         """The ANT loss of one trajectory pair for the conditioning ``cond``: the concept itself, or a prompt that
-        names it (``c_from``) with ``concept`` the concept's own conditioning, whose direction is enhanced early and
-        reversed late."""
+        names it (``c_from``) with ``concept`` the concept's own conditioning, whose direction is kept (eta 1) or
+        enhanced early and reversed late."""
         config = self.config
         x_plus, t_plus, x_minus, t_minus = self.sample_pair(cond, generator)
         n = x_plus.shape[0]

@@ -52,7 +52,7 @@
   cross-attention weight (``mask_fraction`` 1) 100%, at lr 2e-3 eta 3 100% with 7 of 32 "solid" prompts turned
   striped; without the enhance term (``enhance_weight`` 0, no longer ANT) lr 2e-3: 34% (7 "solid" prompts
   striped), lr 4e-3: 34% / 39%; enhance 0.25, before_step 1: 84%. With the in-context enhance target on the
-  concept's direction only (``eps*(c_from) + eta (eps*(c) - eps*(""))``, the current one; the runs above enhanced the
+  concept's direction only (``eps*(c_from) + eta (eps*(c) - eps*(""))``, the next one; the runs above enhanced the
   whole prompt), lr 2e-3 eta 3: 100% (mask 0.9), 97% (every cross-attention weight). Ablations at lr 2e-3, eta 3,
   every cross-attention weight, in context: enhance weight 1 and no unconditional terms 97%; no enhance term,
   before_step 1: 12% / 93% (unconditional terms 0.5), 0% / 89% (none) -- ESD-x in all but name. ANT's early
