@@ -130,8 +130,13 @@ class UnseeAttnProcessor:
         context = encoder_hidden_states if is_cross else hidden_states
         if is_cross and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(context)
+        control = self.control
+        pag_rows = control.pag_rows if control is not None and not is_cross and self.name in control.pag_layers else None
+        # PAG rows get the identity attention map (each token attends only to itself), so their output is V:
+        # they need no queries or keys, and the other rows' attention is computed without them
+        attending = hidden_states if pag_rows is None else _without_rows(hidden_states, pag_rows)
+        query = attn.to_q(attending)
+        key = attn.to_k(attending if pag_rows is not None else context)
         value = attn.to_v(context)
 
         heads = attn.heads
@@ -145,20 +150,13 @@ class UnseeAttnProcessor:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        control = self.control
-        rows = control.pag_rows if control is not None and not is_cross and self.name in control.pag_layers else None
-        if rows is None:
+        if pag_rows is None:
             out = fused_attention(q, k, v, attention_mask)
         else:
-            # PAG rows: identity attention map (each token attends only to itself), so the output is V;
-            # the other rows get ordinary attention, computed only for them
-            mask = lambda part: None if attention_mask is None else attention_mask[part]  # noqa: E731
-            before, after = slice(0, rows.start), slice(rows.stop, q.shape[0])
-            pieces = [fused_attention(q[before], k[before], v[before], mask(before))] if rows.start > 0 else []
-            pieces.append(v[rows])
-            if rows.stop < q.shape[0]:
-                pieces.append(fused_attention(q[after], k[after], v[after], mask(after)))
-            out = torch.cat(pieces)
+            mask = None if attention_mask is None else _without_rows(attention_mask, pag_rows)
+            attended = fused_attention(q, k, _without_rows(v, pag_rows), mask)
+            start = pag_rows.start
+            out = torch.cat([attended[:start], v[pag_rows], attended[start:]])
 
         if control is not None:
             if is_cross and control.nasa_rows is not None and self.name in control.nasa_layers and control.nasa_alpha:
@@ -186,6 +184,15 @@ class UnseeAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+def _without_rows(tensor: torch.Tensor, rows: slice) -> torch.Tensor:
+    """``tensor`` less the batch rows ``rows`` (a contiguous slice)."""
+    if rows.start == 0:
+        return tensor[rows.stop:]
+    if rows.stop >= tensor.shape[0]:
+        return tensor[: rows.start]
+    return torch.cat([tensor[: rows.start], tensor[rows.stop:]])
 
 
 @contextlib.contextmanager

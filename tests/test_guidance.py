@@ -59,6 +59,22 @@ def test_pag_runs_one_batched_unet_call_per_step(tiny_sd):
     assert len(calls) == K["num_inference_steps"]
 
 
+def test_pag_rows_skip_queries_and_keys_in_the_perturbed_layers(tiny_sd):
+    # identity attention needs only V for the perturbed rows, as in diffusers' PAG processor
+    seen = {}
+    attn = tiny_sd.unet.mid_block.attentions[0].transformer_blocks[0].attn1
+
+    def recorder(name):
+        def hook(module, args):
+            seen.setdefault(name, args[0].shape[0])  # rows of the first call
+        return hook
+
+    for name in ("to_q", "to_k", "to_v"):
+        getattr(attn, name).register_forward_pre_hook(recorder(name))
+    run(tiny_sd, guidance_scale=5.0, guidance=[PAG(3.0, layers=("mid",))])
+    assert seen == {"to_q": 2, "to_k": 2, "to_v": 3}, "CFG rows attend; the perturbed row only projects V"
+
+
 def test_pag_layer_names_match_whole_components():
     assert layer_matches("down_blocks.1.attentions.0.transformer_blocks.0.attn1", ("down_blocks.1",))
     assert not layer_matches("down_blocks.10.attentions.0.transformer_blocks.0.attn1", ("down_blocks.1",))
