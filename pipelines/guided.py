@@ -272,7 +272,6 @@ class GuidanceMixin:
         if isinstance(combine, CFGpp):
             check_scheduler(self.scheduler, call.get("eta", 0.0) or 0.0)
 
-        device = self._execution_device
         images_per_prompt = call.get("num_images_per_prompt") or 1
         prompt = call.get("prompt")
         prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
@@ -282,7 +281,9 @@ class GuidanceMixin:
         if negative is not None:
             negatives = [negative] * (rows // images_per_prompt) if isinstance(negative, str) else list(negative)
 
-        empty = self._unsee_empty_embeddings(rows, device) if (steer is not None or nasa is not None) else None
+        # the execution device walks every module (offload hooks): only asked for when we encode prompts ourselves
+        device = self._execution_device if (steer is not None or nasa is not None) else None
+        empty = self._unsee_empty_embeddings(rows, device) if device is not None else None
         negative_embeds = None
         if nasa is not None:
             if negatives is None:
@@ -330,7 +331,7 @@ class GuidanceMixin:
             if cfgpp:
                 del scheduler.step  # back to the class's own method
             stack.close()
-            registry.remove_hook(HOOK_NAME)
+            registry.remove_hook(HOOK_NAME, recurse=False)  # the hook is on the UNet itself
 
     def _unsee_token_mask(self, prompts: list[str], negatives: list[str], images_per_prompt: int) -> torch.Tensor:
         """(rows, 77) mask of the positive prompt's tokens that the negative prompt also contains."""
