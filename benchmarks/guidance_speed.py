@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from diffusers import StableDiffusionPAGPipeline, StableDiffusionPipeline
@@ -34,6 +35,72 @@ from common import hardware, write_section  # noqa: E402
 
 import unsee  # noqa: E402
 from unsee.guidance import CFG, FDG, NASA, PAG, CFGpp, NegativeSteer  # noqa: E402
+
+
+# (label, our setting, diffusers' setting doing the same work, bar)
+COMPARED = [
+    ("plain CFG: unsee / diffusers", "unsee CFG", "diffusers CFG", "≤ 1.02"),
+    ("PAG: unsee / diffusers' PAG pipeline", "unsee PAG", "diffusers PAG", "≤ 1.0"),
+    ("CFG++ / CFG", "unsee CFG++", "diffusers CFG", "≤ 1.03"),
+    ("FDG / CFG", "unsee FDG", "diffusers CFG", "≤ 1.03"),
+    ("negative steering / CFG", "unsee negative from 20%", "diffusers CFG", "≤ 1.03"),
+    ("NASA / CFG with negative", "unsee NASA (no CFG)", "diffusers CFG + negative", "≤ 0.6"),
+]
+
+
+def speed_settings(ours, plain, pag, batch: int, num_inference_steps: int, **call: Any) -> dict[str, Callable]:
+    """Each setting as a function of a generator: unsee's pipeline ``ours`` and diffusers' ``plain`` and ``pag``
+    (built on the same components) doing the same work; ``call`` adds arguments (height, width...) to every call."""
+    prompts = ["a red circle on a gray background"] * batch
+    negatives = ["circle"] * batch  # diffusers wants a list negative with a list prompt
+    common = dict(num_inference_steps=num_inference_steps, output_type="latent", **call)
+    return {
+        "diffusers CFG": lambda g: plain(prompts, guidance_scale=5.0, generator=g, **common),
+        "unsee CFG": lambda g: ours(prompts, guidance=[CFG(5.0)], generator=g, **common),
+        "diffusers PAG": lambda g: pag(prompts, guidance_scale=5.0, pag_scale=3.0, generator=g, **common),
+        "unsee PAG": lambda g: ours(prompts, guidance=[CFG(5.0), PAG(3.0)], generator=g, **common),
+        "unsee CFG++": lambda g: ours(prompts, guidance=[CFGpp(0.6)], generator=g, **common),
+        "unsee FDG": lambda g: ours(prompts, guidance=[FDG((10.0, 5.0))], generator=g, **common),
+        "unsee negative from 20%": lambda g: ours(prompts, negative_prompt=negatives,
+                                                  guidance=[CFG(5.0), NegativeSteer(0.2)], generator=g, **common),
+        "diffusers CFG + negative": lambda g: plain(prompts, negative_prompt=negatives, guidance_scale=5.0,
+                                                    generator=g, **common),
+        "unsee NASA (no CFG)": lambda g: ours(prompts, negative_prompt=negatives, guidance_scale=1.0,
+                                              guidance=[NASA(0.3)], generator=g, **common),
+    }
+
+
+def interleaved_times(settings: dict[str, Callable], repeats: int, steps: int,
+                      synchronize: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Seconds per step of each setting in each repeat, after one warm-up run each; the settings run interleaved,
+    in reverse order every other repeat. ``synchronize`` waits for queued device work (CUDA) before a clock read."""
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    for fn in settings.values():
+        fn(torch.Generator().manual_seed(0))
+    for repeat in range(repeats):
+        order = list(settings.items())
+        for name, fn in order if repeat % 2 == 0 else reversed(order):
+            synchronize()
+            t0 = time.perf_counter()
+            fn(torch.Generator().manual_seed(repeat))
+            synchronize()
+            times[name].append((time.perf_counter() - t0) / steps)
+    return times
+
+
+def ratio_table(times: dict[str, list[float]]) -> str:
+    """Rows of the ratio table: median of the per-repeat ratios, ratio of the fastest repeats, bar."""
+    return "\n".join(
+        f"| {label} | {statistics.median(a / b for a, b in zip(times[ours_name], times[base])):.3f} "
+        f"| {min(times[ours_name]) / min(times[base]):.3f} | {bar} |"
+        for label, ours_name, base, bar in COMPARED if ours_name in times and base in times
+    )
+
+
+def per_step_table(times: dict[str, list[float]]) -> str:
+    """Rows of the per-setting table: median ms per step, min - max over repeats."""
+    return "\n".join(f"| {name} | {1000 * statistics.median(v):.1f} | {1000 * min(v):.1f} – {1000 * max(v):.1f} |"
+                     for name, v in times.items())
 
 
 def main() -> None:
@@ -65,45 +132,9 @@ def main() -> None:
     pag = StableDiffusionPAGPipeline(**ours.components, pag_applied_layers="mid")
     for pipe in (ours, plain, pag):
         pipe.set_progress_bar_config(disable=True)
-    prompts = ["a red circle on a gray background"] * args.batch
-    negatives = ["circle"] * args.batch  # diffusers wants a list negative with a list prompt
-    common = dict(num_inference_steps=args.steps, output_type="latent")
-    settings = {
-        "diffusers CFG": lambda g: plain(prompts, guidance_scale=5.0, generator=g, **common),
-        "unsee CFG": lambda g: ours(prompts, guidance=[CFG(5.0)], generator=g, **common),
-        "diffusers PAG": lambda g: pag(prompts, guidance_scale=5.0, pag_scale=3.0, generator=g, **common),
-        "unsee PAG": lambda g: ours(prompts, guidance=[CFG(5.0), PAG(3.0)], generator=g, **common),
-        "unsee CFG++": lambda g: ours(prompts, guidance=[CFGpp(0.6)], generator=g, **common),
-        "unsee FDG": lambda g: ours(prompts, guidance=[FDG((10.0, 5.0))], generator=g, **common),
-        "unsee negative from 20%": lambda g: ours(prompts, negative_prompt=negatives, guidance=[CFG(5.0), NegativeSteer(0.2)], generator=g, **common),
-        "diffusers CFG + negative": lambda g: plain(prompts, negative_prompt=negatives, guidance_scale=5.0, generator=g, **common),
-        "unsee NASA (no CFG)": lambda g: ours(prompts, negative_prompt=negatives, guidance_scale=1.0, guidance=[NASA(0.3)], generator=g, **common),
-    }
-    times: dict[str, list[float]] = {name: [] for name in settings}
-    for name, fn in settings.items():  # warm-up
-        fn(torch.Generator().manual_seed(0))
-    for repeat in range(args.repeats):
-        order = list(settings.items())
-        for name, fn in order if repeat % 2 == 0 else reversed(order):
-            t0 = time.perf_counter()
-            fn(torch.Generator().manual_seed(repeat))
-            times[name].append((time.perf_counter() - t0) / args.steps)
-    step = {name: statistics.median(v) for name, v in times.items()}
-    compared = [
-        ("plain CFG: unsee / diffusers", "unsee CFG", "diffusers CFG", "≤ 1.02"),
-        ("PAG: unsee / diffusers' PAG pipeline", "unsee PAG", "diffusers PAG", "≤ 1.0"),
-        ("CFG++ / CFG", "unsee CFG++", "diffusers CFG", "≤ 1.03"),
-        ("FDG / CFG", "unsee FDG", "diffusers CFG", "≤ 1.03"),
-        ("negative steering / CFG", "unsee negative from 20%", "diffusers CFG", "≤ 1.03"),
-        ("NASA / CFG with negative", "unsee NASA (no CFG)", "diffusers CFG + negative", "≤ 0.6"),
-    ]
-    table = "\n".join(
-        f"| {label} | {statistics.median(a / b for a, b in zip(times[ours_name], times[base])):.3f} "
-        f"| {min(times[ours_name]) / min(times[base]):.3f} | {bar} |"
-        for label, ours_name, base, bar in compared
-    )
-    per_step = "\n".join(f"| {name} | {1000 * value:.1f} | {1000 * min(times[name]):.1f} – {1000 * max(times[name]):.1f} |"
-                         for name, value in step.items())
+    settings = speed_settings(ours, plain, pag, batch=args.batch, num_inference_steps=args.steps)
+    times = interleaved_times(settings, args.repeats, args.steps)
+    table, per_step = ratio_table(times), per_step_table(times)
     body = f"""## {title} (`benchmarks/guidance_speed.py{' --unet sd15' if args.unet == 'sd15' else ''}`)
 
 Hardware: {hardware()}. Model: {args.model_label}, batch {args.batch}, {args.steps} DDIM steps, no VAE decode; {args.repeats}

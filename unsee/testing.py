@@ -26,6 +26,17 @@ SD15_UNET_CONFIG = dict(
     cross_attention_dim=768, attention_head_dim=8,
 )
 
+# SDXL's UNet architecture (2.6B parameters), likewise: cross-attention over both text encoders' states (768 + 1280)
+# and the added text-time conditioning (pooled 1280 + 6 time ids x 256).
+SDXL_UNET_CONFIG = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    cross_attention_dim=2048,
+)
+
 # Words the tiny tokenizer knows as whole tokens (anything else still encodes, letter by letter).
 TINY_WORDS = world.vocabulary() + ["cat", "dog", "photo", "painting", "style", "van", "gogh", "nudity", "car"]
 
