@@ -56,8 +56,8 @@ late ``b - eta * (eps*(x-, c) - eps*(x-, ""))``. The rest of the prompt is kept;
 itself, ``b = eps*(x, "")`` and the targets are the paper's; at the paper's eta 1 the early target is ``c_from``'s
 own prediction (kept, not enhanced). The saliency mask is still taken on the concept's own words. On the toy model
 neither the bare word nor ``erase_from`` erased a style ("striped"), though the stripes form in the mid steps that
-ANT erases: any early term, even the plain keep at eta 1, leaves 91-100% of the stripes; without it
-(``enhance_weight=0``) 19-34% (see ``erasure/presets.py``).
+ANT erases: any early term, even the plain keep at eta 1 and of the first step alone, leaves 91-100% of the
+stripes, also with every UNet weight trained; without it (``enhance_weight=0``) 0-34% (see ``erasure/presets.py``).
 """
 
 from __future__ import annotations
