@@ -36,9 +36,11 @@ Two kinds of adapter:
 
 Where the paper and the official code disagree, and what this file does:
 
-- which end of the trajectory is "early": the single-concept script (CompVis sampler) calls the *last*
+- which end of the trajectory is kept: the single-concept script (CompVis sampler) calls the *last*
   7 steps (t < 140) the "plus" phase, the multi-concept script and the paper the *first* (high-noise)
-  steps. Here: the first ``before_step`` steps, as the paper describes (structure is set early).
+  steps. Here ``keep_phase``: ``"early"`` (the default) keeps the first ``before_step`` steps, as the paper
+  describes (structure is set early); ``"late"`` keeps the last ``before_step`` steps, as the single-concept
+  script does, and erases in all the steps before them.
 - the mask: ``generate_mask.py`` sorts ascending without negation and so keeps the **lowest** 50% of
   ``|g|`` per tensor, the opposite of saliency; here the highest, as the paper says.
 - the gradient pass: the official script applies its updates (lr 1e-2) while accumulating the gradients;
@@ -58,7 +60,8 @@ own prediction (kept, not enhanced). The saliency mask is still taken on the con
 neither the bare word nor ``erase_from`` erased a style ("striped"), though the stripes form in the mid steps that
 ANT erases: any early term, even the plain keep at eta 1 and of the first step alone, leaves 91-100% of the
 stripes, also with every UNet weight trained; without it (``enhance_weight=0``) 0-34% (see ``erasure/presets.py``).
-"""
+With the single-concept script's order (``keep_phase="late"``: the last steps kept, all before them erased) it
+erases the style, and the toy preset for styles uses that order."""
 
 from __future__ import annotations
 
@@ -92,6 +95,7 @@ from .salun import SaliencyMaskedTrainer, pack_mask, top_fraction_mask, unpack_m
 __all__ = ["ANTConfig", "ANTTrainer", "ant_lora_modules", "augmentation_prompts"]
 
 PARAMETER_SETS = ("full", *ESD_VARIANTS)
+KEEP_PHASES = ("early", "late")
 
 
 @dataclass
@@ -103,6 +107,8 @@ class ANTConfig(TrainerConfig):
         eta: guidance strength of the enhance and erase targets (1.0).
         before_step: the first ``before_step`` of the ``ddim_steps`` DDIM steps keep (enhance) the concept;
             the remaining steps erase it (7 of 50).
+        keep_phase: ``"early"`` (the paper: the first ``before_step`` steps are kept) or ``"late"`` (the
+            official single-concept script: the last ``before_step`` steps are kept, the ones before erased).
         ddim_steps: DDIM steps of the trajectory (50). start_guidance: its CFG scale (3.0).
         enhance_weight: ``a1``, weight of the early-phase terms (1.0).
         uncond_weight: ``a2``, weight of the unconditional-preservation terms (0.5).
@@ -122,6 +128,7 @@ class ANTConfig(TrainerConfig):
     lr: float = 5e-4
     eta: float = 1.0
     before_step: int = 7
+    keep_phase: str = "early"
     ddim_steps: int = 50
     start_guidance: float = 3.0
     enhance_weight: float = 1.0
@@ -153,6 +160,8 @@ class ANTConfig(TrainerConfig):
         if not _is_int(self.before_step) or not 1 <= self.before_step < self.ddim_steps:
             raise ConfigError(f"before_step must be an integer in [1, ddim_steps - 1] = [1, {self.ddim_steps - 1}] "
                               f"(both phases need steps), got {self.before_step!r}")
+        if self.keep_phase not in KEEP_PHASES:
+            raise ConfigError(f"keep_phase must be one of {', '.join(KEEP_PHASES)}, got {self.keep_phase!r}")
         if self.kind not in OUTPUT_KINDS:
             raise ConfigError(f"kind must be one of {', '.join(OUTPUT_KINDS)}, got {self.kind!r}")
         if self.lora_alpha is not None and (not _is_number(self.lora_alpha) or self.lora_alpha == 0):
@@ -226,18 +235,25 @@ class ANTTrainer(SaliencyMaskedTrainer):
     # -- the trajectory and the loss ------------------------------------------------------------
 
     def sample_pair(self, cond: Conditioning, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-        """(x+, t+, x-, t-): one DDIM run from fresh noise with the model being trained, stopped at a random
-        early step (x+, kept) and continued to a random later step (x-, erased)."""
+        """(x+, t+, x-, t-): one DDIM run from fresh noise with the model being trained, stopped at a random step of
+        the kept phase (x+) and one of the erased phase (x-), whichever comes first, then continued to the other."""
         config = self.config
-        k_plus = int(torch.randint(0, config.before_step, (), generator=generator))
-        k_minus = int(torch.randint(config.before_step, config.ddim_steps, (), generator=generator))
+        if config.keep_phase == "early":
+            k_plus = int(torch.randint(0, config.before_step, (), generator=generator))
+            k_minus = int(torch.randint(config.before_step, config.ddim_steps, (), generator=generator))
+        else:  # the official single-concept script: the last before_step steps are kept
+            split = config.ddim_steps - config.before_step
+            k_minus = int(torch.randint(0, split, (), generator=generator))
+            k_plus = int(torch.randint(split, config.ddim_steps, (), generator=generator))
         noise = torch.randn(self.latent_shape, generator=generator).to(self.device, self.unet.dtype)
         n = self.latent_shape[0]
         cond, uncond = cond.repeat(n), self.cond_empty.repeat(n)
-        x_plus = ddim_sample(self.unet, self.scheduler, noise * self.scheduler.init_noise_sigma, cond, uncond,
-                             config.start_guidance, stop_at=k_plus)
-        x_minus = ddim_sample(self.unet, self.scheduler, x_plus, cond, uncond, config.start_guidance,
-                              stop_at=k_minus, start_at=k_plus)
+        first, second = sorted((k_plus, k_minus))
+        x_first = ddim_sample(self.unet, self.scheduler, noise * self.scheduler.init_noise_sigma, cond, uncond,
+                              config.start_guidance, stop_at=first)
+        x_second = ddim_sample(self.unet, self.scheduler, x_first, cond, uncond, config.start_guidance,
+                               stop_at=second, start_at=first)
+        x_plus, x_minus = (x_first, x_second) if k_plus < k_minus else (x_second, x_first)
         return x_plus, self.scheduler.timesteps[k_plus], x_minus, self.scheduler.timesteps[k_minus]
 
     def loss(self, model: nn.Module, cond: Conditioning, generator: torch.Generator,

@@ -60,6 +60,22 @@ def test_in_context_early_target_at_eta_1_keeps_the_drawn_prompt():
     assert first[2.0, 1.0] > first[2.0, 0.0] * (1 + 1e-4)
 
 
+@pytest.mark.parametrize("phase", ["early", "late"])
+def test_keep_phase_picks_the_end_of_the_trajectory_that_is_kept(phase):
+    # the paper keeps the first before_step steps; the official single-concept script the last ones
+    _, trainer, _, _, _ = _train(kind="lora", keep_phase=phase, ddim_steps=6, before_step=2)
+    timesteps = [int(t) for t in trainer.scheduler.timesteps]
+    kept = timesteps[:2] if phase == "early" else timesteps[-2:]
+    generator = torch.Generator().manual_seed(0)
+    plus, minus = set(), set()
+    for _ in range(16):
+        _, t_plus, _, t_minus = trainer.sample_pair(trainer.cond_concept, generator)
+        plus.add(int(t_plus))
+        minus.add(int(t_minus))
+    assert plus == set(kept)
+    assert minus == set(timesteps) - set(kept)
+
+
 def test_single_augmentation_mask_keeps_half_of_each_tensor_and_the_rest_stays_bit_identical():
     pipe, trainer, adapter, originals, seen = _train(steps=3, lr=1e-2)
     with_grad = 0
@@ -111,7 +127,7 @@ def test_augmentation_prompts_default_to_the_concept_and_its_synonyms():
     (dict(before_step=0), "before_step"), (dict(before_step=50), "before_step"), (dict(kind="full"), "kind"),
     (dict(mask_fraction=0), "mask_fraction"), (dict(saliency_seeds=[]), "saliency_seeds"),
     (dict(saliency_prompts="circle"), "saliency_prompts"), (dict(eta=-1), "eta"), (dict(parameters="x"), "parameters"),
-    (dict(erase_from=["a circle", ""]), "erase_from"),
+    (dict(erase_from=["a circle", ""]), "erase_from"), (dict(keep_phase="middle"), "keep_phase"),
 ])
 def test_invalid_config_fails_before_any_work(settings, field):
     with pytest.raises(ConfigError, match=field):
