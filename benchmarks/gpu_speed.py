@@ -40,7 +40,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hardware, write_section  # noqa: E402
-from guidance_speed import COMPARED, interleaved_times, speed_settings  # noqa: E402
+from guidance_speed import COMPARED, interleaved_times, median_ratio, speed_settings  # noqa: E402
 
 from unsee import toy  # noqa: E402
 from unsee.pipelines import UnseeStableDiffusionPipeline, UnseeStableDiffusionXLPipeline  # noqa: E402
@@ -109,8 +109,7 @@ def set_attention(pipes: tuple[Any, ...], backend: str) -> bool:
     unsee_attention._XFORMERS_WORKS = None  # detect again
     if not unsee_attention.xformers_works():
         return False
-    for pipe in pipes:  # the pipelines share one UNet; each call sets its processors again, harmlessly
-        pipe.enable_xformers_memory_efficient_attention()
+    pipes[0].enable_xformers_memory_efficient_attention()  # the three pipelines share their components
     return True
 
 
@@ -150,8 +149,7 @@ def main() -> None:
                                           height=size, width=size)
                 times = interleaved_times(settings, args.repeats, args.steps, synchronize)
                 names = list(times)
-                ratios = " | ".join(f"{statistics.median(a / b for a, b in zip(times[ours], times[base])):.3f}"
-                                    for _, ours, base, _ in COMPARED)
+                ratios = " | ".join(f"{median_ratio(times, ours, base):.3f}" for _, ours, base, _ in COMPARED)
                 ratio_rows.append(f"| {shape} | {size} | {backend} | {ratios} |")
                 step_rows.append(f"| {shape} | {size} | {backend} | " + " | ".join(
                     f"{1000 * statistics.median(times[name]):.1f}" for name in names) + " |")

@@ -88,10 +88,15 @@ def interleaved_times(settings: dict[str, Callable], repeats: int, steps: int,
     return times
 
 
+def median_ratio(times: dict[str, list[float]], ours: str, base: str) -> float:
+    """Median over repeats of the ratio of two settings' times within one repeat."""
+    return statistics.median(a / b for a, b in zip(times[ours], times[base]))
+
+
 def ratio_table(times: dict[str, list[float]]) -> str:
     """Rows of the ratio table: median of the per-repeat ratios, ratio of the fastest repeats, bar."""
     return "\n".join(
-        f"| {label} | {statistics.median(a / b for a, b in zip(times[ours_name], times[base])):.3f} "
+        f"| {label} | {median_ratio(times, ours_name, base):.3f} "
         f"| {min(times[ours_name]) / min(times[base]):.3f} | {bar} |"
         for label, ours_name, base, bar in COMPARED if ours_name in times and base in times
     )

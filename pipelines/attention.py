@@ -221,13 +221,14 @@ def installed_processors(unet, control: Optional[AttentionControl] = None,
     also when the block raises. Only the named modules are touched (no walk over the whole UNet).
     """
     every = attention_modules(unet)
-    names = list(every) if modules is None else [name for name in every if name in set(modules)]
+    wanted = None if modules is None else set(modules)
+    names = [name for name in every if wanted is None or name in wanted]
     previous = {name: every[name].get_processor() for name in names}
-    ours = {f"{name}.processor": UnseeAttnProcessor(name, control) for name in names}
+    ours = {name: UnseeAttnProcessor(name, control) for name in names}
     try:
-        for name in names:
-            every[name].set_processor(ours[f"{name}.processor"])
-        yield ours
+        for name, processor in ours.items():
+            every[name].set_processor(processor)
+        yield {f"{name}.processor": processor for name, processor in ours.items()}
     finally:
         for name, processor in previous.items():
             every[name].set_processor(processor)
