@@ -139,8 +139,8 @@ def guidance_methods(cfgpp: float = 0.0, pag: float = 0.0, fdg: Any = "", negati
     if negative_mode not in NEGATIVE_MODES:
         raise InputError(f"negative steering mode must be one of {', '.join(NEGATIVE_MODES)}, got {negative_mode!r}")
     negative_start = check_number(negative_start, "negative start", 0.0, 1.0)
-    if negative_mode != "off":
-        methods.append(NegativeSteer(start=negative_start, mode=negative_mode))
+    if negative_mode != "off":  # the adaptive mode detects its own start: the slider does not apply
+        methods.append(NegativeSteer(start=None if negative_mode == "adaptive" else negative_start, mode=negative_mode))
     nasa = check_number(nasa, "NASA alpha", 0.0, 1.0)
     if nasa > 0:
         methods.append(NASA(nasa))
@@ -161,7 +161,9 @@ def _describe_one(method: Any) -> str:
     if isinstance(method, PAG):
         return f"PAG {method.scale:g}"
     if isinstance(method, NegativeSteer):
-        return f"negative {method.mode} from {method.start:g}"
+        if method.mode == "adaptive":
+            return "negative adaptive"
+        return f"negative {method.mode} from {method.resolved_start:g}"
     if isinstance(method, NASA):
         return f"NASA α={method.alpha:g}"
     return type(method).__name__
@@ -573,7 +575,7 @@ def build_demo(app: DemoApp) -> gr.Blocks:
                         fdg = gr.Textbox(label="FDG scales, high to low frequency (replaces CFG)", placeholder="10, 5")
                         with gr.Row():
                             negative_mode = gr.Dropdown(list(NEGATIVE_MODES), value="off", label="Negative steering")
-                            negative_start = gr.Slider(0.0, 1.0, value=0.3, step=0.05, label="Negative start (fraction)")
+                            negative_start = gr.Slider(0.0, 1.0, value=0.3, step=0.05, label="Negative start (fraction; fixed and DNG modes)")
                         nasa = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="NASA α (uses the negative prompt)")
                     with gr.Accordion("Adapters", open=True):
                         slot_inputs = []

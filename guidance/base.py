@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
+
 
 class GuidanceError(ValueError):
     """An invalid guidance method or combination; raised before any denoising work."""
@@ -67,3 +69,15 @@ def check_range(owner: str, name: str, value: float, low: float, high: float = f
     if not (low <= value <= high):
         bound = f">= {low}" if high == float("inf") else f"in [{low}, {high}]"
         raise GuidanceError(f"{owner}.{name} must be {bound}, got {value}")
+
+
+def vp_denoised(prediction_type: str, output: torch.Tensor, sample: torch.Tensor, alpha: torch.Tensor,
+                sigma: torch.Tensor) -> torch.Tensor:
+    """x0 estimate from a model output at a variance-preserving sample ``x = alpha * x0 + sigma * eps``."""
+    if prediction_type == "epsilon":
+        return (sample - sigma * output) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * sample - sigma * output
+    if prediction_type == "sample":
+        return output
+    raise GuidanceError(f"unsupported prediction_type {prediction_type!r}: expected epsilon, v_prediction or sample")

@@ -36,7 +36,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from .base import Guidance, GuidanceError, check_range
+from .base import Guidance, GuidanceError, check_range, vp_denoised
 
 SUPPORTED = "DDIMScheduler (eta=0), EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler (dpmsolver++, order 2)"
 
@@ -86,21 +86,14 @@ class CFGppState:
     previous_lambda: Optional[torch.Tensor] = None
 
 
-def _vp_denoised(scheduler, output: torch.Tensor, sample: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """x0 estimate for a variance-preserving sample x = alpha * x0 + sigma * eps."""
-    if scheduler.config.prediction_type == "epsilon":
-        return (sample - sigma * output) / alpha
-    return alpha * sample - sigma * output  # v-prediction
-
-
 def _ddim_step(scheduler, guided, uncond, timestep, sample):
     t = int(timestep)
     prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     a_t = scheduler.alphas_cumprod[t].to(sample.device, torch.float32)
     a_prev = (scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod).to(sample.device, torch.float32)
     x = sample.float()
-    x0_guided = _vp_denoised(scheduler, guided.float(), x, a_t.sqrt(), (1 - a_t).sqrt())
-    x0_uncond = _vp_denoised(scheduler, uncond.float(), x, a_t.sqrt(), (1 - a_t).sqrt())
+    x0_guided = vp_denoised(scheduler.config.prediction_type, guided.float(), x, a_t.sqrt(), (1 - a_t).sqrt())
+    x0_uncond = vp_denoised(scheduler.config.prediction_type, uncond.float(), x, a_t.sqrt(), (1 - a_t).sqrt())
     eps_uncond = (x - a_t.sqrt() * x0_uncond) / (1 - a_t).sqrt()
     return a_prev.sqrt() * x0_guided + (1 - a_prev).sqrt() * eps_uncond
 
@@ -140,8 +133,8 @@ def _dpm_2m_step(scheduler, guided, uncond, sample, state: CFGppState):
     alpha_t, sigma_t = scheduler._sigma_to_alpha_sigma_t(scheduler.sigmas[i].float())
     alpha_n, sigma_n = scheduler._sigma_to_alpha_sigma_t(scheduler.sigmas[i + 1].float())
     x = sample.float()
-    d_guided = _vp_denoised(scheduler, guided.float(), x, alpha_t, sigma_t)
-    d_uncond = _vp_denoised(scheduler, uncond.float(), x, alpha_t, sigma_t)
+    d_guided = vp_denoised(scheduler.config.prediction_type, guided.float(), x, alpha_t, sigma_t)
+    d_uncond = vp_denoised(scheduler.config.prediction_type, uncond.float(), x, alpha_t, sigma_t)
     # work in the VE variables x~ = x / alpha, s = sigma / alpha, lambda = -log s
     x_ve = x / alpha_t
     s_t, s_n = sigma_t / alpha_t, sigma_n / alpha_n

@@ -19,7 +19,16 @@ Three modes of ``NegativeSteer``:
   ``lambda_t = dng_scale * p_t / (1 - p_t)``, where p_t estimates P(negative | x_t), updated every
   step by Bayes' rule from the DDPM posterior means of the two branches:
   ``p <- clip(p * exp((-T (|x - mu_neg|^2 - |x - mu_u|^2) + offset) / (2 sigma^2)), p_min, p_max)``.
+  The means come from each branch's x0 estimate under the scheduler's ``prediction_type`` (epsilon,
+  v or sample) and the step's pair of alphas; sigma^2 is the DDPM posterior variance. The paper samples
+  with DDPM, where x_{t-1} is drawn from exactly these Gaussians; with a deterministic sampler (DDIM)
+  the same update serves as an approximation.
   Defaults are the official code's (scale 1, prior 0.2, T 1, offset 0, p in [1e-6, 0.99]).
+  ``start`` delays the DNG term as Ban et al. delay a negative prompt: it is added from step ``start``
+  on (default 0, as in the DNG paper), while p_t is tracked from the first step.
+
+``start=None`` means the mode's default: 0.2 for ``fixed``, 0 for ``dng``; ``adaptive`` detects the start
+itself and refuses an explicit one (bound it with ``max_start``).
 
 Negative steering from step 0 equals diffusers' negative prompt; from after the last step it equals
 CFG with an empty negative.
@@ -33,16 +42,17 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .base import Guidance, GuidanceError, check_range
+from .base import Guidance, GuidanceError, check_range, vp_denoised
 
 MODES = ("fixed", "adaptive", "dng")
+DEFAULT_START = {"fixed": 0.2, "dng": 0}  # start=None: Ban et al.'s ~10-25% of the steps; DNG from the first step
 
 
 @dataclass
 class NegativeSteer(Guidance):
     """When and how the negative prompt acts; see the module docstring for the three modes."""
 
-    start: Union[float, int] = 0.2
+    start: Optional[Union[float, int]] = None
     mode: str = "fixed"
     threshold: float = 0.15
     max_start: float = 0.5
@@ -57,12 +67,16 @@ class NegativeSteer(Guidance):
     def validate(self) -> None:
         if self.mode not in MODES:
             raise GuidanceError(f"NegativeSteer.mode must be one of {MODES}, got {self.mode!r}")
-        if isinstance(self.start, bool) or not isinstance(self.start, (int, float)):
-            raise GuidanceError(f"NegativeSteer.start must be a fraction (float) or a step (int), got {self.start!r}")
-        if isinstance(self.start, int):
-            check_range("NegativeSteer", "start", self.start, 0)
-        else:
-            check_range("NegativeSteer", "start", self.start, 0.0, 1.0)
+        if self.start is not None:
+            if self.mode == "adaptive":
+                raise GuidanceError("NegativeSteer(mode='adaptive') detects the start per image; leave start=None "
+                                    "and bound the detected step with max_start")
+            if isinstance(self.start, bool) or not isinstance(self.start, (int, float)):
+                raise GuidanceError(f"NegativeSteer.start must be a fraction (float) or a step (int), got {self.start!r}")
+            if isinstance(self.start, int):
+                check_range("NegativeSteer", "start", self.start, 0)
+            else:
+                check_range("NegativeSteer", "start", self.start, 0.0, 1.0)
         check_range("NegativeSteer", "threshold", self.threshold, 0.0, 2.0)
         check_range("NegativeSteer", "max_start", self.max_start, 0.0, 1.0)
         check_range("NegativeSteer", "dng_scale", self.dng_scale, 0.0)
@@ -70,11 +84,17 @@ class NegativeSteer(Guidance):
         if not 0 < self.dng_p_min < self.dng_p_max < 1:
             raise GuidanceError("NegativeSteer needs 0 < dng_p_min < dng_p_max < 1")
 
+    @property
+    def resolved_start(self) -> Optional[Union[float, int]]:
+        """``start``, or the mode's default when it is None (None in ``adaptive`` mode: detected per image)."""
+        return self.start if self.start is not None else DEFAULT_START.get(self.mode)
+
     def start_step(self, num_steps: int) -> int:
-        """The first step (0-based) at which the negative acts in ``fixed`` mode."""
-        if isinstance(self.start, int):
-            return self.start
-        return int(round(self.start * num_steps))
+        """The first step (0-based) at which the negative acts in ``fixed`` and ``dng`` modes."""
+        start = self.resolved_start
+        if isinstance(start, int):
+            return start
+        return int(round(start * num_steps))
 
 
 class AdaptiveStart:
@@ -137,9 +157,9 @@ class DNGState:
         self.p = (self.p * torch.exp(exponent.clamp(max=50.0).cpu())).clamp(self.steer.dng_p_min, self.steer.dng_p_max)
         self.pending = None
 
-    def predict(self, sample: torch.Tensor, eps_neg: torch.Tensor, eps_u: torch.Tensor,
+    def predict(self, sample: torch.Tensor, output_neg: torch.Tensor, output_u: torch.Tensor, prediction_type: str,
                 alpha_t: torch.Tensor, alpha_prev: torch.Tensor) -> None:
-        """DDPM posterior means of x_{t-1} under the negative and unconditional predictions."""
+        """DDPM posterior means of x_{t-1} under the negative and unconditional model outputs."""
         x = sample.double()
         a_t, a_prev = alpha_t.double(), alpha_prev.double()
         step_alpha = a_t / a_prev
@@ -148,8 +168,19 @@ class DNGState:
         coef_x0 = a_prev.sqrt() * beta / (1 - a_t)
         coef_xt = step_alpha.sqrt() * (1 - a_prev) / (1 - a_t)
 
-        def mean(eps: torch.Tensor) -> torch.Tensor:
-            x0 = (x - (1 - a_t).sqrt() * eps.double()) / a_t.sqrt()
+        def mean(output: torch.Tensor) -> torch.Tensor:
+            x0 = vp_denoised(prediction_type, output.double(), x, a_t.sqrt(), (1 - a_t).sqrt())
             return coef_x0 * x0 + coef_xt * x
 
-        self.pending = (mean(eps_neg), mean(eps_u), variance)
+        self.pending = (mean(output_neg), mean(output_u), variance)
+
+
+def check_dng_scheduler(scheduler) -> None:
+    """DNG's Bayes update needs a discrete variance-preserving scheduler and a known model parametrisation."""
+    if getattr(scheduler, "alphas_cumprod", None) is None:
+        raise GuidanceError(f"NegativeSteer(mode='dng') needs a scheduler with alphas_cumprod (DDPM, DDIM, Euler, DPM++); "
+                            f"the pipeline has {type(scheduler).__name__}")
+    prediction = scheduler.config.prediction_type
+    if prediction not in ("epsilon", "v_prediction", "sample"):
+        raise GuidanceError(f"NegativeSteer(mode='dng') needs an epsilon, v- or sample-prediction model, this one "
+                            f"predicts {prediction!r}")

@@ -33,7 +33,7 @@ from unsee.guidance.base import Guidance, GuidanceError, validate_combination
 from unsee.guidance.cfg import CFG
 from unsee.guidance.cfgpp import CFGpp, CFGppState, cfgpp_step, check_scheduler
 from unsee.guidance.nasa import NASA
-from unsee.guidance.negative import AdaptiveStart, DNGState, NegativeSteer
+from unsee.guidance.negative import AdaptiveStart, DNGState, NegativeSteer, check_dng_scheduler
 from unsee.guidance.pag import PAG
 
 from .attention import AttentionControl, attention_module_names, installed_processors, layer_matches
@@ -192,8 +192,9 @@ class GuidedStep:
         if "negative" in parts:
             if self.dng is None:
                 self.dng = DNGState(self.steer, batch)
-            weight = self.dng.weight().to(guided.device, guided.dtype).view(-1, *([1] * (guided.ndim - 1)))
-            guided = guided - weight * (parts["negative"] - parts["uncond"])
+            if self.step >= self.steer.start_step(num_steps):  # delayed DNG: p_t is tracked from the first step
+                weight = self.dng.weight().to(guided.device, guided.dtype).view(-1, *([1] * (guided.ndim - 1)))
+                guided = guided - weight * (parts["negative"] - parts["uncond"])
             self._predict_dng(sample.index_select(0, cond_index), parts["negative"], parts["uncond"], timestep)
         if self.guidance_rescale > 0:
             guided = rescale_noise_cfg(guided, cond, guidance_rescale=self.guidance_rescale)
@@ -211,14 +212,17 @@ class GuidedStep:
         # the decision taken after step k applies from step k + 1
         self.negative_active = self.adaptive.update(self.step, current.cpu())
 
-    def _predict_dng(self, sample, eps_neg, eps_u, timestep) -> None:
+    def _predict_dng(self, sample, output_neg, output_u, timestep) -> None:
         scheduler = self.pipe.scheduler
         timesteps = scheduler.timesteps
         index = int((timesteps == timestep).nonzero()[0]) if (timesteps == timestep).any() else self.step
         alphas = scheduler.alphas_cumprod.to(sample.device)
         a_t = alphas[int(timesteps[index])]
-        a_prev = alphas[int(timesteps[index + 1])] if index + 1 < len(timesteps) else alphas.new_tensor(1.0)
-        self.dng.predict(sample, eps_neg, eps_u, a_t, a_prev)
+        if index + 1 < len(timesteps):
+            a_prev = alphas[int(timesteps[index + 1])]
+        else:  # the last step lands on the scheduler's final alpha (DDIM's set_alpha_to_one) or on x0
+            a_prev = torch.as_tensor(getattr(scheduler, "final_alpha_cumprod", 1.0), device=alphas.device, dtype=alphas.dtype)
+        self.dng.predict(sample, output_neg, output_u, scheduler.config.prediction_type, a_t, a_prev)
 
 
 class GuidedUNetHook(ModelHook):
@@ -271,6 +275,8 @@ class GuidanceMixin:
             raise GuidanceError("this UNet is guidance-distilled (time_cond_proj_dim): it has no unconditional branch")
         if isinstance(combine, CFGpp):
             check_scheduler(self.scheduler, call.get("eta", 0.0) or 0.0)
+        if steer is not None and steer.mode == "dng":
+            check_dng_scheduler(self.scheduler)
 
         images_per_prompt = call.get("num_images_per_prompt") or 1
         prompt = call.get("prompt")

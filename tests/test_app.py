@@ -15,7 +15,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from unsee.apps.demo import DemoApp, InputError, build_demo, guidance_methods, launch
+from unsee.apps.demo import DemoApp, InputError, build_demo, describe, guidance_methods, launch
 from unsee.guidance import NASA, PAG, CFGpp, NegativeSteer
 from unsee.testing import tiny_sd_pipeline
 
@@ -190,6 +190,10 @@ def test_stop_ends_training_and_leaves_the_model_as_it_was(tmp_path):
 def test_guidance_controls_map_to_methods():
     methods = guidance_methods(cfgpp=0.6, pag=3.0, negative_mode="adaptive", negative_start=0.3, nasa=0.2)
     assert [type(m) for m in methods] == [CFGpp, PAG, NegativeSteer, NASA]
+    assert methods[2].start is None, "the adaptive mode detects its start: the slider does not apply"
+    assert describe(methods[2:3], 5.0) == "negative adaptive"
+    dng = guidance_methods(negative_mode="dng", negative_start=0.3)
+    assert dng[0].start == 0.3 and describe(dng, 5.0) == "negative dng from 0.3"
     assert guidance_methods() == []
     with pytest.raises(InputError, match="PAG scale must be between 0 and 10"):
         guidance_methods(pag=11)

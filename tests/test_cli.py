@@ -54,6 +54,9 @@ def test_generate_rejects_bad_guidance_before_loading(tmp_path, capsys):
     assert "need a negative prompt" in capsys.readouterr().err
     assert main(["generate", "--prompt", "x", "--cfgpp", "0.6", "--fdg", "10,5", "--out", str(tmp_path / "o")]) == 2
     assert "use one of them" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--negative", "y", "--negative-mode", "adaptive", "--negative-start", "0.3",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "leave start=None" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -4,13 +4,14 @@ import pytest
 import torch
 from diffusers import (
     DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-    PNDMScheduler, StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline,
+    FlowMatchEulerDiscreteScheduler, PNDMScheduler, StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline,
 )
 
 from conftest import seeded
 from unsee.guidance import CFG, FDG, NASA, PAG, CFGpp, GuidanceError, NegativeSteer, equivalent_cfg_scale
 from unsee.guidance.cfgpp import CFGppState, cfgpp_step
 from unsee.guidance.fdg import laplacian_pyramid, reconstruct
+from unsee.guidance.negative import DNGState
 from unsee.pipelines.attention import layer_matches
 from unsee.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
@@ -196,6 +197,45 @@ def test_dng_keeps_its_posterior_in_bounds(tiny_sd):
     assert (zero - run(tiny_sd, guidance_scale=5.0)).abs().max() <= 1e-5, "DNG with scale 0 is plain CFG"
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_dng_posterior_means_are_the_ddpm_posterior_means(prediction_type):
+    # DDIM with eta=1 and zero noise steps to the DDPM posterior mean; its variance is the posterior variance
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              clip_sample=False, prediction_type=prediction_type)
+    scheduler.set_timesteps(10)
+    t, prev_t = scheduler.timesteps[3], scheduler.timesteps[4]
+    generator = seeded(0)
+    x, out_neg, out_u = (torch.randn(2, 4, 8, 8, generator=generator) for _ in range(3))
+    state = DNGState(NegativeSteer(mode="dng"), rows=2)
+    state.predict(x, out_neg, out_u, prediction_type, scheduler.alphas_cumprod[t], scheduler.alphas_cumprod[prev_t])
+    mu_neg, mu_u, variance = state.pending
+    for output, mean in ((out_neg, mu_neg), (out_u, mu_u)):
+        expected = scheduler.step(output, t, x, eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample
+        assert (mean.float() - expected).abs().max() <= 1e-5
+    assert abs(float(variance) - float(scheduler._get_variance(t, prev_t))) <= 1e-7
+
+
+def test_dng_refuses_schedulers_without_a_noise_schedule(tiny_sd):
+    tiny_sd.scheduler = FlowMatchEulerDiscreteScheduler()
+    calls = unet_call_counter(tiny_sd)
+    with pytest.raises(GuidanceError, match="needs a scheduler with alphas_cumprod"):
+        run(tiny_sd, negative_prompt="circle", guidance_scale=5.0, guidance=[NegativeSteer(mode="dng")])
+    assert not calls
+
+
+def test_delayed_dng_acts_from_its_start_only(tiny_sd):
+    def dng(**kwargs):
+        return run(tiny_sd, negative_prompt="circle", guidance_scale=5.0,
+                   guidance=[NegativeSteer(mode="dng", dng_scale=50.0, dng_temperature=0.0, **kwargs)])
+
+    from_first = dng()
+    assert torch.equal(from_first, dng(start=0)), "DNG starts at step 0 by default, as in its paper"
+    never = dng(start=1.0)
+    assert (never - run(tiny_sd, guidance_scale=5.0)).abs().max() <= 1e-5, "a DNG term that never starts is plain CFG"
+    middle = dng(start=K["num_inference_steps"] // 2)
+    assert (middle - from_first).abs().max() > 1e-3 and (middle - never).abs().max() > 1e-3
+
+
 @BUILDERS
 def test_nasa_alpha_zero_is_the_baseline_and_uses_one_pass(build):
     pipe = build()
@@ -220,6 +260,7 @@ def test_methods_compose_in_one_call(tiny_sd):
     ([NASA(0.3)], "need a negative prompt"),
     ([CFGpp(1.5)], "CFGpp.lam must be in"),
     ([NegativeSteer(mode="later")], "mode must be one of"),
+    ([NegativeSteer(0.3, mode="adaptive")], "detects the start per image"),
     ([FDG((10.0, 5.0), parallel_weights=(1.0,))], "needs 2 values"),
     (["cfg++"], "unsee.guidance objects"),
 ])

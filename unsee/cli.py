@@ -76,9 +76,11 @@ def _add_guidance_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pag-layers", default="mid", help="comma-separated PAG layers (default: mid)")
     group.add_argument("--fdg", type=_float_list, metavar="HIGH,...,LOW", help="frequency-decoupled guidance scales per band")
     group.add_argument("--negative-start", type=_start, metavar="START",
-                       help="delay the negative prompt: fraction of the steps (0.3) or step index (5)")
+                       help="delay the negative prompt: fraction of the steps (0.3) or step index (5); "
+                            "default 0.2 in fixed mode, 0 in dng mode, not with adaptive")
     group.add_argument("--negative-mode", choices=("fixed", "adaptive", "dng"), default=None,
-                       help="negative steering mode (default fixed when --negative-start is given)")
+                       help="negative steering mode: fixed start, adaptive (start detected per image), or dng "
+                            "(Dynamic Negative Guidance); default fixed when --negative-start is given")
     group.add_argument("--nasa", type=float, metavar="ALPHA", help="NASA: subtract the negative prompt inside cross-attention")
 
 
@@ -94,8 +96,7 @@ def guidance_from_args(args: argparse.Namespace) -> list:
     if args.pag is not None:
         methods.append(PAG(args.pag, layers=tuple(args.pag_layers.split(","))))
     if args.negative_start is not None or args.negative_mode is not None:
-        start = args.negative_start if args.negative_start is not None else NegativeSteer.start
-        methods.append(NegativeSteer(start=start, mode=args.negative_mode or "fixed"))
+        methods.append(NegativeSteer(start=args.negative_start, mode=args.negative_mode or "fixed"))
     if args.nasa is not None:
         methods.append(NASA(args.nasa))
     return methods
