@@ -87,7 +87,8 @@ class AttentionControl:
 
     pag_rows / nasa_rows: batch rows (a slice of the batch the UNet sees) that get the treatment.
     pag_layers / nasa_layers: names of the selected attention modules.
-    nasa_negative: the negative prompt's text embeddings, one row per NASA row.
+    nasa_negative: the negative prompt's text embeddings, one row per NASA row (the rows of the full batch; a
+        layer that runs before PAG's perturbed rows join the batch uses the first ones).
     attention_probe: if set, a (module names, token indices, rows) request whose cross-attention
         maps are recorded into ``probed_maps`` (used by adaptive negative steering).
     """
@@ -161,14 +162,15 @@ class UnseeAttnProcessor:
 
         if control is not None:
             if is_cross and control.nasa_rows is not None and self.name in control.nasa_layers and control.nasa_alpha:
-                negative = control.nasa_negative
+                rows = control.nasa_rows
+                steered = q[rows]  # before PAG's perturbed rows join the batch, only the conditional rows are here
+                negative = control.nasa_negative[: steered.shape[0]]
                 if attn.norm_cross:
                     negative = attn.norm_encoder_hidden_states(negative)
                 neg_k, neg_v = split(attn.to_k(negative)), split(attn.to_v(negative))
                 if attn.norm_k is not None:
                     neg_k = attn.norm_k(neg_k)
-                rows = control.nasa_rows
-                neg_out = fused_attention(q[rows], neg_k, neg_v)
+                neg_out = fused_attention(steered, neg_k, neg_v)
                 out = out.clone()
                 out[rows] = out[rows] - control.nasa_alpha * neg_out
             if is_cross and control.probe_rows is not None and self.name in control.probe_layers:

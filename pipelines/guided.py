@@ -12,6 +12,8 @@ for the duration of the call unsee
   ``u + w (c - u)`` returns it unchanged);
 - installs unsee's attention processors (PAG identity rows, NASA rows, attention probes) when a
   method needs them;
+- for PAG, lets the perturbed rows join the batch only at the UNet block holding the first perturbed
+  layer (``PerturbedRowsJoin``): until there they would repeat the conditional rows' computation;
 - for CFG++, replaces ``scheduler.step`` by the CFG++ update.
 
 All three are undone when the call returns or raises.
@@ -52,6 +54,61 @@ def _concat(parts: Sequence[Any]) -> Any:
     return torch.cat(parts) if isinstance(parts[0], torch.Tensor) and parts[0].ndim > 0 else parts[0]
 
 
+def unet_blocks(unet) -> list[tuple[str, torch.nn.Module]]:
+    """The UNet's top-level blocks by name, in the order its forward runs them."""
+    blocks = [(f"down_blocks.{i}", block) for i, block in enumerate(unet.down_blocks)]
+    if getattr(unet, "mid_block", None) is not None:
+        blocks.append(("mid_block", unet.mid_block))
+    return blocks + [(f"up_blocks.{i}", block) for i, block in enumerate(unet.up_blocks)]
+
+
+class PerturbedRowsJoin:
+    """PAG's perturbed rows compute exactly what the conditional rows compute until the first perturbed layer.
+
+    So the UNet runs without them up to the top-level block that holds that layer; a forward pre-hook on
+    that block and on every later one appends a copy of the conditional rows to each batch tensor that
+    does not have them yet (hidden states, time embedding, text states, skip connections). With PAG on
+    the mid block (the default), the down blocks run two rows per image instead of three. The result is
+    the full three-row computation's; only the repeated work is gone.
+    """
+
+    def __init__(self, unet, pag_layers: frozenset) -> None:
+        blocks = unet_blocks(unet)
+        first = next(i for i, (name, _) in enumerate(blocks)
+                     if any(layer.startswith(name + ".") for layer in pag_layers))
+        self.blocks = [block for _, block in blocks[first:]]
+        self.rows_before: Optional[int] = None  # batch rows until the join, set for one UNet call
+        self.cond: Optional[slice] = None  # where the conditional rows are in that batch
+
+    def _with_perturbed(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == self.rows_before:
+            return torch.cat([value, value[self.cond]])
+        if isinstance(value, tuple) and any(isinstance(v, torch.Tensor) for v in value):  # skip connections
+            return tuple(self._with_perturbed(v) for v in value)
+        return value
+
+    def _hook(self, module, args: tuple, kwargs: dict):
+        if self.rows_before is None:
+            return None
+        return (tuple(self._with_perturbed(a) for a in args),
+                {key: self._with_perturbed(value) for key, value in kwargs.items()})
+
+    @contextlib.contextmanager
+    def installed(self):
+        handles = [block.register_forward_pre_hook(self._hook, with_kwargs=True) for block in self.blocks]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+# UNet inputs that carry rows of the pipeline's own batch into the blocks (ControlNet, T2I-Adapter): with them
+# the perturbed rows run the whole UNet
+_BLOCK_RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual",
+                    "down_intrablock_additional_residuals")
+
+
 class GuidedStep:
     """What one guided call needs to know and remember between steps."""
 
@@ -87,6 +144,7 @@ class GuidedStep:
                 raise GuidanceError(f"PAG.layers {self.pag.layers} match no self-attention layer of this UNet; "
                                     f"names look like {attention_module_names(unet, cross=False)[:3]}")
             self.control.pag_layers = frozenset(selected)
+        self.join: Optional[PerturbedRowsJoin] = PerturbedRowsJoin(unet, self.control.pag_layers) if self.pag else None
         if self.nasa is not None:
             cross = sorted(self.cross_layers)
             selected = cross if self.nasa.layers is None else [n for n in cross if layer_matches(n, self.nasa.layers)]
@@ -172,13 +230,21 @@ class GuidedStep:
         control.probe_layers = self.cross_layers if probing else frozenset()
         control.probed_maps = []
 
-        x_all = torch.cat([b[1][0] for b in branches])
-        e_all = torch.cat([b[1][1] for b in branches])
-        a_all = {k: _concat([b[1][2][k] for b in branches]) for k in added}
+        join_late = pag_scale > 0 and self.join is not None and all(kwargs.get(k) is None for k in _BLOCK_RESIDUALS)
+        batched = branches[:-1] if join_late else branches  # the perturbed branch is the last one
+        x_all = torch.cat([b[1][0] for b in batched])
+        e_all = torch.cat([b[1][1] for b in batched])
+        a_all = {k: _concat([b[1][2][k] for b in batched]) for k in added}
         if self.steer is not None and self.steer.mode == "dng" and self.dng is not None:
             self.dng.observe(sample.index_select(0, cond_index))
-        out = original_forward(x_all, timestep, e_all, *args, added_cond_kwargs=a_all or added_cond_kwargs,
-                               return_dict=False, **kwargs)[0]
+        if join_late:
+            self.join.rows_before, self.join.cond = starts["perturbed"].start, starts["cond"]
+        try:
+            out = original_forward(x_all, timestep, e_all, *args, added_cond_kwargs=a_all or added_cond_kwargs,
+                                   return_dict=False, **kwargs)[0]
+        finally:
+            if self.join is not None:
+                self.join.rows_before = None
         parts = {name: out[s] for name, s in starts.items()}
 
         cond = parts["cond"]
@@ -325,6 +391,8 @@ class GuidanceMixin:
             modules = state.processor_modules
             if modules:
                 stack.enter_context(installed_processors(self.unet, state.control, modules))
+            if state.join is not None:
+                stack.enter_context(state.join.installed())
             if cfgpp:
                 def step(model_output, timestep, sample, *args, generator=None, return_dict=True, **kwargs):
                     prev = cfgpp_step(scheduler, model_output, state.last_uncond, timestep, sample,

@@ -76,6 +76,44 @@ def test_pag_rows_skip_queries_and_keys_in_the_perturbed_layers(tiny_sd):
     assert seen == {"to_q": 2, "to_k": 2, "to_v": 3}, "CFG rows attend; the perturbed row only projects V"
 
 
+@pytest.mark.parametrize("cfg_scale, rows", [(5.0, 2), (1.0, 1)])
+def test_pag_rows_join_the_batch_at_the_first_perturbed_block(tiny_sd, cfg_scale, rows):
+    # until the mid block the perturbed row would repeat the conditional row's work
+    seen = {}
+
+    def recorder(name):
+        def hook(module, args, kwargs):
+            seen.setdefault(name, (args[0] if args else kwargs["hidden_states"]).shape[0])  # rows of the first call
+        return hook
+
+    for name, block in (("down", tiny_sd.unet.down_blocks[0]), ("mid", tiny_sd.unet.mid_block.resnets[0]),
+                        ("up", tiny_sd.unet.up_blocks[-1])):
+        block.register_forward_pre_hook(recorder(name), with_kwargs=True)
+    run(tiny_sd, guidance_scale=cfg_scale, guidance=[PAG(3.0, layers=("mid",))])
+    assert seen == {"down": rows, "mid": rows + 1, "up": rows + 1}
+
+
+@pytest.mark.parametrize("guidance, negative", [
+    ([PAG(3.0, layers=("up_blocks.1",))], None),
+    ([PAG(3.0, layers=("mid",)), NASA(0.3)], "blue"),
+    ([PAG(3.0, layers=("down_blocks.0",)), NASA(0.3), NegativeSteer(0.25)], "blue"),
+    ([PAG(3.0, layers=("mid",)), NegativeSteer(mode="dng", dng_scale=2.0)], "blue"),
+])
+def test_late_joining_perturbed_rows_give_the_full_batch_result(tiny_sd, monkeypatch, guidance, negative):
+    joined = run(tiny_sd, guidance_scale=5.0, negative_prompt=negative, guidance=guidance)
+    monkeypatch.setattr("unsee.pipelines.guided.PerturbedRowsJoin", lambda unet, layers: None)
+    full = run(tiny_sd, guidance_scale=5.0, negative_prompt=negative, guidance=guidance)
+    assert (joined - full).abs().max() <= 1e-5
+
+
+def test_pag_on_up_block_layers_equals_diffusers():
+    ours = run(tiny_sd_pipeline(), guidance_scale=5.0, guidance=[PAG(3.0, layers=("up_blocks.1",))])
+    theirs = tiny_sd_pipeline(StableDiffusionPAGPipeline)
+    theirs.set_pag_applied_layers(["up_blocks.1"])
+    reference = theirs(PROMPT, generator=seeded(0), guidance_scale=5.0, pag_scale=3.0, **K).images
+    assert (ours - reference).abs().max() <= 1e-4
+
+
 def test_pag_layer_names_match_whole_components():
     assert layer_matches("down_blocks.1.attentions.0.transformer_blocks.0.attn1", ("down_blocks.1",))
     assert not layer_matches("down_blocks.10.attentions.0.transformer_blocks.0.attn1", ("down_blocks.1",))
