@@ -74,8 +74,8 @@ class PerturbedRowsJoin:
 
     def __init__(self, unet, pag_layers: frozenset) -> None:
         blocks = unet_blocks(unet)
-        first = next(i for i, (name, _) in enumerate(blocks)
-                     if any(layer.startswith(name + ".") for layer in pag_layers))
+        first = next((i for i, (name, _) in enumerate(blocks)
+                      if any(layer.startswith(name + ".") for layer in pag_layers)), 0)
         self.blocks = [block for _, block in blocks[first:]]
         self.rows_before: Optional[int] = None  # batch rows until the join, set for one UNet call
         self.cond: Optional[slice] = None  # where the conditional rows are in that batch
