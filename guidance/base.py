@@ -71,6 +71,9 @@ def check_range(owner: str, name: str, value: float, low: float, high: float = f
         raise GuidanceError(f"{owner}.{name} must be {bound}, got {value}")
 
 
+VP_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what ``vp_denoised`` can turn into an x0 estimate
+
+
 def vp_denoised(prediction_type: str, output: torch.Tensor, sample: torch.Tensor, alpha: torch.Tensor,
                 sigma: torch.Tensor) -> torch.Tensor:
     """x0 estimate from a model output at a variance-preserving sample ``x = alpha * x0 + sigma * eps``."""
@@ -80,4 +83,4 @@ def vp_denoised(prediction_type: str, output: torch.Tensor, sample: torch.Tensor
         return alpha * sample - sigma * output
     if prediction_type == "sample":
         return output
-    raise GuidanceError(f"unsupported prediction_type {prediction_type!r}: expected epsilon, v_prediction or sample")
+    raise GuidanceError(f"unsupported prediction_type {prediction_type!r}: expected one of {VP_PREDICTION_TYPES}")

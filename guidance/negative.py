@@ -42,7 +42,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .base import Guidance, GuidanceError, check_range, vp_denoised
+from .base import VP_PREDICTION_TYPES, Guidance, GuidanceError, check_range, vp_denoised
 
 MODES = ("fixed", "adaptive", "dng")
 DEFAULT_START = {"fixed": 0.2, "dng": 0}  # start=None: Ban et al.'s ~10-25% of the steps; DNG from the first step
@@ -181,6 +181,6 @@ def check_dng_scheduler(scheduler) -> None:
         raise GuidanceError(f"NegativeSteer(mode='dng') needs a scheduler with alphas_cumprod (DDPM, DDIM, Euler, DPM++); "
                             f"the pipeline has {type(scheduler).__name__}")
     prediction = scheduler.config.prediction_type
-    if prediction not in ("epsilon", "v_prediction", "sample"):
+    if prediction not in VP_PREDICTION_TYPES:
         raise GuidanceError(f"NegativeSteer(mode='dng') needs an epsilon, v- or sample-prediction model, this one "
                             f"predicts {prediction!r}")
