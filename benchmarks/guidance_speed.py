@@ -11,7 +11,8 @@ the ratio of the fastest repeats is shown beside it. Ratios:
 - plain CFG through unsee's pipeline (``guidance=[CFG(5)]``) / diffusers' StableDiffusionPipeline;
 - PAG / diffusers' StableDiffusionPAGPipeline (same layers "mid", same scale);
 - CFG++, FDG and delayed negative steering / a CFG step;
-- NASA (one pass) / CFG with a negative prompt (two passes).
+- NASA (one pass) / CFG with a negative prompt (two passes), and beside it diffusers' plain one-pass call (no
+  CFG) against the same two-pass call: the floor under NASA's ratio, which no one-pass method can go below.
 Writes the "guidance-speed" section of BENCHMARKS.md. ``--unet sd15`` swaps in a random-weight UNet of SD 1.5's
 architecture (860M parameters, 32x32 latents, the toy text encoder's 128-wide conditioning): there the UNet's
 arithmetic dominates a step, as on a GPU at full size, where on the toy model per-call overheads do; it writes
@@ -45,6 +46,9 @@ COMPARED = [
     ("FDG / CFG", "unsee FDG", "diffusers CFG", "≤ 1.03"),
     ("negative steering / CFG", "unsee negative from 20%", "diffusers CFG", "≤ 1.03"),
     ("NASA / CFG with negative", "unsee NASA (no CFG)", "diffusers CFG + negative", "≤ 0.6"),
+    # no bar: the least any one-pass method can cost, which NASA's ratio cannot go below
+    ("one UNet pass (no CFG) / CFG with negative", "diffusers one pass (no CFG)", "diffusers CFG + negative", "floor"),
+    ("NASA / one UNet pass (no CFG): what NASA adds", "unsee NASA (no CFG)", "diffusers one pass (no CFG)", "—"),
 ]
 
 
@@ -67,6 +71,7 @@ def speed_settings(ours, plain, pag, batch: int, num_inference_steps: int, **cal
                                                     generator=g, **common),
         "unsee NASA (no CFG)": lambda g: ours(prompts, negative_prompt=negatives, guidance_scale=1.0,
                                               guidance=[NASA(0.3)], generator=g, **common),
+        "diffusers one pass (no CFG)": lambda g: plain(prompts, guidance_scale=1.0, generator=g, **common),
     }
 
 

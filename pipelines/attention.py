@@ -89,6 +89,8 @@ class AttentionControl:
     pag_layers / nasa_layers: names of the selected attention modules.
     nasa_negative: the negative prompt's text embeddings, one row per NASA row (the rows of the full batch; a
         layer that runs before PAG's perturbed rows join the batch uses the first ones).
+    nasa_keys_values: each NASA layer's keys and values of ``nasa_negative`` by (layer, rows), computed at the
+        first step and reused: the negative prompt and the projections do not change within a call.
     attention_probe: if set, a (module names, token indices, rows) request whose cross-attention
         maps are recorded into ``probed_maps`` (used by adaptive negative steering).
     """
@@ -99,6 +101,7 @@ class AttentionControl:
     nasa_layers: frozenset = frozenset()
     nasa_alpha: float = 0.0
     nasa_negative: Optional[torch.Tensor] = None
+    nasa_keys_values: dict = field(default_factory=dict)
     probe_layers: frozenset = frozenset()
     probe_rows: Optional[slice] = None
     probed_maps: list = field(default_factory=list)
@@ -164,15 +167,22 @@ class UnseeAttnProcessor:
             if is_cross and control.nasa_rows is not None and self.name in control.nasa_layers and control.nasa_alpha:
                 rows = control.nasa_rows
                 steered = q[rows]  # before PAG's perturbed rows join the batch, only the conditional rows are here
-                negative = control.nasa_negative[: steered.shape[0]]
-                if attn.norm_cross:
-                    negative = attn.norm_encoder_hidden_states(negative)
-                neg_k, neg_v = split(attn.to_k(negative)), split(attn.to_v(negative))
-                if attn.norm_k is not None:
-                    neg_k = attn.norm_k(neg_k)
+                cached = (self.name, steered.shape[0])
+                if cached not in control.nasa_keys_values:
+                    negative = control.nasa_negative[: steered.shape[0]]
+                    if attn.norm_cross:
+                        negative = attn.norm_encoder_hidden_states(negative)
+                    neg_k, neg_v = split(attn.to_k(negative)), split(attn.to_v(negative))
+                    if attn.norm_k is not None:
+                        neg_k = attn.norm_k(neg_k)
+                    control.nasa_keys_values[cached] = (neg_k, neg_v)
+                neg_k, neg_v = control.nasa_keys_values[cached]
                 neg_out = fused_attention(steered, neg_k, neg_v)
-                out = out.clone()
-                out[rows] = out[rows] - control.nasa_alpha * neg_out
+                if steered.shape[0] == out.shape[0]:  # every row is steered (NASA without CFG or PAG)
+                    out = out - control.nasa_alpha * neg_out
+                else:
+                    out = out.clone()
+                    out[rows] = out[rows] - control.nasa_alpha * neg_out
             if is_cross and control.probe_rows is not None and self.name in control.probe_layers:
                 rows = control.probe_rows
                 scores = (q[rows] @ k[rows].transpose(-1, -2)) * attn.scale

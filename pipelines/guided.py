@@ -355,7 +355,8 @@ class GuidanceMixin:
 
         # the execution device walks every module (offload hooks): only asked for when we encode prompts ourselves
         device = self._execution_device if (steer is not None or nasa is not None) else None
-        empty = self._unsee_empty_embeddings(rows, device) if device is not None else None
+        # negative steering swaps the empty prompt in and out of the unconditional rows; without it they hold it already
+        empty = self._unsee_empty_embeddings(rows, device) if steer is not None else None
         negative_embeds = None
         if nasa is not None:
             if negatives is None:

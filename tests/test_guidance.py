@@ -286,6 +286,51 @@ def test_nasa_alpha_zero_is_the_baseline_and_uses_one_pass(build):
     assert (steered - baseline).abs().max() > 1e-3
 
 
+class ReferenceNASAProcessor:
+    """NASA written out for a test: to_out(Z+ - alpha * Z-), Z- attending to the negative with the same queries."""
+
+    def __init__(self, negative: torch.Tensor, alpha: float) -> None:
+        self.negative, self.alpha = negative, alpha
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        heads = attn.heads
+
+        def split(t):
+            return t.view(t.shape[0], -1, heads, t.shape[-1] // heads).transpose(1, 2)
+
+        def attend(context):
+            scores = split(attn.to_q(hidden_states)) @ split(attn.to_k(context)).transpose(-1, -2) * attn.scale
+            return scores.softmax(-1) @ split(attn.to_v(context))
+
+        z = attend(encoder_hidden_states) - self.alpha * attend(self.negative)
+        return attn.to_out[0](z.transpose(1, 2).flatten(2))
+
+
+def test_nasa_processor_matches_the_formula_at_every_step(tiny_sd):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from unsee.pipelines.attention import AttentionControl, attention_module_names, installed_processors
+
+    unet = tiny_sd.unet
+    cross = attention_module_names(unet, cross=True)
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, unet.config.in_channels, 8, 8, generator=generator)
+    prompt = torch.randn(2, 7, unet.config.cross_attention_dim, generator=generator)
+    negative = torch.randn(2, 7, unet.config.cross_attention_dim, generator=generator)
+    control = AttentionControl(nasa_rows=slice(0, 2), nasa_layers=frozenset(cross), nasa_alpha=0.7,
+                               nasa_negative=negative)
+    with torch.no_grad(), installed_processors(unet, control):
+        # one control for two steps: the second reuses the negative's keys and values computed at the first
+        ours = [unet(sample, t, prompt).sample for t in (900, 100)]
+    unet.set_attn_processor({f"{name}.processor": ReferenceNASAProcessor(negative, 0.7) if name in cross
+                             else AttnProcessor2_0() for name in attention_module_names(unet)})
+    with torch.no_grad():
+        reference = [unet(sample, t, prompt).sample for t in (900, 100)]
+    for step, (a, b) in enumerate(zip(ours, reference)):
+        assert (a - b).abs().max() <= 1e-5, f"step {step}"
+    assert (ours[0] - ours[1]).abs().max() > 1e-3, "the steps differ"
+
+
 def test_methods_compose_in_one_call(tiny_sd):
     calls = unet_call_counter(tiny_sd)
     image = run(tiny_sd, negative_prompt="blue", guidance=[CFGpp(0.6), PAG(3.0), NASA(0.3), NegativeSteer(0.25)])
