@@ -9,7 +9,8 @@ Writes the "guidance" section of BENCHMARKS.md and benchmarks/guidance_grid.png.
   clipped at 0 or 255 (colour blow-out), against the same figures for ground-truth renders;
 - unconditional samples: "recognisable" = the judge reads a shape (not "none") with probability >= 0.9;
 - delayed negative: "a red circle on a gray background" with negative "circle", as a negative prompt
-  from several starts and as Dynamic Negative Guidance from several starts;
+  from several starts and as Dynamic Negative Guidance from several starts, beside the conditional
+  prediction alone (what a negative prompt leaves of the circle) and NASA at alpha 2;
 - NASA: "a red <shape>" prompts with negative "red", few-step sampling without CFG.
 """
 
@@ -100,20 +101,29 @@ def main() -> None:
 
     target = "a red circle on a gray background"
     negative_rows = []
-    settings = [("no negative", []), ("negative from step 0", None), ("negative from 20%", [NegativeSteer(0.2)]),
-                ("negative from 40%", [NegativeSteer(0.4)]), ("adaptive start", [NegativeSteer(mode="adaptive")])]
+    cfg5 = dict(guidance_scale=5.0, negative_prompt="circle")
+    settings = [("no negative", dict(guidance_scale=5.0)),
+                # what a negative prompt leaves of the circle, named by both prompts: no guidance, weight 1
+                ("conditional prediction alone (no CFG)", dict(guidance_scale=1.0)),
+                ("negative from step 0", cfg5),
+                ("negative from 20%", dict(cfg5, guidance=[NegativeSteer(0.2)])),
+                ("negative from 40%", dict(cfg5, guidance=[NegativeSteer(0.4)])),
+                ("adaptive start", dict(cfg5, guidance=[NegativeSteer(mode="adaptive")]))]
     for scale in (3.0, 10.0):
-        settings += [(f"DNG λ={scale:g} from {start:.0%}", [NegativeSteer(start, mode="dng", dng_scale=scale)])
+        settings += [(f"DNG λ={scale:g} from {start:.0%}", dict(cfg5, guidance=[NegativeSteer(start, mode="dng", dng_scale=scale)]))
                      for start in (0.0, 0.1, 0.2)]
-    for name, methods in settings:
-        kwargs = dict(guidance_scale=5.0) if name == "no negative" else dict(guidance_scale=5.0, negative_prompt="circle")
-        if methods:
-            kwargs["guidance"] = methods
+    settings.append(("NASA α=2, no CFG", dict(guidance_scale=1.0, negative_prompt="circle", guidance=[NASA(2.0)])))
+    damaged = []  # share of images with damaged corners, per DNG row
+    shapes_drawn = {}  # what the judge reads in place of the circle, per setting
+    for name, kwargs in settings:
         images = generate_images(pipe, [target] * n, seed=seed + 2, num_inference_steps=25, **kwargs)
         judged = judge.predict(images)
         no_circle = np.array([j["shape"] != "circle" for j in judged])
         gray = np.array([j["background"] == "gray" for j in judged])
         corners = gray_corners(images)
+        if name.startswith("DNG"):
+            damaged.append(1 - corners.mean())
+        shapes_drawn[name] = sorted({j["shape"] for j in judged} - {"circle"})
         negative_rows.append(f"| {name} | {no_circle.mean():.1%} | {gray.mean():.1%} | {corners.mean():.1%} | "
                              f"{(no_circle & corners).mean():.1%} |")
         grid.append(np.concatenate([np.asarray(im) for im in images[:8]], axis=1))
@@ -167,13 +177,15 @@ Delayed negative prompt: "{target}" with negative "circle".
 
 The adaptive rule started the negative at steps {min(detected)}–{max(detected)} of 25 (one batch of 8 images).
 A negative prompt in diffusers' sense replaces the unconditional prediction, so the circle, named by both
-prompts, keeps the weight 1 of unguided conditional sampling, and the toy model draws the circle even then:
-no start removes it. Dynamic Negative Guidance subtracts the negative's direction instead. The judge then
-reads many images as another shape, but the grid shows deformed circles and broken images rather than a
-removed circle, and the corner pixels show the background damaged in 23–39% of them, which the judge,
-trained on clean renders, mostly misses. On this model no setting removes the circle cleanly,
-so the delayed negative has no removal to protect: the rows measure the toy model's limits, not Ban et
-al.'s delayed effect.
+prompts, keeps the weight 1 of unguided conditional sampling, and the toy model draws the circle even then
+(the "conditional prediction alone" row): no start removes it. Dynamic Negative Guidance subtracts the
+negative's direction instead. The judge then reads many images as another shape, but the grid shows deformed
+circles and broken images rather than a removed circle, and the corner pixels show the background damaged in
+{min(damaged):.0%}–{max(damaged):.0%} of them, which the judge, trained on clean renders, mostly misses. NASA at α=2 (the
+negative inside cross-attention, at a strength its paper does not use) keeps the background and leaves no circle,
+but draws another shape in its place (the judge reads: {", ".join(shapes_drawn["NASA α=2, no CFG"])}), not an empty
+background. On this model no setting empties the scene, so the delayed negative has no removal to protect:
+the rows measure the toy model's limits, not Ban et al.'s delayed effect.
 
 NASA on "a red <shape>" prompts with negative "red", no CFG (one UNet pass per step):
 
@@ -181,7 +193,7 @@ NASA on "a red <shape>" prompts with negative "red", no CFG (one UNet pass per s
 |---|---|---|---|---|
 {chr(10).join(nasa_rows)}
 
-Rows of `benchmarks/guidance_grid.png` (8 samples each): the seven quality settings above, then the eleven negative-prompt settings.
+Rows of `benchmarks/guidance_grid.png` (8 samples each): the seven quality settings above, then the {len(settings)} negative-prompt settings.
 
 ![guidance grid](benchmarks/guidance_grid.png)
 """
