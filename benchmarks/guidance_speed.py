@@ -12,7 +12,9 @@ the ratio of the fastest repeats is shown beside it. Ratios:
 - PAG / diffusers' StableDiffusionPAGPipeline (same layers "mid", same scale);
 - CFG++, FDG and delayed negative steering / a CFG step;
 - NASA (one pass) / CFG with a negative prompt (two passes), and beside it diffusers' plain one-pass call (no
-  CFG) against the same two-pass call: the floor under NASA's ratio, which no one-pass method can go below.
+  CFG) against the same two-pass call: the floor under NASA's ratio, which no one-pass method can go below;
+- a noise gauge: two of diffusers' settings that do the same work (CFG with the empty negative and with a
+  negative prompt); its distance from 1 is what noise alone does to a ratio in that run.
 Writes the "guidance-speed" section of BENCHMARKS.md. ``--unet sd15`` swaps in a random-weight UNet of SD 1.5's
 architecture (860M parameters, 32x32 latents, the toy text encoder's 128-wide conditioning): there the UNet's
 arithmetic dominates a step, as on a GPU at full size, where on the toy model per-call overheads do; it writes
@@ -49,6 +51,9 @@ COMPARED = [
     # no bar: the least any one-pass method can cost, which NASA's ratio cannot go below
     ("one UNet pass (no CFG) / CFG with negative", "diffusers one pass (no CFG)", "diffusers CFG + negative", "floor"),
     ("NASA / one UNet pass (no CFG): what NASA adds", "unsee NASA (no CFG)", "diffusers one pass (no CFG)", "—"),
+    # the same work twice (a negative prompt costs what the empty one does): how far this run's noise alone moves a ratio
+    ("noise gauge: diffusers CFG + negative / diffusers CFG (same work)", "diffusers CFG + negative", "diffusers CFG",
+     "1.0"),
 ]
 
 
@@ -156,7 +161,8 @@ interleaved repeats per setting, all in one run.
 
 One setting's time varies by several percent from repeat to repeat on this shared 2-core machine (min – max
 column); pairing the runs of one repeat cancels the slow drift of the load, not the jitter of single runs:
-read differences of 1–2% as noise.
+read differences of 1–2% as noise, and more where the noise gauge (two settings doing the same work) is further
+from 1.
 
 | setting | ms per step (median) | min – max over repeats |
 |---|---|---|

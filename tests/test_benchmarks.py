@@ -16,4 +16,4 @@ def test_gpu_speed_smoke_run_fills_every_ratio(tmp_path):
     rows = [line for line in out.read_text().splitlines() if re.match(r"\| (sd15|sdxl) \| 64 \| sdpa \| [0-9]", line)]
     assert [row.split("|")[1].strip() for row in rows] == ["sd15", "sdxl"] * 2  # the ratio and the ms tables
     ratios = [float(x) for x in rows[0].strip(" |").split("|")[3:]]
-    assert len(ratios) == 8 and all(0 < r < 10 for r in ratios)
+    assert len(ratios) == 9 and all(0 < r < 10 for r in ratios)
