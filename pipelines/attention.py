@@ -87,8 +87,9 @@ class AttentionControl:
 
     pag_rows / nasa_rows: batch rows (a slice of the batch the UNet sees) that get the treatment.
     pag_layers / nasa_layers: names of the selected attention modules.
-    nasa_negative: the negative prompt's text embeddings, one row per NASA row (the rows of the full batch; a
-        layer that runs before PAG's perturbed rows join the batch uses the first ones).
+    nasa_negative: the negative prompt's text embeddings, one row per NASA row the batch can hold (the conditional
+        rows, and PAG's perturbed rows when PAG is on); a layer that sees fewer NASA rows (before the perturbed rows
+        join the batch, or at a step where PAG's scale is 0) uses the first ones.
     nasa_keys_values: each NASA layer's keys and values of ``nasa_negative`` by (layer, rows), computed at the
         first step and reused: the negative prompt and the projections do not change within a call.
     attention_probe: if set, a (module names, token indices, rows) request whose cross-attention

@@ -222,8 +222,9 @@ class GuidedStep:
         if self.nasa is not None and self.nasa.alpha > 0:
             first, last = starts["cond"].start, (starts.get("perturbed") or starts["cond"]).stop
             control.nasa_rows = slice(first, last)
-            repeats = (last - first) // batch
-            control.nasa_negative = self.negative[0].to(encoder_hidden_states.dtype).repeat(repeats, 1, 1)
+            if control.nasa_negative is None:  # once per call, with rows for PAG's perturbed rows too when it has them
+                repeats = 2 if self.pag is not None else 1
+                control.nasa_negative = self.negative[0].to(encoder_hidden_states.dtype).repeat(repeats, 1, 1)
         probing = self.steer is not None and self.steer.mode == "adaptive" and (
             self.negative_active is None or not bool(self.negative_active.all()))
         control.probe_rows = starts["cond"] if probing else None
