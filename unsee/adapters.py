@@ -29,6 +29,10 @@ Tensor keys start with the component they touch (``unet.``, ``text_encoder.``,
 - ``text_encoder``: a delta or a LoRA (told apart by the key names) that touches only the text
   encoders (AdvUnlearn's product).
 
+Reading a file checks its header first (names, shapes, dtypes, metadata; against the pipeline too in
+``load_erasure``) and reads tensor data only when the header is sound. Error messages never quote a file's
+bytes (only shortened key names and header values of an actual safetensors file).
+
 Pipelines that mix in :class:`ErasureAdapterMixin` get ``load_erasure``, ``set_erasure_scale``,
 ``unload_erasure`` and ``active_erasures``. Several adapters can be active at once; every touched
 parameter is recomputed from an exact copy of its original as ``W_orig + sum_i scale_i * delta_i``,
@@ -85,9 +89,41 @@ REQUIRED_METADATA = ("unsee_format", "kind", "method", "concepts", "fingerprint"
 _LORA_A = ".lora_A.weight"
 _LORA_B = ".lora_B.weight"
 
+# kohya-ss / AUTOMATIC1111 LoRA key prefixes ("lora_unet_down_blocks_0_..." "lora_te1_text_model_...")
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+# JSON in the header deeper than this is refused (unsee writes flat dicts and lists; deep nesting only
+# serves to exhaust the parser's or a later consumer's recursion limit)
+_MAX_JSON_DEPTH = 64
+_SHOWN_CHARS = 60
+
 
 class AdapterError(ValueError):
     """An adapter file or object that cannot be read or applied; the message says why and what to do."""
+
+
+def _shown(value: Any) -> str:
+    """``repr`` of a value read from a file or given by a caller, cut short: error messages stay one short line."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+
+
+def _as_float(value: Any) -> Optional[float]:
+    """``float(value)``, or None when it cannot be represented (an integer beyond float's range, ...)."""
+    try:
+        return float(value)
+    except (OverflowError, TypeError, ValueError, RuntimeError):
+        return None
+
+
+def _is_kohya_key(key: str) -> bool:
+    return key.startswith(_KOHYA_PREFIXES)
+
+
+_KOHYA_HINT = (
+    "it is a kohya/A1111-format LoRA (keys 'lora_unet_...'/'lora_te_...'), which unsee's loader does not read yet; "
+    "diffusers reads kohya files: load it with pipe.load_lora_weights(path)."
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,8 +213,12 @@ def _infer_rank(tensors: Mapping[str, torch.Tensor]) -> int:
     return int(ranks.pop())
 
 
-def _validate_adapter(adapter: Adapter) -> None:
-    """Check an adapter's structure and values (no pipeline needed). Raises AdapterError."""
+def _validate_adapter(adapter: Adapter, header_only: bool = False) -> None:
+    """Check an adapter's structure and values (no pipeline needed). Raises AdapterError.
+
+    ``header_only``: the tensors are meta tensors standing for a file's header entries (names, shapes and
+    dtypes, no data); the value checks are left to the reading. Otherwise meta tensors are refused.
+    """
     if not isinstance(adapter, Adapter):
         raise AdapterError(f"expected an unsee Adapter, got {type(adapter).__name__}.")
     if adapter.kind not in KINDS:
@@ -186,48 +226,58 @@ def _validate_adapter(adapter: Adapter) -> None:
     if not isinstance(adapter.method, str) or not adapter.method:
         raise AdapterError("the adapter has no method name; set Adapter.method (e.g. 'esd-u').")
     if not isinstance(adapter.concepts, (list, tuple)) or not all(isinstance(c, str) for c in adapter.concepts):
-        raise AdapterError(f"Adapter.concepts must be a list of strings, got {adapter.concepts!r}.")
+        raise AdapterError(f"Adapter.concepts must be a list of strings, got {_shown(adapter.concepts)}.")
     for name, value in (("hyperparameters", adapter.hyperparameters), ("training", adapter.training)):
         if not isinstance(value, dict):
             raise AdapterError(f"Adapter.{name} must be a dict, got {type(value).__name__}.")
     if not isinstance(adapter.tensors, dict) or not adapter.tensors:
         raise AdapterError("the adapter holds no tensors; there is nothing to apply.")
 
+    kohya = next((k for k in adapter.tensors if isinstance(k, str) and _is_kohya_key(k)), None)
+    if kohya is not None:
+        raise AdapterError(f"tensor key {_shown(kohya)} is not an unsee adapter key: {_KOHYA_HINT}")
     for key, tensor in adapter.tensors.items():
         if not isinstance(key, str) or "." not in key:
-            raise AdapterError(f"tensor key {key!r} does not start with a component prefix such as 'unet.'.")
+            raise AdapterError(f"tensor key {_shown(key)} does not start with a component prefix such as 'unet.'.")
         component = key.split(".", 1)[0]
         if component not in COMPONENTS:
             raise AdapterError(
-                f"tensor key {key!r} starts with {component!r}; keys must start with one of "
+                f"tensor key {_shown(key)} starts with {_shown(component)}; keys must start with one of "
                 f"{', '.join(c + '.' for c in COMPONENTS)}."
             )
         if adapter.kind == "text_encoder" and component not in TEXT_ENCODERS:
             raise AdapterError(
-                f"a 'text_encoder' adapter may only touch the text encoders, but it has key {key!r}; "
+                f"a 'text_encoder' adapter may only touch the text encoders, but it has key {_shown(key)}; "
                 "save UNet changes as kind 'delta' or 'lora'."
             )
         if not isinstance(tensor, torch.Tensor):
-            raise AdapterError(f"tensor {key!r} is a {type(tensor).__name__}, not a torch.Tensor.")
+            raise AdapterError(f"tensor {_shown(key)} is a {type(tensor).__name__}, not a torch.Tensor.")
         if not tensor.is_floating_point():
-            raise AdapterError(f"tensor {key!r} has dtype {tensor.dtype}; adapter tensors must be floating point.")
-        if tensor.numel() and not bool(torch.isfinite(tensor.detach().float()).all()):
             raise AdapterError(
-                f"tensor {key!r} contains NaN or inf values; the adapter is corrupt (training diverged?) "
+                f"tensor {_shown(key)} has dtype {tensor.dtype}; adapter tensors must be floating point."
+            )
+        if tensor.device.type == "meta":
+            if not header_only:
+                raise AdapterError(
+                    f"tensor {_shown(key)} is on the meta device (it has no values); load its data first."
+                )
+        elif not _all_finite(tensor):
+            raise AdapterError(
+                f"tensor {_shown(key)} contains NaN or inf values; the adapter is corrupt (training diverged?) "
                 "and must not be applied."
             )
 
     lora_keys = [k for k in adapter.tensors if _is_lora_key(k)]
     if adapter.kind == "delta" and lora_keys:
         raise AdapterError(
-            f"a 'delta' adapter has LoRA keys (e.g. {lora_keys[0]!r}); save it as kind 'lora' instead."
+            f"a 'delta' adapter has LoRA keys (e.g. {_shown(lora_keys[0])}); save it as kind 'lora' instead."
         )
     if adapter.is_lora:
         _validate_lora_tensors(adapter)
     elif adapter.kind == "text_encoder" and lora_keys:
         other = next(k for k in adapter.tensors if not _is_lora_key(k))
         raise AdapterError(
-            f"a 'text_encoder' adapter mixes LoRA keys ({lora_keys[0]!r}) with delta keys ({other!r}); "
+            f"a 'text_encoder' adapter mixes LoRA keys ({_shown(lora_keys[0])}) with delta keys ({_shown(other)}); "
             "use one representation per adapter."
         )
 
@@ -245,7 +295,7 @@ def _validate_lora_tensors(adapter: Adapter) -> None:
     bad = [k for k in adapter.tensors if not _is_lora_key(k)]
     if bad:
         raise AdapterError(
-            f"LoRA key {bad[0]!r} is not a diffusers/peft LoRA name; expected '<component>.<module path>"
+            f"LoRA key {_shown(bad[0])} is not a diffusers/peft LoRA name; expected '<component>.<module path>"
             f"{_LORA_A}' / '{_LORA_B}' (kohya/A1111 files are not unsee adapters)."
         )
     modules = {k[: -len(_LORA_A)] for k in adapter.tensors if k.endswith(_LORA_A)}
@@ -253,36 +303,62 @@ def _validate_lora_tensors(adapter: Adapter) -> None:
     unpaired = sorted(modules ^ modules_b)
     if unpaired:
         which = "lora_B" if unpaired[0] in modules else "lora_A"
-        raise AdapterError(f"LoRA module {unpaired[0]!r} has no {which} tensor; every module needs both A and B.")
+        raise AdapterError(
+            f"LoRA module {_shown(unpaired[0])} has no {which} tensor; every module needs both A and B."
+        )
     rank = adapter.rank
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
-        raise AdapterError(f"LoRA rank must be a positive integer, got {rank!r}.")
+        raise AdapterError(f"LoRA rank must be a positive integer, got {_shown(rank)}.")
     for module in sorted(modules):
         a = adapter.tensors[module + _LORA_A]
         b = adapter.tensors[module + _LORA_B]
         if a.ndim not in (2, 4) or b.ndim != a.ndim:
             raise AdapterError(
-                f"LoRA module {module!r}: lora_A has shape {tuple(a.shape)} and lora_B {tuple(b.shape)}; expected "
-                "[r, in] and [out, r] (Linear) or [r, in, kh, kw] and [out, r, 1, 1] (Conv2d)."
+                f"LoRA module {_shown(module)}: lora_A has shape {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+                "expected [r, in] and [out, r] (Linear) or [r, in, kh, kw] and [out, r, 1, 1] (Conv2d)."
             )
         if a.ndim == 4 and tuple(b.shape[2:]) != (1, 1):
-            raise AdapterError(f"LoRA module {module!r}: conv lora_B must be [out, r, 1, 1], got {tuple(b.shape)}.")
+            raise AdapterError(
+                f"LoRA module {_shown(module)}: conv lora_B must be [out, r, 1, 1], got {tuple(b.shape)}."
+            )
         if a.shape[0] != b.shape[1]:
             raise AdapterError(
-                f"LoRA module {module!r}: rank mismatch, lora_A has {a.shape[0]} rows but lora_B has {b.shape[1]} "
-                "columns."
+                f"LoRA module {_shown(module)}: rank mismatch, lora_A has {a.shape[0]} rows but lora_B has "
+                f"{b.shape[1]} columns."
             )
         if rank is None:
             rank = int(a.shape[0])
         elif a.shape[0] != rank:
             raise AdapterError(
-                f"LoRA module {module!r} has rank {a.shape[0]}, but the adapter's rank is {rank}; unsee LoRA "
-                "adapters use one rank for every module."
+                f"LoRA module {_shown(module)} has rank {a.shape[0]}, but the adapter's rank is {_shown(rank)}; "
+                "unsee LoRA adapters use one rank for every module."
             )
-    alpha = adapter.alpha
-    if alpha is not None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha == 0:
-            raise AdapterError(f"LoRA alpha must be a finite non-zero number, got {alpha!r}.")
+    if adapter.alpha is not None:
+        _check_alpha(adapter.alpha, rank)
+
+
+def _check_alpha(alpha: Any, rank: Optional[int]) -> float:
+    """LoRA alpha as a float: finite, non-zero, and with a scaling ``alpha / rank`` that float32 can hold."""
+    value = None if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) else _as_float(alpha)
+    if value is None or not math.isfinite(value) or value == 0:
+        raise AdapterError(f"LoRA alpha must be a finite non-zero number, got {_shown(alpha)}.")
+    if rank and abs(value / rank) > _FLOAT32_MAX:
+        raise AdapterError(
+            f"LoRA alpha {value:g} with rank {rank} scales the weights by {value / rank:g}, beyond float32's range "
+            f"(about {_FLOAT32_MAX:.3g}): applying it would overflow every weight it touches. Re-export the adapter "
+            "with its real alpha (usually the rank or a small multiple of it)."
+        )
+    return value
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    if not tensor.numel():
+        return True
+    tensor = tensor.detach()
+    try:
+        return bool(torch.isfinite(tensor).all())
+    except (RuntimeError, NotImplementedError):  # dtypes without a native isfinite kernel (float8 on some builds)
+        return bool(torch.isfinite(tensor.float()).all())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,55 +505,95 @@ def save_adapter(adapter: Adapter, path: Union[str, os.PathLike]) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_header(path: Path) -> dict:
-    """Parse and check the safetensors header ourselves, for precise error messages."""
+# safetensors refuses headers longer than this (safetensors' MAX_HEADER_SIZE)
+_MAX_HEADER_BYTES = 100_000_000
+
+# safetensors dtype names -> torch dtypes (the floating ones are the ones an adapter may hold)
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        _DTYPES[_name] = getattr(torch, _attr)
+
+
+def _check_file(path: Path) -> int:
+    """Checks safetensors does not make, or makes with messages that echo the file's bytes.
+
+    Nothing read from the file appears in a message: a path that leads to another kind of file
+    (a symlink to a system file, say) must not reveal its contents.
+    """
     try:
+        if not path.exists():
+            raise AdapterError(f"adapter file {path} does not exist.")
+        if not path.is_file():
+            raise AdapterError(f"{path} is not a file; give the path of an adapter .safetensors file.")
         size = path.stat().st_size
         with open(path, "rb") as handle:
             head = handle.read(8)
-            if len(head) < 8:
-                raise AdapterError(f"{path} is not a safetensors file: it is only {size} bytes long.")
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len == 0 or 8 + header_len > size:
-                if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-                    raise AdapterError(
-                        f"{path} is not a safetensors file: it looks like a pickled torch checkpoint (torch.save). "
-                        "unsee never unpickles files; re-export the adapter with unsee (save_adapter)."
-                    )
-                raise AdapterError(
-                    f"{path} is not a valid safetensors file: its header claims {header_len} bytes but the file has "
-                    f"{size} (truncated or not a safetensors file)."
-                )
-            raw = handle.read(header_len)
     except OSError as error:
-        raise AdapterError(f"cannot read adapter file {path}: {error}.") from error
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise AdapterError(f"{path} is not a valid safetensors file: its header is not JSON ({error}).") from error
-    if not isinstance(header, dict):
-        raise AdapterError(f"{path} is not a valid safetensors file: its header is not a JSON object.")
-    end = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise AdapterError(f"{path} is not a valid safetensors file: entry {key!r} has no valid data_offsets.")
-        end = max(end, offsets[1])
-    if 8 + header_len + end != size:
+        raise AdapterError(f"cannot read adapter file {path}: {error.strerror or type(error).__name__}.") from None
+    if len(head) < 8:
+        raise AdapterError(f"{path} is not a safetensors file: it is only {size} bytes long.")
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len == 0 or header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
+        if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+            raise AdapterError(
+                f"{path} is not a safetensors file: it looks like a pickled torch checkpoint (torch.save). "
+                "unsee never unpickles files; re-export the adapter with unsee (save_adapter)."
+            )
         raise AdapterError(
-            f"{path} is truncated or corrupt: its header describes {8 + header_len + end} bytes but the file has "
-            f"{size}. Re-export or re-download the adapter."
+            f"{path} is not a safetensors file: it does not start with a safetensors header (it is another kind "
+            "of file, or truncated). Give the path of an adapter .safetensors file."
         )
-    return header
+    return size
+
+
+def _open_safetensors(path: Path, size: int) -> Any:
+    """``safetensors.safe_open`` (parses and checks the header, reads no tensor data), with our messages."""
+    try:
+        return safetensors.safe_open(str(path), framework="pt", device="cpu")
+    except Exception as error:  # SafetensorError; its text may quote the header, so it is not shown
+        text = str(error)
+        if "JSON" in text or "too large" in text or "too small" in text:
+            raise AdapterError(
+                f"{path} is not a valid safetensors file: its header is not JSON in the safetensors layout "
+                "(malformed, nested too deeply or with out-of-range numbers). Re-export or re-download the adapter."
+            ) from None
+        raise AdapterError(
+            f"{path} is truncated or corrupt: its header's tensor table (shapes, dtypes, offsets) does not match "
+            f"the file's {size} bytes. Re-export or re-download the adapter."
+        ) from None
+
+
+def _json_depth_exceeds(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 def _parse_json(metadata: Mapping[str, str], key: str, expected: type, path: Path) -> Any:
+    """Parse one JSON header entry; every failure (RecursionError, over-long integers, ...) is an AdapterError."""
+    problem = None
     try:
         value = json.loads(metadata[key])
-    except (TypeError, json.JSONDecodeError) as error:
-        raise AdapterError(f"{path}: header entry {key!r} is not valid JSON ({error}).") from error
+    except RecursionError:
+        problem = "nested too deeply"
+    except json.JSONDecodeError as error:
+        problem = f"{error.msg} at character {error.pos}"
+    except (TypeError, ValueError, OverflowError):  # e.g. an integer with more digits than Python converts
+        problem = "a number is too long"
+    if problem is None and _json_depth_exceeds(value, _MAX_JSON_DEPTH):
+        problem = f"nested more than {_MAX_JSON_DEPTH} levels deep"
+    if problem is not None:
+        raise AdapterError(f"{path}: header entry {key!r} is not valid JSON ({problem}); the file is corrupt.")
     if not isinstance(value, expected):
         raise AdapterError(
             f"{path}: header entry {key!r} must be a JSON {expected.__name__}, got {type(value).__name__}."
@@ -495,43 +611,36 @@ def _rank_alpha_from_metadata(metadata: Mapping[str, str], adapter_components: l
     for component in adapter_components:
         r, a = lora_meta.get(f"{component}.r"), lora_meta.get(f"{component}.lora_alpha")
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise AdapterError(f"{path}: '{LORA_METADATA_KEY}' has no valid '{component}.r' (got {r!r}).")
-        if isinstance(a, bool) or not isinstance(a, (int, float)):
-            raise AdapterError(f"{path}: '{LORA_METADATA_KEY}' has no valid '{component}.lora_alpha' (got {a!r}).")
+            raise AdapterError(f"{path}: '{LORA_METADATA_KEY}' has no valid '{component}.r' (got {_shown(r)}).")
+        alpha = None if isinstance(a, bool) or not isinstance(a, (int, float)) else _as_float(a)
+        if alpha is None:
+            raise AdapterError(
+                f"{path}: '{LORA_METADATA_KEY}' has no valid '{component}.lora_alpha' (got {_shown(a)})."
+            )
         if lora_meta.get(f"{component}.rank_pattern") or lora_meta.get(f"{component}.alpha_pattern"):
             raise AdapterError(f"{path}: per-module LoRA ranks/alphas (rank_pattern/alpha_pattern) are not supported.")
         ranks.add(r)
-        alphas.add(float(a))
+        alphas.add(alpha)
     if len(ranks) != 1 or len(alphas) != 1:
-        raise AdapterError(f"{path}: components disagree on LoRA rank/alpha ({sorted(ranks)}, {sorted(alphas)}).")
+        raise AdapterError(
+            f"{path}: components disagree on LoRA rank/alpha ({_shown(sorted(ranks))}, {_shown(sorted(alphas))})."
+        )
     return ranks.pop(), alphas.pop()
 
 
-def load_adapter(path: Union[str, os.PathLike]) -> Adapter:
-    """Read an adapter file and validate it; every problem raises :class:`AdapterError`.
-
-    Checks: the file exists and is a complete safetensors file (not a renamed pickle, not
-    truncated); the header carries unsee's metadata in a supported ``unsee_format``, with valid JSON
-    where JSON is expected; the kind is known; key names follow the kind's convention; LoRA A/B pairs
-    are complete with one rank matching the header; every tensor is floating point and finite.
-    Tensors are loaded on the CPU.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise AdapterError(f"adapter file {path} does not exist.")
-    if not path.is_file():
-        raise AdapterError(f"{path} is not a file; give the path of an adapter .safetensors file.")
-    header = _read_header(path)
-    metadata = header.get("__metadata__") or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise AdapterError(f"{path}: the safetensors header metadata must map strings to strings.")
+def _header_adapter(path: Path, handle: Any) -> Adapter:
+    """The adapter a file's header describes, its tensors meta tensors (names, shapes, dtypes; no data), validated."""
+    metadata = handle.metadata() or {}
+    keys = list(handle.keys())
+    if any(_is_kohya_key(k) for k in keys):
+        raise AdapterError(f"{path} is not an unsee adapter: {_KOHYA_HINT}")
     if "unsee_format" not in metadata:
         hint = (" It looks like a plain diffusers LoRA: load it with pipe.load_lora_weights(path)."
-                if LORA_METADATA_KEY in metadata or any("lora" in k for k in header if k != "__metadata__") else "")
+                if LORA_METADATA_KEY in metadata or any("lora" in k for k in keys) else "")
         raise AdapterError(f"{path} is a safetensors file without unsee adapter metadata (no 'unsee_format').{hint}")
     if metadata["unsee_format"] not in SUPPORTED_FORMATS:
         raise AdapterError(
-            f"{path} uses unsee adapter format {metadata['unsee_format']!r}; this unsee reads format(s) "
+            f"{path} uses unsee adapter format {_shown(metadata['unsee_format'])}; this unsee reads format(s) "
             f"{', '.join(SUPPORTED_FORMATS)}. Upgrade unsee."
         )
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
@@ -539,7 +648,7 @@ def load_adapter(path: Union[str, os.PathLike]) -> Adapter:
         raise AdapterError(f"{path}: the header lacks {', '.join(missing)}; the adapter file is incomplete.")
     kind = metadata["kind"]
     if kind not in KINDS:
-        raise AdapterError(f"{path}: unknown adapter kind {kind!r}; expected one of {', '.join(KINDS)}.")
+        raise AdapterError(f"{path}: unknown adapter kind {_shown(kind)}; expected one of {', '.join(KINDS)}.")
     concepts = _parse_json(metadata, "concepts", list, path)
     fingerprints = _parse_json(metadata, "fingerprint", dict, path)
     if not all(isinstance(v, str) for v in fingerprints.values()):
@@ -547,17 +656,22 @@ def load_adapter(path: Union[str, os.PathLike]) -> Adapter:
     hyperparameters = _parse_json(metadata, "hyperparameters", dict, path)
     training = _parse_json(metadata, "training", dict, path)
 
-    try:
-        tensors = safetensors.torch.load_file(str(path), device="cpu")
-    except Exception as error:  # safetensors raises SafetensorError, OSError, RuntimeError, ...
-        raise AdapterError(f"{path} is not a readable safetensors file: {error}.") from error
-
+    tensors = {}
+    for key in keys:
+        entry = handle.get_slice(key)
+        dtype = _DTYPES.get(entry.get_dtype())
+        if dtype is None:
+            raise AdapterError(
+                f"{path}: tensor {_shown(key)} has dtype {entry.get_dtype()}; adapter tensors must be floating point "
+                "(F32, F16, BF16 or F64)."
+            )
+        tensors[key] = torch.empty(tuple(entry.get_shape()), dtype=dtype, device="meta")
     adapter = Adapter(
         kind=kind, method=metadata["method"], concepts=concepts, tensors=tensors, fingerprint=fingerprints,
         hyperparameters=hyperparameters, training=training,
     )
     try:
-        _validate_adapter(adapter)
+        _validate_adapter(adapter, header_only=True)
     except AdapterError as error:
         raise AdapterError(f"{path}: {error}") from None
     if adapter.is_lora:
@@ -565,13 +679,69 @@ def load_adapter(path: Union[str, os.PathLike]) -> Adapter:
         tensor_rank = _infer_rank(adapter.tensors)
         if rank != tensor_rank:
             raise AdapterError(
-                f"{path}: the header's LoRA rank is {rank} but the lora_A/lora_B tensors have rank {tensor_rank}; "
-                "the file is inconsistent."
+                f"{path}: the header's LoRA rank is {_shown(rank)} but the lora_A/lora_B tensors have rank "
+                f"{tensor_rank}; the file is inconsistent."
             )
-        if not math.isfinite(alpha) or alpha == 0:
-            raise AdapterError(f"{path}: LoRA alpha must be a finite non-zero number, got {alpha}.")
+        try:
+            alpha = _check_alpha(alpha, rank)
+        except AdapterError as error:
+            raise AdapterError(f"{path}: {error}") from None
         adapter.rank, adapter.alpha = rank, alpha
     return adapter
+
+
+@dataclass
+class _OpenAdapterFile:
+    """An adapter file with its header read and validated, its tensor data not read yet."""
+
+    path: Path
+    handle: Any  # safetensors.safe_open
+    header: Adapter  # meta tensors
+
+    def read(self) -> Adapter:
+        """Read the tensors (one at a time, each checked finite as it arrives) into a full :class:`Adapter`."""
+        tensors = {}
+        for key, spec in self.header.tensors.items():
+            try:
+                tensor = self.handle.get_tensor(key)
+            except Exception:  # safetensors' own message may quote the file, so it is not shown
+                raise AdapterError(f"{self.path}: tensor {_shown(key)} cannot be read; the file is corrupt.") from None
+            if tensor.dtype != spec.dtype or tuple(tensor.shape) != tuple(spec.shape):
+                raise AdapterError(f"{self.path}: tensor {_shown(key)} does not match its header; the file is corrupt.")
+            if not _all_finite(tensor):
+                raise AdapterError(
+                    f"{self.path}: tensor {_shown(key)} contains NaN or inf values; the adapter is corrupt (training "
+                    "diverged?) and must not be applied."
+                )
+            tensors[key] = tensor
+        return dataclasses.replace(self.header, tensors=tensors)
+
+
+@contextlib.contextmanager
+def _open_adapter_file(path: Union[str, os.PathLike]) -> Iterator[_OpenAdapterFile]:
+    """Open an adapter file and validate its header, reading no tensor data; raises AdapterError."""
+    path = Path(path)
+    handle = _open_safetensors(path, _check_file(path))
+    with handle:
+        yield _OpenAdapterFile(path=path, handle=handle, header=_header_adapter(path, handle))
+
+
+def load_adapter(path: Union[str, os.PathLike], *, pipe: Any = None) -> Adapter:
+    """Read an adapter file and validate it; every problem raises :class:`AdapterError`.
+
+    The header is checked before any tensor data is read: the file exists and is a complete safetensors
+    file (not a renamed pickle, not truncated); the header carries unsee's metadata in a supported
+    ``unsee_format``, with valid JSON where JSON is expected; the kind is known; key names follow the kind's
+    convention; every tensor is floating point; LoRA A/B pairs are complete with one rank matching the
+    header and an alpha whose scaling float32 can hold. With ``pipe``, the header is also checked against
+    that pipeline (components, fingerprints, parameter names and shapes) before reading, as
+    ``pipe.load_erasure(path)`` does. Then the tensors are read on the CPU, each checked finite.
+    Error messages never quote the file's contents beyond (shortened) key names and header values.
+    """
+    with _open_adapter_file(path) as opened:
+        if pipe is not None:
+            _plan_erasure(pipe, opened.header)
+        return opened.read()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -710,6 +880,13 @@ class _Term:
     lora_b: Optional[torch.Tensor] = None
     scaling: float = 1.0
 
+    def on(self, device: torch.device, copy: bool) -> "_Term":
+        """The term with its tensors on ``device`` (private copies with ``copy``)."""
+        if self.delta is not None:
+            return _Term(delta=self.delta.detach().to(device, copy=copy))
+        return _Term(lora_a=self.lora_a.detach().to(device, copy=copy),
+                     lora_b=self.lora_b.detach().to(device, copy=copy), scaling=self.scaling)
+
     def value(self, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         if self.delta is not None:
             return self.delta.to(device=device, dtype=dtype)
@@ -733,13 +910,21 @@ class _ErasureState:
 
 
 def _check_scale(scale: Any) -> float:
+    """A finite scale within float32's range (weights are merged in float32 or float64)."""
     if isinstance(scale, bool) or not (
         isinstance(scale, numbers.Real) or (isinstance(scale, torch.Tensor) and scale.numel() == 1)
     ):
-        raise AdapterError(f"scale must be a number, got {scale!r}.")
-    value = float(scale)
+        raise AdapterError(f"scale must be a number, got {_shown(scale)}.")
+    value = _as_float(scale)
+    if value is None:
+        raise AdapterError(f"scale {_shown(scale)} is too large to be a float; erasure scales are about 0 to 2.")
     if not math.isfinite(value):
         raise AdapterError(f"scale must be finite, got {value}.")
+    if abs(value) > _FLOAT32_MAX:
+        raise AdapterError(
+            f"scale {value:g} is beyond float32's range (about {_FLOAT32_MAX:.3g}) and would overflow the weights; "
+            "erasure scales are about 0 to 2."
+        )
     return value
 
 
@@ -773,6 +958,97 @@ def _find_module(modules: Mapping[str, nn.Module], path: str) -> Optional[tuple[
                 return candidate + ".base_layer", base
             return candidate, module
     return None
+
+
+def _plan_erasure(pipe: Any, adapter: Adapter) -> dict[tuple[str, str], tuple[nn.Parameter, _Term]]:
+    """Validate ``adapter`` against ``pipe`` and map each touched parameter to its term. Changes nothing.
+
+    Needs only the tensors' shapes: a file's header (meta tensors) is checked before its data is read.
+    """
+    plan: dict[tuple[str, str], tuple[nn.Parameter, _Term]] = {}
+    for component in adapter.components:
+        module = getattr(pipe, component, None)
+        if not isinstance(module, nn.Module):
+            raise AdapterError(
+                f"the adapter changes {component!r}, but this {type(pipe).__name__} has no {component}; "
+                "it was made for another kind of pipeline."
+            )
+        expected, actual = adapter.fingerprint.get(component), component_fingerprint(module)
+        if expected != actual:
+            raise AdapterError(
+                f"adapter was trained for another architecture: {component} fingerprint {expected} does not match "
+                f"this pipeline's {actual}. Use an adapter trained on this model family "
+                f"({type(module).__name__} with the same layer sizes)."
+            )
+
+    params_by_component = {c: dict(getattr(pipe, c).named_parameters()) for c in adapter.components}
+    if adapter.is_lora:
+        scaling = adapter.scaling
+        modules_by_component = {c: dict(getattr(pipe, c).named_modules()) for c in adapter.components}
+        for key in sorted(adapter.tensors):
+            if not key.endswith(_LORA_A):
+                continue
+            component, path = key.split(".", 1)
+            path = path[: -len(_LORA_A)]
+            found = _find_module(modules_by_component[component], path)
+            if found is None:
+                raise AdapterError(
+                    f"LoRA module {_shown(component + '.' + path)} does not exist in this pipeline's {component}."
+                )
+            module_name, target = found
+            a = adapter.tensors[key]
+            b = adapter.tensors[key[: -len(_LORA_A)] + _LORA_B]
+            if isinstance(target, nn.Linear):
+                want_a, want_b = (a.shape[0], target.in_features), (target.out_features, a.shape[0])
+            elif isinstance(target, nn.Conv2d):
+                w = target.weight
+                want_a, want_b = (a.shape[0], *w.shape[1:]), (w.shape[0], a.shape[0], 1, 1)
+            else:
+                raise AdapterError(
+                    f"LoRA module {_shown(component + '.' + path)} is a {type(target).__name__}; unsee LoRA adapters "
+                    "target nn.Linear and nn.Conv2d modules only."
+                )
+            if tuple(a.shape) != tuple(want_a) or tuple(b.shape) != tuple(want_b):
+                raise AdapterError(
+                    f"LoRA module {_shown(component + '.' + path)}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} "
+                    f"do not fit a {type(target).__name__} with weight {tuple(target.weight.shape)} (expected "
+                    f"{tuple(want_a)} / {tuple(want_b)})."
+                )
+            _add_to_plan(plan, component, module_name + ".weight", params_by_component[component],
+                         _Term(lora_a=a, lora_b=b, scaling=scaling), key)
+    else:
+        for key in sorted(adapter.tensors):
+            component, name = key.split(".", 1)
+            delta = adapter.tensors[key]
+            _add_to_plan(plan, component, name, params_by_component[component], _Term(delta=delta), key,
+                         shape=delta.shape)
+    return plan
+
+
+def _add_to_plan(plan: dict, component: str, name: str, params: Mapping[str, nn.Parameter], term: _Term,
+                 key: str, shape: Optional[torch.Size] = None) -> None:
+    resolved = _find_parameter(params, name)
+    if resolved is None:
+        raise AdapterError(
+            f"adapter key {_shown(key)}: this pipeline's {component} has no parameter {_shown(name)}; the adapter "
+            "does not belong to this model."
+        )
+    param = params[resolved]
+    if shape is not None and tuple(shape) != tuple(param.shape):
+        raise AdapterError(
+            f"adapter key {_shown(key)} has shape {tuple(shape)}, but {component}.{resolved} has shape "
+            f"{tuple(param.shape)}."
+        )
+    if not param.is_floating_point():
+        raise AdapterError(f"{component}.{resolved} is not a floating-point parameter; it cannot take a delta.")
+    if param.device.type == "meta":
+        raise AdapterError(
+            f"{component}.{resolved} is on the meta device (offloaded); load the adapter before offloading."
+        )
+    slot = (component, resolved)
+    if slot in plan:
+        raise AdapterError(f"adapter keys {_shown(key)} and another both change {component}.{resolved}.")
+    plan[slot] = (param, term)
 
 
 class ErasureAdapterMixin:
@@ -820,8 +1096,10 @@ class ErasureAdapterMixin:
         The name defaults to the file's stem (or ``<method>-<concepts>`` for an in-memory adapter) and must
         not be in use. Everything is validated against this pipeline before any weight changes: the
         components exist, their architecture fingerprints match, every key names an existing parameter
-        (delta, same shape) or Linear/Conv2d module (LoRA, consistent A/B shapes), and the scale is finite.
-        Raises :class:`AdapterError` and leaves the weights untouched when anything is wrong.
+        (delta, same shape) or Linear/Conv2d module (LoRA, consistent A/B shapes), and the scale is finite
+        and within float32's range. A file's header is checked this way before any of its tensor data is
+        read. A sum of adapters that would turn a finite weight into inf/NaN is refused too. Raises
+        :class:`AdapterError` and leaves the weights untouched when anything is wrong.
         """
         state = self._erasure_state()
         scale = _check_scale(scale)
@@ -830,18 +1108,25 @@ class ErasureAdapterMixin:
             default_name = re.sub(r"[^\w.+-]+", "_", "-".join([adapter.method, *adapter.concepts])).strip("_")
         elif isinstance(adapter, (str, os.PathLike)):
             default_name = Path(adapter).stem
-            adapter = load_adapter(adapter)
         else:
             raise AdapterError(f"load_erasure takes a file path or an unsee Adapter, got {type(adapter).__name__}.")
         name = default_name if adapter_name is None else adapter_name
         if not isinstance(name, str) or not name:
-            raise AdapterError(f"adapter_name must be a non-empty string, got {name!r}.")
+            raise AdapterError(f"adapter_name must be a non-empty string, got {_shown(name)}.")
         if name in state.active:
             raise AdapterError(
-                f"an erasure adapter named {name!r} is already loaded; pass another adapter_name or "
-                f"unload_erasure({name!r}) first."
+                f"an erasure adapter named {_shown(name)} is already loaded; pass another adapter_name or "
+                f"unload_erasure({_shown(name)}) first."
             )
-        terms = self._plan_erasure(adapter)
+        owned = not isinstance(adapter, Adapter)
+        if owned:  # a file: its header is checked against this pipeline before any tensor data is read
+            with _open_adapter_file(adapter) as opened:
+                _plan_erasure(self, opened.header)
+                adapter = opened.read()
+        # private copies next to the weight they change (later edits to an in-memory Adapter cannot leak in, and
+        # recomputing needs no transfers); tensors just read from a file are ours already
+        terms = {slot: (param, term.on(param.device, copy=not owned))
+                 for slot, (param, term) in _plan_erasure(self, adapter).items()}
 
         new_keys = []
         try:
@@ -857,7 +1142,8 @@ class ErasureAdapterMixin:
                 self._recompute(terms.keys())
         except BaseException:
             state.active.pop(name, None)
-            self._recompute(terms.keys(), forget=True)
+            self._recompute(terms.keys())
+            self._forget_unused(terms.keys())
             raise
         return name
 
@@ -883,10 +1169,18 @@ class ErasureAdapterMixin:
         names = list(state.active) if adapter_name is None else [adapter_name]
         for name in names:
             self._get_active(name)
+        before = dict(state.active)
         keys = set()
         for name in names:
             keys.update(state.active.pop(name).terms)
-        self._recompute(keys, forget=True)
+        try:
+            self._recompute(keys)
+        except BaseException:  # what the others add would overflow without this one: keep it loaded
+            state.active.clear()
+            state.active.update(before)
+            self._recompute(keys)
+            raise
+        self._forget_unused(keys)
 
     @contextlib.contextmanager
     def _erasure_transport(self, prompt: Any) -> Iterator[None]:
@@ -923,103 +1217,12 @@ class ErasureAdapterMixin:
             )
         return active[adapter_name]
 
-    def _plan_erasure(self, adapter: Adapter) -> dict[tuple[str, str], tuple[nn.Parameter, _Term]]:
-        """Validate ``adapter`` against this pipeline and map each touched parameter to its term. Changes nothing."""
-        plan: dict[tuple[str, str], tuple[nn.Parameter, _Term]] = {}
-        for component in adapter.components:
-            module = getattr(self, component, None)
-            if not isinstance(module, nn.Module):
-                raise AdapterError(
-                    f"the adapter changes {component!r}, but this {type(self).__name__} has no {component}; "
-                    "it was made for another kind of pipeline."
-                )
-            expected, actual = adapter.fingerprint.get(component), component_fingerprint(module)
-            if expected != actual:
-                raise AdapterError(
-                    f"adapter was trained for another architecture: {component} fingerprint {expected} does not match "
-                    f"this pipeline's {actual}. Use an adapter trained on this model family "
-                    f"({type(module).__name__} with the same layer sizes)."
-                )
-
-        params_by_component = {c: dict(getattr(self, c).named_parameters()) for c in adapter.components}
-        if adapter.is_lora:
-            scaling = adapter.scaling
-            modules_by_component = {c: dict(getattr(self, c).named_modules()) for c in adapter.components}
-            for key in sorted(adapter.tensors):
-                if not key.endswith(_LORA_A):
-                    continue
-                component, path = key.split(".", 1)
-                path = path[: -len(_LORA_A)]
-                found = _find_module(modules_by_component[component], path)
-                if found is None:
-                    raise AdapterError(f"LoRA module {component}.{path} does not exist in this pipeline's {component}.")
-                module_name, target = found
-                a = adapter.tensors[key]
-                b = adapter.tensors[key[: -len(_LORA_A)] + _LORA_B]
-                if isinstance(target, nn.Linear):
-                    want_a, want_b = (a.shape[0], target.in_features), (target.out_features, a.shape[0])
-                elif isinstance(target, nn.Conv2d):
-                    w = target.weight
-                    want_a, want_b = (a.shape[0], *w.shape[1:]), (w.shape[0], a.shape[0], 1, 1)
-                else:
-                    raise AdapterError(
-                        f"LoRA module {component}.{path} is a {type(target).__name__}; unsee LoRA adapters target "
-                        "nn.Linear and nn.Conv2d modules only."
-                    )
-                if tuple(a.shape) != tuple(want_a) or tuple(b.shape) != tuple(want_b):
-                    raise AdapterError(
-                        f"LoRA module {component}.{path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
-                        f"a {type(target).__name__} with weight {tuple(target.weight.shape)} (expected {tuple(want_a)} "
-                        f"/ {tuple(want_b)})."
-                    )
-                self._add_to_plan(plan, component, module_name + ".weight", params_by_component[component],
-                                  _Term(lora_a=a, lora_b=b, scaling=scaling), key)
-        else:
-            for key in sorted(adapter.tensors):
-                component, name = key.split(".", 1)
-                delta = adapter.tensors[key]
-                self._add_to_plan(plan, component, name, params_by_component[component], _Term(delta=delta), key,
-                                  shape=delta.shape)
-        return plan
-
-    @staticmethod
-    def _add_to_plan(plan: dict, component: str, name: str, params: Mapping[str, nn.Parameter], term: _Term,
-                     key: str, shape: Optional[torch.Size] = None) -> None:
-        resolved = _find_parameter(params, name)
-        if resolved is None:
-            raise AdapterError(
-                f"adapter key {key!r}: this pipeline's {component} has no parameter {name!r}; the adapter does not "
-                "belong to this model."
-            )
-        param = params[resolved]
-        if shape is not None and tuple(shape) != tuple(param.shape):
-            raise AdapterError(
-                f"adapter key {key!r} has shape {tuple(shape)}, but {component}.{resolved} has shape "
-                f"{tuple(param.shape)}."
-            )
-        if not param.is_floating_point():
-            raise AdapterError(f"{component}.{resolved} is not a floating-point parameter; it cannot take a delta.")
-        if param.device.type == "meta":
-            raise AdapterError(
-                f"{component}.{resolved} is on the meta device (offloaded); load the adapter before offloading."
-            )
-        slot = (component, resolved)
-        if slot in plan:
-            raise AdapterError(f"adapter keys {key!r} and another both change {component}.{resolved}.")
-        # private copies next to the weight they change: later edits to an in-memory Adapter cannot leak in,
-        # and recomputing needs no transfers
-        if term.delta is not None:
-            term = _Term(delta=term.delta.detach().to(param.device, copy=True))
-        else:
-            term = _Term(lora_a=term.lora_a.detach().to(param.device, copy=True),
-                         lora_b=term.lora_b.detach().to(param.device, copy=True), scaling=term.scaling)
-        plan[slot] = (param, term)
-
-    def _recompute(self, keys: Iterable[tuple[str, str]], forget: bool = False) -> None:
+    def _recompute(self, keys: Iterable[tuple[str, str]]) -> None:
         """Write ``W_orig + sum(scale * delta)`` into each parameter in ``keys`` from the saved originals.
 
-        A parameter no active adapter touches gets its original copied back; with ``forget`` its saved
-        original is dropped too.
+        A parameter no active adapter changes gets its original copied back. A sum that would turn a finite
+        weight into inf/NaN (in the parameter's dtype) raises AdapterError before that parameter is written;
+        callers roll back the parameters already written, so the model is left as it was.
         """
         state = self._erasure_state()
         with torch.no_grad():
@@ -1032,11 +1235,29 @@ class ErasureAdapterMixin:
                                  if key in entry.terms and entry.scale != 0.0]
                 if not contributions:
                     param.data.copy_(touched.original)
-                    if forget and not any(key in entry.terms for entry in state.active.values()):
-                        del state.touched[key]
                     continue
                 compute = torch.float64 if param.dtype == torch.float64 else torch.float32
                 value = touched.original.to(device=param.device, dtype=compute, copy=True)
                 for scale, term in contributions:
                     value.add_(term.value(param.shape, param.device, compute), alpha=scale)
-                param.data.copy_(value.to(param.dtype))
+                value = value.to(param.dtype)
+                finite = torch.isfinite(value)
+                if not bool(finite.all()):  # only weights that were finite count (a broken model stays broken)
+                    was_finite = torch.isfinite(touched.original).to(finite.device)
+                    if bool((was_finite & ~finite).any()):
+                        scales = ", ".join(f"{_shown(name)} at scale {entry.scale:g}"
+                                           for name, entry in state.active.items()
+                                           if key in entry.terms and entry.scale != 0.0)
+                        raise AdapterError(
+                            f"erasure adapters {scales} would overflow {key[0]}.{key[1]} ({param.dtype}) to inf/NaN; "
+                            "the weights are left as they were. Use a smaller scale (or an adapter with a smaller "
+                            "lora_alpha)."
+                        )
+                param.data.copy_(value)
+
+    def _forget_unused(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Drop the saved originals of parameters in ``keys`` that no loaded adapter changes any more."""
+        state = self._erasure_state()
+        for key in list(keys):
+            if key in state.touched and not any(key in entry.terms for entry in state.active.values()):
+                del state.touched[key]
