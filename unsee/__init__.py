@@ -11,9 +11,51 @@ Heavy modules (torch, diffusers) load on first use of the names below, so ``unse
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
+from pathlib import Path
 from typing import Any
 
 __version__ = "0.1.0"
+
+# In a source checkout the subpackages are sibling folders of this one (pyproject.toml maps them into the
+# namespace with setuptools' package-dir); an installed unsee has them inside this folder.
+_CHECKOUT_FOLDERS = {"guidance": "guidance", "pipelines": "pipelines", "erasure": "erasure", "apps": "apps",
+                     "weights": "weights"}
+
+
+class _CheckoutFinder(importlib.abc.MetaPathFinder):
+    """Finds ``unsee.guidance`` & co. in the sibling folders of a source checkout's ``unsee/``.
+
+    Python started in the root of a checkout imports ``unsee`` from the source folder ``unsee/`` (the current
+    folder comes first on ``sys.path``), even when unsee is installed; without this finder its subpackages
+    would be missing. The subpackages then come from the same checkout as ``unsee`` itself."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        package, _, name = fullname.partition(".")
+        if package != __name__ or name not in _CHECKOUT_FOLDERS:
+            return None
+        folder = self.root / _CHECKOUT_FOLDERS[name]
+        return importlib.util.spec_from_file_location(fullname, folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+
+
+def _install_checkout_finder() -> None:
+    here = Path(__file__).resolve().parent
+    root = here.parent
+    if (here / "guidance").is_dir() or not (root / "pyproject.toml").is_file():
+        return  # an installed unsee (or an unexpected layout): nothing to map
+    if not all((root / folder / "__init__.py").is_file() for folder in _CHECKOUT_FOLDERS.values()):
+        return
+    if not any(isinstance(finder, _CheckoutFinder) and finder.root == root for finder in sys.meta_path):
+        sys.meta_path.insert(0, _CheckoutFinder(root))
+
+
+_install_checkout_finder()
 
 # public name -> module that defines it
 _EXPORTS = {
