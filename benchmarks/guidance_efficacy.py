@@ -106,11 +106,11 @@ def main() -> None:
                 # what a negative prompt leaves of the circle, named by both prompts: no guidance, weight 1
                 ("conditional prediction alone (no CFG)", dict(guidance_scale=1.0)),
                 ("negative from step 0", cfg5),
-                ("negative from 20%", dict(cfg5, guidance=[NegativeSteer(0.2)])),
-                ("negative from 40%", dict(cfg5, guidance=[NegativeSteer(0.4)])),
+                ("negative from 20%", dict(cfg5, guidance=[NegativeSteer(start_fraction=0.2)])),
+                ("negative from 40%", dict(cfg5, guidance=[NegativeSteer(start_fraction=0.4)])),
                 ("adaptive start", dict(cfg5, guidance=[NegativeSteer(mode="adaptive")]))]
     for scale in (3.0, 10.0):
-        settings += [(f"DNG λ={scale:g} from {start:.0%}", dict(cfg5, guidance=[NegativeSteer(start, mode="dng", dng_scale=scale)]))
+        settings += [(f"DNG λ={scale:g} from {start:.0%}", dict(cfg5, guidance=[NegativeSteer(start_fraction=start, mode="dng", dng_scale=scale)]))
                      for start in (0.0, 0.1, 0.2)]
     settings.append(("NASA α=2, no CFG", dict(guidance_scale=1.0, negative_prompt="circle", guidance=[NASA(2.0)])))
     damaged = []  # share of images with damaged corners, per DNG row
@@ -127,9 +127,10 @@ def main() -> None:
         negative_rows.append(f"| {name} | {no_circle.mean():.1%} | {gray.mean():.1%} | {corners.mean():.1%} | "
                              f"{(no_circle & corners).mean():.1%} |")
         grid.append(np.concatenate([np.asarray(im) for im in images[:8]], axis=1))
-    pipe(target, negative_prompt="circle", guidance_scale=5.0, num_inference_steps=25, num_images_per_prompt=8,
-         generator=torch.Generator().manual_seed(seed + 2), output_type="latent", guidance=[NegativeSteer(mode="adaptive")])
-    detected = pipe._unsee_last_guidance.adaptive.start_steps
+    adaptive = pipe(target, negative_prompt="circle", guidance_scale=5.0, num_inference_steps=25, num_images_per_prompt=8,
+                    generator=torch.Generator().manual_seed(seed + 2), output_type="latent",
+                    guidance=[NegativeSteer(mode="adaptive")])
+    started = [step for step in adaptive.guidance_report.negative_start_steps if step is not None]
 
     red_prompts = [world.prompt_for(shape=world.SHAPES[i % 6], color="red") for i in range(n)]
     nasa_rows = []
@@ -175,7 +176,7 @@ Delayed negative prompt: "{target}" with negative "circle".
 |---|---|---|---|---|
 {chr(10).join(negative_rows)}
 
-The adaptive rule started the negative at steps {min(detected)}–{max(detected)} of 25 (one batch of 8 images).
+The adaptive rule started the negative at steps {min(started)}–{max(started)} of 25 (0-based; one batch of 8 images).
 A negative prompt in diffusers' sense replaces the unconditional prediction, so the circle, named by both
 prompts, keeps the weight 1 of unguided conditional sampling, and the toy model draws the circle even then
 (the "conditional prediction alone" row): no start removes it. Dynamic Negative Guidance subtracts the

@@ -71,7 +71,7 @@ def speed_settings(ours, plain, pag, batch: int, num_inference_steps: int, **cal
         "unsee CFG++": lambda g: ours(prompts, guidance=[CFGpp(0.6)], generator=g, **common),
         "unsee FDG": lambda g: ours(prompts, guidance=[FDG((10.0, 5.0))], generator=g, **common),
         "unsee negative from 20%": lambda g: ours(prompts, negative_prompt=negatives,
-                                                  guidance=[CFG(5.0), NegativeSteer(0.2)], generator=g, **common),
+                                                  guidance=[CFG(5.0), NegativeSteer(start_fraction=0.2)], generator=g, **common),
         "diffusers CFG + negative": lambda g: plain(prompts, negative_prompt=negatives, guidance_scale=5.0,
                                                     generator=g, **common),
         "unsee NASA (no CFG)": lambda g: ours(prompts, negative_prompt=negatives, guidance_scale=1.0,

@@ -5,9 +5,10 @@ Three modes of ``NegativeSteer``:
 - ``"fixed"``: delayed negative prompt (Ban et al., "Understanding the Impact of Negative Prompts: When
   and How Do They Take Effect?", arXiv 2406.02965). A negative prompt only acts after the positive
   prompt has formed the content it names; applied from step 0 it can even create that content. So
-  the unconditional branch holds the empty prompt until step ``start`` and the negative prompt from
-  then on. ``start`` is a fraction of the steps (float) or a step index (int); the paper reports
-  the critical step around 10-25% of the steps, our default is 0.2.
+  the unconditional branch holds the empty prompt until the start step and the negative prompt from
+  then on. The start is given either as ``start_fraction`` (a fraction of the steps, rounded to the
+  nearest step) or as ``start_step`` (a 0-based step index), never both; the paper reports the
+  critical step around 10-25% of the steps, our default is ``start_fraction=0.2``.
 - ``"adaptive"``: the start is detected per image from the positive prompt's cross-attention maps.
   The paper's exact rule is not public; **our rule**: take the cross-attention map of the positive
   prompt's tokens that the negative prompt also contains (all positive tokens if none), averaged over
@@ -24,11 +25,13 @@ Three modes of ``NegativeSteer``:
   with DDPM, where x_{t-1} is drawn from exactly these Gaussians; with a deterministic sampler (DDIM)
   the same update serves as an approximation.
   Defaults are the official code's (scale 1, prior 0.2, T 1, offset 0, p in [1e-6, 0.99]).
-  ``start`` delays the DNG term as Ban et al. delay a negative prompt: it is added from step ``start``
-  on (default 0, as in the DNG paper), while p_t is tracked from the first step.
+  ``start_fraction``/``start_step`` delay the DNG term as Ban et al. delay a negative prompt: it is added
+  from the start step on (default step 0, as in the DNG paper), while p_t is tracked from the first step.
 
-``start=None`` means the mode's default: 0.2 for ``fixed``, 0 for ``dng``; ``adaptive`` detects the start
-itself and refuses an explicit one (bound it with ``max_start``).
+With neither ``start_fraction`` nor ``start_step`` the mode's default applies: a fraction of 0.2 for
+``fixed``, step 0 for ``dng``; ``adaptive`` detects the start itself and refuses an explicit one (bound it
+with ``max_start``). The old single ``start`` argument (an int meant a step, a float a fraction, so ``1``
+and ``1.0`` meant "from step 1" and "never") is refused with a message naming the two arguments.
 
 Negative steering from step 0 equals diffusers' negative prompt; from after the last step it equals
 CFG with an empty negative.
@@ -36,8 +39,9 @@ CFG with an empty negative.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Union
+import math
+from dataclasses import InitVar, dataclass
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,15 +49,18 @@ import torch.nn.functional as F
 from .base import VP_PREDICTION_TYPES, Guidance, GuidanceError, check_range, vp_denoised
 
 MODES = ("fixed", "adaptive", "dng")
-DEFAULT_START = {"fixed": 0.2, "dng": 0}  # start=None: Ban et al.'s ~10-25% of the steps; DNG from the first step
+# (start_fraction, start_step) when neither is given: Ban et al.'s ~10-25% of the steps; DNG from the first step
+DEFAULT_START = {"fixed": (0.2, None), "dng": (None, 0)}
 
 
 @dataclass
 class NegativeSteer(Guidance):
     """When and how the negative prompt acts; see the module docstring for the three modes."""
 
-    start: Optional[Union[float, int]] = None
+    start: InitVar[Any] = None  # refused: ambiguous between a step and a fraction (see the module docstring)
     mode: str = "fixed"
+    start_fraction: Optional[float] = None
+    start_step: Optional[int] = None
     threshold: float = 0.15
     max_start: float = 0.5
     dng_scale: float = 1.0
@@ -64,19 +71,28 @@ class NegativeSteer(Guidance):
     dng_p_max: float = 0.99
     kind = "negative"
 
+    def __post_init__(self, start: Any) -> None:
+        if start is not None:
+            raise GuidanceError(f"NegativeSteer(start={start!r}) is ambiguous: pass start_fraction= (a fraction of "
+                                f"the steps, e.g. 0.2) or start_step= (a step index, e.g. 5)")
+
     def validate(self) -> None:
         if self.mode not in MODES:
             raise GuidanceError(f"NegativeSteer.mode must be one of {MODES}, got {self.mode!r}")
-        if self.start is not None:
-            if self.mode == "adaptive":
-                raise GuidanceError("NegativeSteer(mode='adaptive') detects the start per image; leave start=None "
-                                    "and bound the detected step with max_start")
-            if isinstance(self.start, bool) or not isinstance(self.start, (int, float)):
-                raise GuidanceError(f"NegativeSteer.start must be a fraction (float) or a step (int), got {self.start!r}")
-            if isinstance(self.start, int):
-                check_range("NegativeSteer", "start", self.start, 0)
-            else:
-                check_range("NegativeSteer", "start", self.start, 0.0, 1.0)
+        if self.start_fraction is not None and self.start_step is not None:
+            raise GuidanceError("NegativeSteer takes start_fraction or start_step, not both")
+        if self.mode == "adaptive" and (self.start_fraction is not None or self.start_step is not None):
+            raise GuidanceError("NegativeSteer(mode='adaptive') detects the start per image; leave start_fraction and "
+                                "start_step unset and bound the detected step with max_start")
+        if self.start_fraction is not None:
+            if isinstance(self.start_fraction, bool) or not isinstance(self.start_fraction, (int, float)) \
+                    or not math.isfinite(self.start_fraction):
+                raise GuidanceError(f"NegativeSteer.start_fraction must be a number in [0, 1], got {self.start_fraction!r}")
+            check_range("NegativeSteer", "start_fraction", self.start_fraction, 0.0, 1.0)
+        if self.start_step is not None:
+            if isinstance(self.start_step, bool) or not isinstance(self.start_step, int):
+                raise GuidanceError(f"NegativeSteer.start_step must be a whole step index >= 0, got {self.start_step!r}")
+            check_range("NegativeSteer", "start_step", self.start_step, 0)
         check_range("NegativeSteer", "threshold", self.threshold, 0.0, 2.0)
         check_range("NegativeSteer", "max_start", self.max_start, 0.0, 1.0)
         check_range("NegativeSteer", "dng_scale", self.dng_scale, 0.0)
@@ -85,16 +101,27 @@ class NegativeSteer(Guidance):
             raise GuidanceError("NegativeSteer needs 0 < dng_p_min < dng_p_max < 1")
 
     @property
-    def resolved_start(self) -> Optional[Union[float, int]]:
-        """``start``, or the mode's default when it is None (None in ``adaptive`` mode: detected per image)."""
-        return self.start if self.start is not None else DEFAULT_START.get(self.mode)
+    def resolved_start(self) -> tuple[Optional[float], Optional[int]]:
+        """(start_fraction, start_step) as given, or the mode's default when neither is (both None in ``adaptive``)."""
+        if self.start_fraction is not None or self.start_step is not None:
+            return self.start_fraction, self.start_step
+        return DEFAULT_START.get(self.mode, (None, None))
 
-    def start_step(self, num_steps: int) -> int:
+    def describe_start(self) -> str:
+        """The start in words, e.g. "from 30% of the steps", "from step 5", "detected per image"."""
+        fraction, step = self.resolved_start
+        if step is not None:
+            return f"from step {step}"
+        if fraction is not None:
+            return f"from {fraction:.0%} of the steps"
+        return "detected per image"
+
+    def first_step(self, num_steps: int) -> int:
         """The first step (0-based) at which the negative acts in ``fixed`` and ``dng`` modes."""
-        start = self.resolved_start
-        if isinstance(start, int):
-            return start
-        return int(round(start * num_steps))
+        fraction, step = self.resolved_start
+        if step is not None:
+            return step
+        return int(round(fraction * num_steps))
 
 
 class AdaptiveStart:

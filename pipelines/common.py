@@ -22,3 +22,16 @@ def keep_dtype_from_pipe(base: type) -> classmethod:
 
     from_pipe.__doc__ = base.from_pipe.__doc__
     return classmethod(from_pipe)
+
+
+class ErasureCallMixin:
+    """Runs each pipeline call with the loaded erasure adapters' per-call behaviour.
+
+    Adapters with Facilitated Transport (SPM) take their strength for the call's prompt
+    (``ErasureAdapterMixin._erasure_transport``); guidance and diffusers' own call run inside.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        prompt = kwargs.get("prompt", args[0] if args else None)
+        with self._erasure_transport(prompt):
+            return super().__call__(*args, **kwargs)

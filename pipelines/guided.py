@@ -9,7 +9,7 @@ for the duration of the call unsee
   the UNet, the hook builds all the branches the step needs from the rows diffusers prepared
   (conditional, unconditional or negative, perturbed), runs them in **one** batched UNet call,
   combines them, and hands the guided prediction back in both CFG halves (so diffusers' own
-  ``u + w (c - u)`` returns it unchanged);
+  ``u + w (c - u)`` returns it unchanged, whatever ``w`` is);
 - installs unsee's attention processors (PAG identity rows, NASA rows, attention probes) when a
   method needs them;
 - for PAG, lets the perturbed rows join the batch only at the UNet block holding the first perturbed
@@ -17,12 +17,25 @@ for the duration of the call unsee
 - for CFG++, replaces ``scheduler.step`` by the CFG++ update.
 
 All three are undone when the call returns or raises.
+
+The pipeline's ``guidance_scale`` is the CFG scale in effect (``CFG(scale)``'s when one is given, the
+call's ``guidance_scale`` otherwise), and ``do_classifier_free_guidance`` is true exactly when the
+unconditional branch runs, so ``callback_on_step_end`` sees what the call does. What a guided call did
+(UNet calls, adaptive start steps, DNG posteriors) comes back as ``output.guidance_report``; nothing of
+the call stays on the pipeline.
+
+How the negative prompt acts (``NEGATIVE_PROMPT_RULES``): as in diffusers, it fills the unconditional
+branch from the first step, whatever the combination (CFG, CFG++, FDG, PAG); ``NegativeSteer`` decides
+from which step (or, in ``dng`` mode, gives it a branch of its own); ``NASA`` without ``NegativeSteer``
+moves it into cross-attention, and the unconditional branch holds the empty prompt.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import math
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
@@ -41,6 +54,36 @@ from unsee.guidance.pag import PAG
 from .attention import AttentionControl, attention_module_names, installed_processors, layer_matches
 
 HOOK_NAME = "unsee_guidance"
+
+# Where the negative prompt goes, by the methods in the call (README: "How the negative prompt acts").
+NEGATIVE_PROMPT_RULES = {
+    "no NegativeSteer, no NASA": "the unconditional branch, from the first step (diffusers' negative prompt)",
+    "NegativeSteer (fixed)": "the unconditional branch from the start step; the empty prompt before it",
+    "NegativeSteer (adaptive)": "the unconditional branch from the step detected per image; the empty prompt before it",
+    "NegativeSteer (dng)": "a branch of its own, subtracted with the posterior weight; the unconditional branch holds "
+                           "the empty prompt",
+    "NASA, no NegativeSteer": "cross-attention of the conditional (and perturbed) rows; the unconditional branch holds "
+                              "the empty prompt",
+    "NASA and NegativeSteer": "both: cross-attention, and the unconditional branch as NegativeSteer says",
+}
+
+
+@dataclass
+class GuidanceReport:
+    """What one guided call did; returned as ``output.guidance_report`` (with ``return_dict=True``).
+
+    unet_calls: denoiser calls in the call (one per step: every branch of a step runs in one batched call).
+    steps: denoising steps taken.
+    negative_start_steps: ``NegativeSteer(mode="adaptive")``: per image, the step from which the negative prompt
+        acted (None: it never did); None in other modes.
+    dng_posterior: ``NegativeSteer(mode="dng")``: per step, the posterior P(negative | x_t) of each image used in
+        that step's weight; None in other modes.
+    """
+
+    unet_calls: int = 0
+    steps: int = 0
+    negative_start_steps: Optional[list] = None
+    dng_posterior: Optional[list] = None
 
 
 def _rows(value: Any, index: torch.Tensor, total: int) -> Any:
@@ -129,7 +172,7 @@ class GuidedStep:
         self.guidance_rescale = guidance_rescale
         self.control = AttentionControl()
         self.step = 0
-        self.unet_calls = 0
+        self.report = GuidanceReport()
         self.last_uncond: Optional[torch.Tensor] = None
         self.cfgpp_state = CFGppState()
         self.adaptive: Optional[AdaptiveStart] = None
@@ -169,7 +212,7 @@ class GuidedStep:
             # NASA alone: the negative acts in attention, the unconditional branch is the empty prompt
             return torch.full((batch,), self.nasa is None, dtype=torch.bool)
         if steer.mode == "fixed":
-            return torch.full((batch,), self.step >= steer.start_step(num_steps), dtype=torch.bool)
+            return torch.full((batch,), self.step >= steer.first_step(num_steps), dtype=torch.bool)
         if steer.mode == "adaptive":
             if self.negative_active is None:
                 self.negative_active = torch.zeros(batch, dtype=torch.bool)
@@ -178,7 +221,7 @@ class GuidedStep:
 
     def forward(self, original_forward, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
                 *args, added_cond_kwargs: Optional[dict] = None, return_dict: bool = True, **kwargs):
-        self.unet_calls += 1
+        self.report.unet_calls += 1
         total = sample.shape[0]
         batch = total // 2 if self.diffusers_cfg else total
         num_steps = len(self.pipe.scheduler.timesteps)
@@ -259,7 +302,10 @@ class GuidedStep:
         if "negative" in parts:
             if self.dng is None:
                 self.dng = DNGState(self.steer, batch)
-            if self.step >= self.steer.start_step(num_steps):  # delayed DNG: p_t is tracked from the first step
+            if self.report.dng_posterior is None:
+                self.report.dng_posterior = []
+            self.report.dng_posterior.append(self.dng.p.tolist())
+            if self.step >= self.steer.first_step(num_steps):  # delayed DNG: p_t is tracked from the first step
                 weight = self.dng.weight().to(guided.device, guided.dtype).view(-1, *([1] * (guided.ndim - 1)))
                 guided = guided - weight * (parts["negative"] - parts["uncond"])
             self._predict_dng(sample.index_select(0, cond_index), parts["negative"], parts["uncond"], timestep)
@@ -268,6 +314,7 @@ class GuidedStep:
         if probing and control.probed_maps:
             self._update_adaptive(batch, num_steps)
         self.step += 1
+        self.report.steps = self.step
         result = torch.cat([guided, guided]) if self.diffusers_cfg else guided
         return UNet2DConditionOutput(sample=result) if return_dict else (result,)
 
@@ -278,6 +325,7 @@ class GuidedStep:
         current = AdaptiveStart.token_map(self.control.probed_maps, self.token_mask.to(self.control.probed_maps[0].device))
         # the decision taken after step k applies from step k + 1
         self.negative_active = self.adaptive.update(self.step, current.cpu())
+        self.report.negative_start_steps = [None if s is None else s + 1 for s in self.adaptive.start_steps]
 
     def _predict_dng(self, sample, output_neg, output_u, timestep) -> None:
         scheduler = self.pipe.scheduler
@@ -307,17 +355,20 @@ class GuidanceMixin:
     """Adds ``guidance=[...]`` to a diffusers SD/SDXL pipeline's ``__call__``.
 
     Subclasses implement ``_unsee_encode(texts, device, num_images_per_prompt, clip_skip)`` returning
-    (embeddings, pooled embeddings or None) and ``_unsee_empty_embeddings(...)``.
+    (embeddings, pooled embeddings or None) for the conditional branch, and
+    ``_unsee_empty_embeddings(rows, device, clip_skip)`` returning what diffusers puts in the unconditional
+    rows when there is no negative prompt.
     """
 
-    def __call__(self, *args: Any, guidance: Optional[Sequence[Guidance]] = None, **kwargs: Any):
-        # erasure adapters with Facilitated Transport (SPM) take their per-prompt strength for the call
-        transport = getattr(self, "_erasure_transport", None)
-        prompt = kwargs.get("prompt", args[0] if args else None)
-        with transport(prompt) if transport is not None else contextlib.nullcontext():
-            return self._unsee_call(*args, guidance=guidance, **kwargs)
+    _unsee_step: Optional[GuidedStep] = None  # set for the duration of a guided call only
 
-    def _unsee_call(self, *args: Any, guidance: Optional[Sequence[Guidance]] = None, **kwargs: Any):
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        # during a guided call: exactly when the unconditional branch runs (CFG, CFG++, FDG, negative steering)
+        state = self._unsee_step
+        return state.diffusers_cfg if state is not None else super().do_classifier_free_guidance
+
+    def __call__(self, *args: Any, guidance: Optional[Sequence[Guidance]] = None, **kwargs: Any):
         base_call = super().__call__
         if not guidance:
             return base_call(*args, **kwargs)
@@ -330,8 +381,11 @@ class GuidanceMixin:
         methods = list(guidance)
         has_negative = call.get("negative_prompt") is not None or call.get("negative_prompt_embeds") is not None
         validate_combination(methods, has_negative)
+        scale = call.get("guidance_scale")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise GuidanceError(f"guidance_scale must be a finite number, got {scale!r}")
 
-        combine = next((m for m in methods if m.kind == "combine"), None) or CFG(call["guidance_scale"])
+        combine = next((m for m in methods if m.kind == "combine"), None) or CFG(scale)
         combine.validate()
         steer = next((m for m in methods if isinstance(m, NegativeSteer)), None)
         nasa = next((m for m in methods if isinstance(m, NASA)), None)
@@ -346,6 +400,7 @@ class GuidanceMixin:
             check_dng_scheduler(self.scheduler)
 
         images_per_prompt = call.get("num_images_per_prompt") or 1
+        clip_skip = call.get("clip_skip")
         prompt = call.get("prompt")
         prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
         rows = (len(prompts) if prompts is not None else call["prompt_embeds"].shape[0] // images_per_prompt) * images_per_prompt
@@ -356,13 +411,15 @@ class GuidanceMixin:
 
         # the execution device walks every module (offload hooks): only asked for when we encode prompts ourselves
         device = self._execution_device if (steer is not None or nasa is not None) else None
-        # negative steering swaps the empty prompt in and out of the unconditional rows; without it they hold it already
-        empty = self._unsee_empty_embeddings(rows, device) if steer is not None else None
+        # negative steering swaps the empty prompt in and out of the unconditional rows; encoded as diffusers encodes
+        # the unconditional rows of a call without a negative prompt
+        empty = self._unsee_empty_embeddings(rows, device, clip_skip) if steer is not None else None
         negative_embeds = None
         if nasa is not None:
             if negatives is None:
                 raise GuidanceError("NASA needs negative_prompt as text (negative_prompt_embeds are not supported)")
-            negative_embeds = self._unsee_encode(negatives, device, images_per_prompt)
+            # NASA's negative stands beside the prompt in the conditional rows' cross-attention: encoded as the prompt is
+            negative_embeds = self._unsee_encode(negatives, device, images_per_prompt, clip_skip)
         token_mask = None
         if steer is not None and steer.mode == "adaptive":
             if prompts is None or negatives is None:
@@ -371,17 +428,20 @@ class GuidanceMixin:
 
         state = GuidedStep(self, methods, combine, diffusers_cfg=needs_uncond, empty=empty, negative=negative_embeds,
                            token_mask=token_mask, guidance_rescale=float(call.get("guidance_rescale") or 0.0))
-        call["guidance_scale"] = 2.0 if needs_uncond else 1.0  # diffusers only batches the CFG rows; we combine
+        # diffusers batches the unconditional rows when do_classifier_free_guidance says so, and its u + w (c - u)
+        # returns our guided prediction for any finite w: the pipeline keeps the CFG scale in effect for callbacks
+        call["guidance_scale"] = combine.scale if isinstance(combine, CFG) else scale
         if "guidance_rescale" in call:
-            call["guidance_rescale"] = 0.0
-        if steer is None:
-            call["negative_prompt"] = None  # the negative acts through NASA only
-            call["negative_prompt_embeds"] = None
+            call["guidance_rescale"] = 0.0  # applied to the guided prediction by GuidedStep
+        if nasa is not None and steer is None:
+            call["negative_prompt"] = None  # the negative acts through NASA's attention only (NEGATIVE_PROMPT_RULES)
             if "negative_prompt_2" in call:
                 call["negative_prompt_2"] = None
-        self._unsee_last_guidance = state
         with self._unsee_guided(state, isinstance(combine, CFGpp)):
-            return base_call(**call)
+            output = base_call(**call)
+        if call.get("return_dict", True) and not isinstance(output, tuple):
+            output.guidance_report = state.report
+        return output
 
     @contextlib.contextmanager
     def _unsee_guided(self, state: GuidedStep, cfgpp: bool):
@@ -402,8 +462,10 @@ class GuidanceMixin:
                     return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
                 scheduler.step = step
+            self._unsee_step = state
             yield
         finally:
+            self.__dict__.pop("_unsee_step", None)
             if cfgpp:
                 del scheduler.step  # back to the class's own method
             stack.close()

@@ -7,20 +7,25 @@ methods; ``pipe.load_erasure(path)`` applies erasure adapters.
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Any, Optional
 
 import torch
 from diffusers import StableDiffusionPipeline
 
 from unsee.adapters import ErasureAdapterMixin
-from unsee.pipelines.common import keep_dtype_from_pipe
+from unsee.pipelines.common import ErasureCallMixin, keep_dtype_from_pipe
 from unsee.pipelines.guided import GuidanceMixin
 
 
-class UnseeStableDiffusionPipeline(GuidanceMixin, ErasureAdapterMixin, StableDiffusionPipeline):
+class UnseeStableDiffusionPipeline(ErasureCallMixin, GuidanceMixin, ErasureAdapterMixin, StableDiffusionPipeline):
     """``StableDiffusionPipeline`` with ``guidance=[...]`` and ``load_erasure`` / ``unload_erasure``."""
 
     from_pipe = keep_dtype_from_pipe(StableDiffusionPipeline)
+
+    def encode_prompt(self, *args: Any, **kwargs: Any):
+        with _text_model_alias(self.text_encoder):
+            return super().encode_prompt(*args, **kwargs)
 
     def _unsee_encode(self, texts: list[str], device, num_images_per_prompt: int,
                       clip_skip: Optional[int] = None) -> tuple[torch.Tensor, None]:
@@ -28,5 +33,22 @@ class UnseeStableDiffusionPipeline(GuidanceMixin, ErasureAdapterMixin, StableDif
         return embeds, None
 
     def _unsee_empty_embeddings(self, rows: int, device, clip_skip: Optional[int] = None) -> tuple[torch.Tensor, None]:
-        # the same embeddings diffusers uses for the unconditional branch when negative_prompt is None
-        return self._unsee_encode([""] * rows, device, 1)
+        # diffusers' own unconditional rows for a call without a negative prompt (its clip_skip rule included)
+        _, empty = self.encode_prompt([""] * rows, device, 1, True, negative_prompt=None, clip_skip=clip_skip)
+        return empty, None
+
+
+@contextlib.contextmanager
+def _text_model_alias(encoder: Any):
+    """diffusers' SD ``encode_prompt`` reads ``text_encoder.text_model.final_layer_norm`` under ``clip_skip``;
+    transformers 5 dropped the ``text_model`` wrapper of ``CLIPTextModel`` (its layers sit on the model itself),
+    so ``clip_skip`` raised AttributeError. For the call, ``text_model`` names the model itself (a plain
+    attribute, not a registered submodule: state dicts and module walks are unchanged)."""
+    if encoder is None or hasattr(encoder, "text_model") or not hasattr(encoder, "final_layer_norm"):
+        yield
+        return
+    object.__setattr__(encoder, "text_model", encoder)
+    try:
+        yield
+    finally:
+        object.__delattr__(encoder, "text_model")

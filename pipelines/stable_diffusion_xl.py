@@ -12,11 +12,11 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from unsee.adapters import ErasureAdapterMixin
-from unsee.pipelines.common import keep_dtype_from_pipe
+from unsee.pipelines.common import ErasureCallMixin, keep_dtype_from_pipe
 from unsee.pipelines.guided import GuidanceMixin
 
 
-class UnseeStableDiffusionXLPipeline(GuidanceMixin, ErasureAdapterMixin, StableDiffusionXLPipeline):
+class UnseeStableDiffusionXLPipeline(ErasureCallMixin, GuidanceMixin, ErasureAdapterMixin, StableDiffusionXLPipeline):
     """``StableDiffusionXLPipeline`` with ``guidance=[...]`` and ``load_erasure`` / ``unload_erasure``."""
 
     from_pipe = keep_dtype_from_pipe(StableDiffusionXLPipeline)
@@ -28,8 +28,7 @@ class UnseeStableDiffusionXLPipeline(GuidanceMixin, ErasureAdapterMixin, StableD
         return embeds, pooled
 
     def _unsee_empty_embeddings(self, rows: int, device, clip_skip: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        # the same embeddings diffusers uses for the unconditional branch when negative_prompt is None
-        embeds, pooled = self._unsee_encode([""] * rows, device, 1)
-        if self.config.force_zeros_for_empty_prompt:
-            return torch.zeros_like(embeds), torch.zeros_like(pooled)
-        return embeds, pooled
+        # diffusers' own unconditional rows for a call without a negative prompt (zeros when the model says so)
+        _, empty, _, empty_pooled = self.encode_prompt([""] * rows, device=device, num_images_per_prompt=1,
+                                                       do_classifier_free_guidance=True, clip_skip=clip_skip)
+        return empty, empty_pooled

@@ -96,7 +96,7 @@ def test_pag_rows_join_the_batch_at_the_first_perturbed_block(tiny_sd, cfg_scale
 @pytest.mark.parametrize("guidance, negative", [
     ([PAG(3.0, layers=("up_blocks.1",))], None),
     ([PAG(3.0, layers=("mid",)), NASA(0.3)], "blue"),
-    ([PAG(3.0, layers=("down_blocks.0",)), NASA(0.3), NegativeSteer(0.25)], "blue"),
+    ([PAG(3.0, layers=("down_blocks.0",)), NASA(0.3), NegativeSteer(start_fraction=0.25)], "blue"),
     ([PAG(3.0, layers=("mid",)), NegativeSteer(mode="dng", dng_scale=2.0)], "blue"),
 ])
 def test_late_joining_perturbed_rows_give_the_full_batch_result(tiny_sd, monkeypatch, guidance, negative):
@@ -205,32 +205,35 @@ def test_cfgpp_refuses_other_schedulers_before_work(tiny_sd):
 @BUILDERS
 def test_negative_steer_from_step_zero_is_diffusers_negative_prompt(build):
     pipe = build()
-    ours = run(pipe, negative_prompt="blue", guidance_scale=5.0, guidance=[NegativeSteer(start=0)])
+    ours = run(pipe, negative_prompt="blue", guidance_scale=5.0, guidance=[NegativeSteer(start_step=0)])
     assert torch.equal(ours, run(pipe, negative_prompt="blue", guidance_scale=5.0))
 
 
 @BUILDERS
 def test_negative_steer_after_the_last_step_is_cfg_with_empty_negative(build):
     pipe = build()
-    ours = run(pipe, negative_prompt="blue", guidance_scale=5.0, guidance=[NegativeSteer(start=1.0)])
+    ours = run(pipe, negative_prompt="blue", guidance_scale=5.0, guidance=[NegativeSteer(start_fraction=1.0)])
     assert (ours - run(pipe, guidance_scale=5.0)).abs().max() <= 1e-6
-    middle = run(pipe, negative_prompt="blue", guidance_scale=5.0, guidance=[NegativeSteer(start=0.5)])
+    middle = run(pipe, negative_prompt="blue", guidance_scale=5.0, guidance=[NegativeSteer(start_fraction=0.5)])
     assert (middle - ours).abs().max() > 1e-4
 
 
 def test_adaptive_negative_start_is_detected_per_image(tiny_sd):
-    tiny_sd("a red circle", negative_prompt="circle", guidance_scale=5.0, num_images_per_prompt=2, generator=seeded(0),
-            guidance=[NegativeSteer(mode="adaptive", max_start=0.5)], num_inference_steps=6, output_type="pt")
-    starts = tiny_sd._unsee_last_guidance.adaptive.start_steps
-    assert len(starts) == 2 and all(s is not None and 1 <= s <= 3 for s in starts)
+    output = tiny_sd("a red circle", negative_prompt="circle", guidance_scale=5.0, num_images_per_prompt=2,
+                     generator=seeded(0), guidance=[NegativeSteer(mode="adaptive", max_start=0.5)], num_inference_steps=6,
+                     output_type="pt")
+    starts = output.guidance_report.negative_start_steps  # detected after step k, the negative acts from k + 1
+    assert len(starts) == 2 and all(s is not None and 2 <= s <= 4 for s in starts)
 
 
 def test_dng_keeps_its_posterior_in_bounds(tiny_sd):
     steer = NegativeSteer(mode="dng", dng_scale=2.0)
-    image = run(tiny_sd, negative_prompt="circle", guidance_scale=5.0, guidance=[steer])
-    p = tiny_sd._unsee_last_guidance.dng.p
-    assert torch.isfinite(image).all()
-    assert ((p >= steer.dng_p_min) & (p <= steer.dng_p_max)).all()
+    output = tiny_sd(PROMPT, generator=seeded(0), **K, negative_prompt="circle", guidance_scale=5.0, guidance=[steer])
+    posterior = torch.tensor(output.guidance_report.dng_posterior)
+    assert torch.isfinite(output.images).all()
+    assert posterior.shape == (K["num_inference_steps"], 1)
+    assert ((posterior >= steer.dng_p_min) & (posterior <= steer.dng_p_max)).all()
+    assert posterior[0, 0] == steer.dng_prior and (posterior[1:] != steer.dng_prior).any(), "p_t is updated per step"
     zero = run(tiny_sd, negative_prompt="circle", guidance_scale=5.0, guidance=[NegativeSteer(mode="dng", dng_scale=0.0)])
     assert (zero - run(tiny_sd, guidance_scale=5.0)).abs().max() <= 1e-5, "DNG with scale 0 is plain CFG"
 
@@ -267,10 +270,10 @@ def test_delayed_dng_acts_from_its_start_only(tiny_sd):
                    guidance=[NegativeSteer(mode="dng", dng_scale=50.0, dng_temperature=0.0, **kwargs)])
 
     from_first = dng()
-    assert torch.equal(from_first, dng(start=0)), "DNG starts at step 0 by default, as in its paper"
-    never = dng(start=1.0)
+    assert torch.equal(from_first, dng(start_step=0)), "DNG starts at step 0 by default, as in its paper"
+    never = dng(start_fraction=1.0)
     assert (never - run(tiny_sd, guidance_scale=5.0)).abs().max() <= 1e-5, "a DNG term that never starts is plain CFG"
-    middle = dng(start=K["num_inference_steps"] // 2)
+    middle = dng(start_step=K["num_inference_steps"] // 2)
     assert (middle - from_first).abs().max() > 1e-3 and (middle - never).abs().max() > 1e-3
 
 
@@ -333,7 +336,7 @@ def test_nasa_processor_matches_the_formula_at_every_step(tiny_sd):
 
 def test_methods_compose_in_one_call(tiny_sd):
     calls = unet_call_counter(tiny_sd)
-    image = run(tiny_sd, negative_prompt="blue", guidance=[CFGpp(0.6), PAG(3.0), NASA(0.3), NegativeSteer(0.25)])
+    image = run(tiny_sd, negative_prompt="blue", guidance=[CFGpp(0.6), PAG(3.0), NASA(0.3), NegativeSteer(start_fraction=0.25)])
     assert torch.isfinite(image).all() and len(calls) == K["num_inference_steps"]
 
 
@@ -343,7 +346,10 @@ def test_methods_compose_in_one_call(tiny_sd):
     ([NASA(0.3)], "need a negative prompt"),
     ([CFGpp(1.5)], "CFGpp.lam must be in"),
     ([NegativeSteer(mode="later")], "mode must be one of"),
-    ([NegativeSteer(0.3, mode="adaptive")], "detects the start per image"),
+    ([NegativeSteer(start_fraction=0.3, mode="adaptive")], "detects the start per image"),
+    ([NegativeSteer(start_fraction=0.3, start_step=2)], "not both"),
+    ([NegativeSteer(start_fraction=2)], "start_fraction must be in"),
+    ([NegativeSteer(start_step=1.0)], "whole step index"),
     ([FDG((10.0, 5.0), parallel_weights=(1.0,))], "needs 2 values"),
     (["cfg++"], "unsee.guidance objects"),
 ])
