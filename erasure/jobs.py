@@ -15,9 +15,11 @@ Keys (every ``unsee erase`` flag has one, spelled with underscores):
 - ``preset``: ``toy`` or ``paper``, the settings a job starts from (``unsee.erasure.presets``; default:
   ``toy`` for the toy model, ``paper`` otherwise); the job's own settings win;
 - ``out`` (the adapter file; default ``<out_dir>/<method>-<concept>.safetensors``), ``checkpoint_dir``
-  (default ``<out>.ckpt``, removed after success), ``resume``;
+  (default ``<out>.ckpt``: this run's checkpoint is removed after success, and the folder with it when it is
+  left empty; nothing else in it is ever deleted), ``resume``, ``overwrite``;
 - ``grid``: prompts in the before/after image grid written next to the adapter as ``<name>.grid.png``
-  (top row: the model as it was, bottom row: with the adapter, same seeds; default 4, 0 for none);
+  (top row: the model as it was, bottom row: with the adapter, same seeds; default 4, 0 for none, at most
+  16);
 - any field of the method's config dataclass (``steps``, ``lr``, ``seed``, ``eta``, ``erase_from``, ``kind``,
   ``rank``, ``alpha``, ``mask_fraction``, ``ddim_steps``, ...);
 - top level only: ``jobs`` (a list of job entries; without it the top level is the one job), ``out_dir``
@@ -27,6 +29,21 @@ Keys (every ``unsee erase`` flag has one, spelled with underscores):
 Top-level keys are defaults for every job (a method-specific key such as ``eta`` only applies to the methods
 that have it); a job's own keys win. Everything is validated before any model is loaded: an unknown key or
 method, a bad value, two jobs writing the same file all raise :class:`~unsee.erasure.ConfigError`.
+
+Files are never replaced or deleted unless asked for:
+
+- an existing output (the adapter, its ``.json`` report, ``.grid.png`` or ``.mask.safetensors``) is
+  replaced only with ``overwrite: true`` (``--overwrite``); without it the jobs are refused before any
+  training, naming the file. One exception: with ``resume: true``, the report of the run being resumed
+  (a report whose jobs did not all finish) is replaced;
+- a checkpoint folder that holds anything (a checkpoint of an earlier run) is used only with
+  ``resume: true`` (``--resume``); a checkpoint path that is a file is refused before training;
+- the output folders must be writable (tried before training); missing ones are created.
+
+Limits (:data:`SETTING_LIMITS`): every number is finite, and the settings that cost time or memory are
+bounded, e.g. ``steps`` 1..100000, ``ddim_steps`` 1..1000, ``rank`` 1..1024, ``seed`` 0..2**32-1,
+``grid`` 0..16.
+
 Each adapter is written atomically; a SalUn job (and an ANT job with ``kind: delta``) also writes its saliency
 mask (packed bits) next to the adapter as ``<name>.mask.safetensors``.
 """
@@ -36,16 +53,18 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 import re
-import shutil
 import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from .base import DTYPES, ConfigError, Progress, Trainer, TrainerConfig, TrainingError
+from unsee.files import atomic_write, is_temporary, model_file_problem, output_problem, remove_stale_temporaries
+
+from .base import CHECKPOINT_NAME, DTYPES, ConfigError, Progress, Trainer, TrainerConfig, TrainingError
 from .presets import preset_settings
 from .esd import ESD_VARIANTS, ESDConfig, ESDTrainer
 from .salun import SaliencyMaskedTrainer, SalUnConfig, SalUnTrainer, save_mask
@@ -53,7 +72,7 @@ from .spm import SPMConfig, SPMTrainer
 from .advunlearn import AdvUnlearnConfig, AdvUnlearnTrainer
 from .ant import ANTConfig, ANTTrainer
 
-__all__ = ["METHODS", "Job", "make_trainer", "plan_jobs", "run_jobs", "load_job_file"]
+__all__ = ["METHODS", "SETTING_LIMITS", "Job", "make_trainer", "plan_jobs", "run_jobs", "load_job_file"]
 
 #: method name -> (trainer class, config class)
 METHODS: dict[str, tuple[type[Trainer], type[TrainerConfig]]] = {
@@ -63,8 +82,33 @@ METHODS: dict[str, tuple[type[Trainer], type[TrainerConfig]]] = {
     "advunlearn": (AdvUnlearnTrainer, AdvUnlearnConfig),
     "ant": (ANTTrainer, ANTConfig),
 }
-JOB_KEYS = ("method", "concept", "model", "model_config", "out", "checkpoint_dir", "resume", "grid", "preset")
+JOB_KEYS = ("method", "concept", "model", "model_config", "out", "checkpoint_dir", "resume", "overwrite", "grid", "preset")
 FILE_KEYS = ("jobs", "out_dir", "report")
+
+#: bounds (inclusive) of the whole-number settings that cost time or memory; any setting's number must be finite
+#: and at most :data:`MAX_NUMBER` in size
+SETTING_LIMITS: dict[str, tuple[int, int]] = {
+    "steps": (1, 100_000),
+    "ddim_steps": (1, 1000),
+    "generation_steps": (1, 1000),
+    "attack_steps": (1, 1000),
+    "saliency_iterations": (1, 10_000),
+    "warmup": (0, 100_000),
+    "checkpoint_every": (0, 100_000),
+    "before_step": (0, 1000),
+    "rank": (1, 1024),
+    "batch_size": (1, 256),
+    "retain_batch": (1, 256),
+    "num_forget": (1, 10_000),
+    "num_retain": (1, 10_000),
+    "anchors": (1, 256),
+    "prefix_tokens": (1, 32),
+    "resolution": (8, 4096),
+    "seed": (0, 2**32 - 1),
+    "saliency_seeds": (0, 2**32 - 1),
+}
+MAX_NUMBER = 1e6
+MAX_GRID = 16
 
 
 @dataclass
@@ -80,6 +124,7 @@ class Job:
     remove_checkpoint: bool = True
     resume: bool = False
     grid: int = 4
+    overwrite: bool = False
 
     @property
     def grid_path(self) -> Path:
@@ -126,6 +171,27 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     return value
 
 
+def _check_limits(name: str, value: Any) -> None:
+    """Refuse non-finite or absurd numbers (see :data:`SETTING_LIMITS`) before a config is built."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for item in values:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            continue
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"{name} must be a finite number, got {item!r}")
+        if name in SETTING_LIMITS:
+            low, high = SETTING_LIMITS[name]
+            if not low <= item <= high:
+                raise ConfigError(f"{name} must be from {low} to {high}, got {_short(item)}")
+        elif abs(item) > MAX_NUMBER:
+            raise ConfigError(f"{name} must be at most {MAX_NUMBER:g} in size, got {_short(item)}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a number of more than 30 digits"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def make_trainer(method: str, **settings: Any) -> Trainer:
     """A trainer for ``method`` (``esd-u``, ``salun``...) with ``settings`` as its config's fields."""
     if method not in METHODS:
@@ -136,6 +202,8 @@ def make_trainer(method: str, **settings: Any) -> Trainer:
     if unknown:
         raise ConfigError(f"{method} has no setting {unknown[0]!r}; its settings are: {', '.join(sorted(fields))}")
     values = {k: _coerce(k, v, fields[k]) for k, v in settings.items()}
+    for key, value in values.items():
+        _check_limits(key, value)
     if config_class is ESDConfig:
         values["variant"] = method
     try:
@@ -255,18 +323,31 @@ def plan_jobs(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Optiona
             dtype = getattr(job_config, "dtype", None)
             if dtype is not None and dtype not in DTYPES:
                 raise ConfigError(f"{where}: dtype must be one of {', '.join(DTYPES)}")
-            resume = merged.get("resume", False)
-            if not isinstance(resume, bool):
-                raise ConfigError(f"{where}: resume must be true or false, got {resume!r}")
+            device = getattr(job_config, "device", None)
+            if device is not None:
+                from unsee.cli import device_problem
+
+                problem = device_problem(str(device))
+                if problem is not None:
+                    raise ConfigError(f"{where}: device {problem}")
+            problem = _model_problem(str(model))
+            if problem is not None:
+                raise ConfigError(f"{where}: {problem}")
+            flags = {}
+            for flag in ("resume", "overwrite"):
+                flags[flag] = merged.get(flag, False)
+                if not isinstance(flags[flag], bool):
+                    raise ConfigError(f"{where}: {flag} must be true or false, got {flags[flag]!r}")
             grid = _coerce("grid", merged.get("grid", 4), int)
-            if not isinstance(grid, int) or isinstance(grid, bool) or grid < 0:
-                raise ConfigError(f"{where}: grid must be a number of prompts >= 0, got {grid!r}")
+            if not isinstance(grid, int) or isinstance(grid, bool) or not 0 <= grid <= MAX_GRID:
+                raise ConfigError(f"{where}: grid must be a number of prompts from 0 to {MAX_GRID}, got {_short(grid)}")
             jobs.append(Job(
                 method=method, config=job_config, model=str(model),
                 model_config=None if merged.get("model_config") is None else str(merged["model_config"]),
                 out=out,
                 checkpoint_dir=Path(str(checkpoint_dir)) if checkpoint_dir is not None else out.with_suffix(".ckpt"),
-                remove_checkpoint=checkpoint_dir is None, resume=resume, grid=grid,
+                remove_checkpoint=checkpoint_dir is None, resume=flags["resume"], grid=grid,
+                overwrite=flags["overwrite"],
             ))
     unused = sorted(k for k in top if k not in JOB_KEYS and k not in used_top)
     if unused:
@@ -276,6 +357,10 @@ def plan_jobs(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Optiona
     duplicate = next((p for p in outs if outs.count(p) > 1), None)
     if duplicate is not None:
         raise ConfigError(f"two jobs write {duplicate}; give each job its own 'out'")
+    folders = [job.checkpoint_dir.resolve() for job in jobs if job.checkpoint_dir is not None]
+    duplicate = next((p for p in folders if folders.count(p) > 1), None)
+    if duplicate is not None:
+        raise ConfigError(f"two jobs use the checkpoint folder {duplicate}; give each job its own 'checkpoint_dir'")
     if report is not None:
         report_path = Path(str(report))
     elif len(jobs) == 1:
@@ -284,7 +369,83 @@ def plan_jobs(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Optiona
         report_path = out_dir / "erase-report.json"
     if report_path.suffix != ".json":
         raise ConfigError(f"the report must be a .json file, got {report_path}")
+    _check_files(jobs, report_path)
     return jobs, report_path
+
+
+def _model_problem(model: str) -> Optional[str]:
+    """Why a local single-file model cannot be a checkpoint (its first bytes), or None; other models load later."""
+    path = Path(model).expanduser()
+    if model == "toy" or not path.is_file():
+        return None
+    problem = model_file_problem(path)
+    if problem is None:
+        return None
+    return f"{problem}; pass a Stable Diffusion checkpoint, a diffusers folder, a hub id or 'toy'"
+
+
+def _outputs(job: Job) -> list[Path]:
+    return [job.out, *([job.mask_path] if job.mask_path is not None else []), *([job.grid_path] if job.grid else [])]
+
+
+def _unfinished_report(path: Path) -> bool:
+    """Whether ``path`` is an erase report whose jobs did not all finish (the run ``resume`` continues)."""
+    try:
+        if path.stat().st_size > 64 * 1024 * 1024:
+            return False
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    jobs = data.get("jobs") if isinstance(data, dict) else None
+    return (isinstance(jobs, list) and "unsee_version" in data
+            and any(not isinstance(j, dict) or j.get("status") != "done" for j in jobs))
+
+
+def _checkpoint_contents(folder: Path) -> list[str]:
+    """What a checkpoint folder holds, leaving out the temporaries of killed writes."""
+    try:
+        return sorted(name for name in os.listdir(folder) if not is_temporary(name))
+    except OSError:
+        return []
+
+
+def _check_files(jobs: list[Job], report_path: Path) -> None:
+    """Refuse, before any work, jobs that would replace a file not named for replacement, reuse a checkpoint
+    folder without ``resume``, or write where nothing can be written."""
+    for job in jobs:
+        where = job.describe()
+        for path in [*_outputs(job), report_path]:
+            problem = output_problem(path)
+            if problem is not None:
+                raise ConfigError(f"{where}: cannot write {path}: {problem}; choose another path (--out / --report)")
+            if path.exists() and not job.overwrite:
+                if path == report_path and job.resume and _unfinished_report(path):
+                    continue  # the report of the run this one resumes
+                raise ConfigError(f"{path} exists; pass --overwrite (overwrite: true) to replace it, or choose another "
+                                  "--out / --report")
+        folder = job.checkpoint_dir
+        if folder is None:
+            continue
+        if os.path.lexists(folder) and not folder.is_dir():
+            raise ConfigError(f"{where}: the checkpoint folder {folder} is a file; move it away or give another "
+                              "--checkpoint-dir")
+        problem = output_problem(folder, folder=True)
+        if problem is not None:
+            raise ConfigError(f"{where}: cannot use the checkpoint folder {folder}: {problem}; give another "
+                              "--checkpoint-dir")
+        if folder.is_dir() and not job.resume and _checkpoint_contents(folder):
+            raise ConfigError(f"{where}: the checkpoint folder {folder} is not empty (an earlier run's checkpoint?); "
+                              "pass --resume (resume: true) to continue from it, or give another --checkpoint-dir")
+
+
+def _remove_own_checkpoint(folder: Path) -> None:
+    """After success: this run's checkpoint file, and the folder if that leaves it empty. Nothing else."""
+    (folder / CHECKPOINT_NAME).unlink(missing_ok=True)
+    remove_stale_temporaries(folder)
+    try:
+        folder.rmdir()
+    except OSError:  # not empty: it holds something this run did not write
+        pass
 
 
 def grid_prompts(concept: str, n: int, seed: int = 0) -> list[str]:
@@ -328,10 +489,24 @@ def before_after_grid(pipe: Any, adapter: Any, prompts: list[str], seed: int = 0
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _load_model(job: Job, dtype: Any) -> Any:
+    """The job's pipeline; a local model that diffusers cannot read is a :class:`ConfigError` naming it."""
+    from unsee.loading import ModelLoadError, load_pipeline
+
+    try:
+        return load_pipeline(job.model, dtype=dtype, config=job.model_config)
+    except ModelLoadError:
+        raise
+    except Exception as error:
+        from unsee.cli import model_load_failure
+
+        if not Path(job.model).expanduser().exists():
+            raise
+        raise ConfigError(model_load_failure(job.model, error)) from error
 
 
 def run_jobs(
@@ -349,13 +524,13 @@ def run_jobs(
         log: called with one-line notes (e.g. "resuming from step 40").
 
     Raises:
-        ConfigError: an invalid config (nothing is loaded or written).
+        ConfigError: an invalid config (nothing is loaded or written), an output that exists without ``overwrite``,
+            a checkpoint folder in use without ``resume``, or a local model file diffusers cannot read.
         TrainingError: a job failed (the adapters of the jobs before it are written; so is the report).
     """
     import torch
 
     from unsee import __version__
-    from unsee.loading import load_pipeline
 
     jobs, report_path = plan_jobs(config)
     log = log or (lambda message: None)
@@ -371,17 +546,16 @@ def run_jobs(
                 if key not in pipes:
                     pipes.clear()  # one model in memory at a time
                     dtype = getattr(torch, job.config.dtype) if job.config.dtype else None
-                    pipes[key] = load_pipeline(job.model, dtype=dtype, config=job.model_config)
+                    pipes[key] = _load_model(job, dtype)
                     pipes[key].set_progress_bar_config(disable=True)
                 job_pipe = pipes[key]
             entry: dict[str, Any] = {"method": job.method, "concept": job.config.concept, "model": job.model,
                                      "out": str(job.out), "settings": job.config.to_dict(), "status": "running"}
             report["jobs"].append(entry)
             trainer = METHODS[job.method][0](job.config)
-            checkpoint = job.checkpoint_dir / "checkpoint.pt" if job.checkpoint_dir else None
-            if checkpoint is not None and checkpoint.exists():
-                log(f"{job.describe()}: resuming from {checkpoint}" if job.resume else
-                    f"{job.describe()}: {checkpoint} exists; starting afresh (pass resume to continue from it)")
+            checkpoint = job.checkpoint_dir / CHECKPOINT_NAME if job.checkpoint_dir else None
+            if checkpoint is not None and checkpoint.exists() and job.resume:
+                log(f"{job.describe()}: resuming from {checkpoint}")
             job_started = time.perf_counter()
             try:
                 adapter = trainer.train(
@@ -402,12 +576,10 @@ def run_jobs(
                 concept = _erase_from_text(job.config) or job.config.concept
                 image = before_after_grid(job_pipe, adapter, grid_prompts(concept, job.grid, job.config.seed),
                                           seed=job.config.seed)
-                tmp = job.grid_path.with_name(f".{job.grid_path.name}.tmp")
-                image.save(tmp, format="PNG")
-                os.replace(tmp, job.grid_path)
+                atomic_write(job.grid_path, lambda tmp: image.save(tmp, format="PNG"))
                 entry["grid"] = str(job.grid_path)
             if job.remove_checkpoint and job.checkpoint_dir is not None and job.checkpoint_dir.is_dir():
-                shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
+                _remove_own_checkpoint(job.checkpoint_dir)
             summary = adapter.training
             entry.update(
                 status="done", seconds=round(time.perf_counter() - job_started, 3),

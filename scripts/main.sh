@@ -22,7 +22,8 @@ mkdir -p "$out"
   --prompt "a red circle on a gray background" \
   --prompt "a striped blue star on a white background" \
   --prompt "a yellow heart on a black background"
-.venv/bin/unsee erase --model toy --method "$method" --concept "$concept" --grid 8 --out "$out/$method-$concept.safetensors"
+.venv/bin/unsee erase --model toy --method "$method" --concept "$concept" --grid 8 --overwrite \
+  --out "$out/$method-$concept.safetensors"
 echo "== before erasing =="
 .venv/bin/unsee eval --model toy --concept "$concept" --n 64 --json "$out/eval-before.json"
 echo "== after erasing (adapter $out/$method-$concept.safetensors) =="

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from unsee import __version__
@@ -41,12 +42,12 @@ def test_generate_bad_input_is_a_clear_error(tmp_path, capsys):
 def test_generate_with_guidance_flags(tiny_sd_folder, tmp_path):
     out = tmp_path / "guided"
     code = main(["generate", "--model", str(tiny_sd_folder), "--prompt", "a red circle", "--negative", "circle",
-                 "--cfgpp", "0.6", "--pag", "3", "--negative-start", "0.3", "--nasa", "0.2", "--steps", "3",
+                 "--cfgpp", "0.6", "--pag", "3", "--negative-start-fraction", "0.3", "--nasa", "0.2", "--steps", "3",
                  "--out", str(out), "--device", "cpu"])
     assert code == 0
     settings = json.loads((out / "settings.json").read_text())
     assert [g["method"] for g in settings["guidance"]] == ["CFGpp", "PAG", "NegativeSteer", "NASA"]
-    assert settings["guidance"][2]["start"] == 0.3
+    assert settings["guidance"][2]["start_fraction"] == 0.3 and settings["guidance"][2]["start_step"] is None
 
 
 def test_generate_rejects_bad_guidance_before_loading(tmp_path, capsys):
@@ -54,10 +55,33 @@ def test_generate_rejects_bad_guidance_before_loading(tmp_path, capsys):
     assert "need a negative prompt" in capsys.readouterr().err
     assert main(["generate", "--prompt", "x", "--cfgpp", "0.6", "--fdg", "10,5", "--out", str(tmp_path / "o")]) == 2
     assert "use one of them" in capsys.readouterr().err
-    assert main(["generate", "--prompt", "x", "--negative", "y", "--negative-mode", "adaptive", "--negative-start", "0.3",
+    assert main(["generate", "--prompt", "x", "--negative", "y", "--negative-mode", "adaptive", "--negative-start-fraction", "0.3",
                  "--out", str(tmp_path / "o")]) == 2
-    assert "leave start=None" in capsys.readouterr().err
+    assert "leave start_fraction and start_step unset" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--negative-start", "1"], "ambiguous ('1'): use --negative-start-fraction 0.3 (a fraction of the steps) or "
+                                "--negative-start-step 5"),
+    (["--negative-start", "1.0"], "ambiguous"),
+    (["--negative-start-fraction", "0.3", "--negative-start-step", "2"], "not allowed with"),
+    (["--negative-start-fraction", "1.5"], "must be a finite number from 0 to 1"),
+    (["--negative-start-step", "0.5"], "expected a whole number"),
+])
+def test_negative_start_is_a_fraction_or_a_step_by_name(tmp_path, capsys, flags, message):
+    assert main(["generate", "--prompt", "x", "--negative", "y", *flags, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_negative_start_step_reaches_the_pipeline(tiny_sd_folder, tmp_path):
+    out = tmp_path / "step"
+    assert main(["generate", "--model", str(tiny_sd_folder), "--prompt", "a red circle", "--negative", "circle",
+                 "--negative-start-step", "1", "--steps", "2", "--out", str(out), "--device", "cpu"]) == 0
+    steer = json.loads((out / "settings.json").read_text())["guidance"][0]
+    assert (steer["method"], steer["start_step"], steer["start_fraction"]) == ("NegativeSteer", 1, None)
 
 
 def test_demo_command_binds_to_localhost_by_default(capsys):

@@ -6,6 +6,9 @@
     unsee attack --adapter esd-u-circle.safetensors --concept circle
     unsee demo
     unsee --version
+
+Bad input exits with status 2 and one line naming the problem and the fix, before any model is loaded or any
+file written. Numbers are checked against the limits below (also shown in ``unsee COMMAND --help``).
 """
 
 from __future__ import annotations
@@ -13,75 +16,263 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
+import math
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from . import __version__
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",
           "bf16": "bfloat16"}
 
+# Limits of the command line (inclusive). They keep a typo from asking for days of work or more memory than any
+# machine has; the Python API takes what the pipelines and trainers take.
+MAX_STEPS = 1000  # denoising steps (the schedulers' 1000 training timesteps)
+MAX_SIDE = 4096  # --width/--height, multiples of 8
+MAX_IMAGES = 64  # --num-images per prompt
+MAX_PIXELS = 16 * 2**20  # --num-images x width x height in one pipeline call (64 of 512x512, 16 of 1024x1024)
+MAX_GUIDANCE = 100.0  # --guidance-scale, --pag, each --fdg scale
+MAX_NASA = 10.0  # --nasa alpha
+MAX_ADAPTER_SCALE = 100.0  # FILE:SCALE, in size
+MAX_SEED = 2**32 - 1
+MAX_EVAL_IMAGES = 10_000  # eval --n
+MAX_EVAL_BYTES = 8 * 2**30  # eval keeps one prompt set's images in memory (RGB, 3 bytes a pixel)
+MAX_ATTACK_PROMPTS = 1000  # attack --n
+MAX_PREFIX_TOKENS = 16  # attack --prefix-tokens (the prompt must still fit in the text encoder's 77 tokens)
+MAX_ATTACK_STEPS = 1000  # attack --attack-steps
+MAX_TRAIN_STEPS = 100_000  # erase --steps (the other training settings: unsee.erasure.jobs.SETTING_LIMITS)
+MAX_RANK = 1024  # erase --rank
+MAX_GRID = 16  # erase --grid
+MAX_FDG_BANDS = 8
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
 
 class UsageError(Exception):
     """Bad command-line input; printed without a traceback."""
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block): ``unsee CMD: error: PROBLEM; FIX``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if re.search(r"(arguments are required|unrecognized arguments|expected (one|at least one) argument|"
+                     r"ambiguous option|not allowed with|invalid \S+ value)", message):
+            message += f" (see '{self.prog} --help')"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _show(text: str, limit: int = 40) -> str:
+    """A user's text as a message shows it: quoted, and cut when long."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high``."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text.strip()) if len(text) <= 40 else None
+        except ValueError:
+            value = None
+        if value is None:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, got {_show(text)}")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}, got {_show(text)}")
+        return value
+
+    return convert
+
+
+def _float_in(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a finite number from ``low`` to ``high``."""
+
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number from {low:g} to {high:g}, got {_show(text)}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"must be a finite number from {low:g} to {high:g}, got {_show(text)}")
+        return value
+
+    return convert
+
+
+def _side(text: str) -> int:
+    """An image side: a multiple of 8 (the VAE's factor) from 8 to MAX_SIDE."""
+    try:
+        value = int(text.strip()) if len(text) <= 40 else None
+    except ValueError:
+        value = None
+    if value is None or not 8 <= value <= MAX_SIDE or value % 8:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8 from 8 to {MAX_SIDE}, got {_show(text)}")
     return value
+
+
+_seed = _int_in(0, MAX_SEED)
 
 
 def _adapter_spec(text: str) -> tuple[str, float]:
     """FILE or FILE:SCALE."""
-    path, _, scale = text.rpartition(":") if re.search(r":-?[0-9.]+$", text) else (text, "", "1")
+    path, _, scale = text.rpartition(":")
     try:
-        return path, float(scale)
+        value = float(scale) if path else None
     except ValueError:
-        raise argparse.ArgumentTypeError(f"adapter must be FILE or FILE:SCALE, got {text!r}") from None
+        value = None
+    if value is None:  # no scale (a colon in the file's name, or none at all)
+        path, scale, value = text, "1", 1.0
+    if not (math.isfinite(value) and abs(value) <= MAX_ADAPTER_SCALE):
+        raise argparse.ArgumentTypeError(f"the adapter scale must be a number from {-MAX_ADAPTER_SCALE:g} to "
+                                         f"{MAX_ADAPTER_SCALE:g}, got {_show(scale)}")
+    if not path.strip():
+        raise argparse.ArgumentTypeError(f"adapter must be FILE or FILE:SCALE, got {_show(text)}")
+    return path, value
+
+
+def device_problem(text: str) -> Optional[str]:
+    """Why ``text`` is not a device this machine has (a phrase: "'cuda' ..."), or None."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        return f"{_show(text)} is not a device; use cpu, cuda, cuda:N or mps"
+    kind = device.type
+    if kind == "cpu":
+        return None
+    if kind == "mps":
+        backend = getattr(torch.backends, "mps", None)
+        available = bool(backend is not None and backend.is_available())
+        count = 1 if available else 0
+    else:
+        module = getattr(torch, kind, None)
+        if kind == "meta" or module is None or not callable(getattr(module, "is_available", None)):
+            return f"{_show(text)} cannot run a pipeline; use cpu, cuda, cuda:N or mps"
+        available = bool(module.is_available())
+        count = int(module.device_count()) if available and hasattr(module, "device_count") else 0
+    if not available:
+        return f"{_show(text)} is not available on this machine (no {kind} device); use --device cpu"
+    if device.index is not None and device.index >= count:
+        return f"{_show(text)} does not exist: this machine has {count} {kind} device(s), {kind}:0 to {kind}:{count - 1}"
+    return None
+
+
+def _device(text: str) -> str:
+    problem = device_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def _model(text: str) -> str:
+    """A model argument: a local single-file checkpoint must look like one (its first bytes)."""
+    from .files import model_file_problem
+
+    path = Path(text).expanduser()
+    if text != "toy" and path.suffix in SINGLE_FILE_SUFFIXES and path.is_file():
+        problem = model_file_problem(path)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(f"{problem}; pass a Stable Diffusion checkpoint, a diffusers folder, "
+                                             "a hub id or 'toy'")
+    return text
+
+
+def _folder_arg(text: str) -> str:
+    """A folder that is created if missing: an existing file there is refused."""
+    path = Path(text).expanduser()
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder, got an empty path")
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{_show(text)} is a file; give a folder (it is created if missing)")
+    return text
+
+
+def _existing_folder(text: str) -> str:
+    if not Path(text).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"{_show(text)} is not a folder; give a local diffusers folder")
+    return text
+
+
+def model_load_failure(model: str, error: BaseException) -> str:
+    """One line for a local model that diffusers could not read (a file's contents are never shown)."""
+    if Path(model).expanduser().is_dir():
+        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    else:
+        detail = type(error).__name__
+    return (f"cannot load the model {model} ({detail}); pass a Stable Diffusion checkpoint (with --config DIR "
+            "offline), a diffusers folder, a hub id or 'toy'")
+
+
+def _check_output(path: str, flag: str, folder: bool = False, create_parents: bool = True) -> None:
+    """Refuse, before any work, an output that cannot be written."""
+    from .files import output_problem
+
+    problem = output_problem(path, folder=folder, create_parents=create_parents)
+    if problem is not None:
+        fix = "create it first or choose another path" if "does not exist" in problem else "choose another path"
+        raise UsageError(f"{flag} {path}: {problem}; {fix}")
+
+
+def _check_adapters(adapters: Sequence[tuple[str, float]]) -> None:
+    for path, _ in adapters:
+        if not Path(path).expanduser().is_file():
+            raise UsageError(f"--adapter {path}: no such file; give an adapter .safetensors file")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="toy",
+    parser.add_argument("--model", default="toy", type=_model,
                         help="'toy' (embedded default), a hub id, a local diffusers folder or a single-file checkpoint")
-    parser.add_argument("--config", default=None, help="for a single-file model: a local diffusers folder to take configs from")
+    parser.add_argument("--config", default=None, type=_existing_folder,
+                        help="for a single-file model: a local diffusers folder to take configs from")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights precision (default: as stored)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps... (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default=None, type=_device,
+                        help="cpu, cuda, cuda:1, mps... (default: cuda if available, else cpu); must exist here")
 
 
 def _float_list(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 10,5, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 10,5, got {_show(text)}") from None
+    if not 1 <= len(values) <= MAX_FDG_BANDS or not all(math.isfinite(v) and 0 <= v <= MAX_GUIDANCE for v in values):
+        raise argparse.ArgumentTypeError(f"expected 1 to {MAX_FDG_BANDS} comma-separated finite scales from 0 to "
+                                         f"{MAX_GUIDANCE:g}, such as 10,5, got {_show(text)}")
     return values
 
 
-def _start(text: str):
-    """A fraction (0.3) or a step index (an integer such as 5)."""
-    try:
-        return int(text) if text.isdigit() else float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.3 or a step such as 5, got {text!r}") from None
+def _ambiguous_start(text: str):
+    """The old --negative-start: '1' meant step 1 and '1.0' meant never; refused with the two flags that replace it."""
+    raise argparse.ArgumentTypeError(f"is ambiguous ({_show(text)}): use --negative-start-fraction 0.3 (a fraction of "
+                                     f"the steps) or --negative-start-step 5 (a step index)")
 
 
 def _add_guidance_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("guidance (combine freely; see unsee.guidance)")
-    group.add_argument("--cfgpp", type=float, metavar="LAMBDA", help="CFG++ with this lambda in [0, 1] (replaces CFG)")
-    group.add_argument("--pag", type=float, metavar="SCALE", help="perturbed-attention guidance scale")
+    group.add_argument("--cfgpp", type=_float_in(0.0, 1.0), metavar="LAMBDA",
+                       help="CFG++ with this lambda in [0, 1] (replaces CFG)")
+    group.add_argument("--pag", type=_float_in(0.0, MAX_GUIDANCE), metavar="SCALE",
+                       help=f"perturbed-attention guidance scale, 0 to {MAX_GUIDANCE:g}")
     group.add_argument("--pag-layers", default="mid", help="comma-separated PAG layers (default: mid)")
-    group.add_argument("--fdg", type=_float_list, metavar="HIGH,...,LOW", help="frequency-decoupled guidance scales per band")
-    group.add_argument("--negative-start", type=_start, metavar="START",
-                       help="delay the negative prompt: fraction of the steps (0.3) or step index (5); "
-                            "default 0.2 in fixed mode, 0 in dng mode, not with adaptive")
+    group.add_argument("--fdg", type=_float_list, metavar="HIGH,...,LOW",
+                       help=f"frequency-decoupled guidance scales per band (1 to {MAX_FDG_BANDS} bands, each 0 to "
+                            f"{MAX_GUIDANCE:g})")
+    start = group.add_mutually_exclusive_group()
+    start.add_argument("--negative-start-fraction", type=_float_in(0.0, 1.0), metavar="FRACTION",
+                       help="delay the negative prompt to this fraction of the steps, 0 to 1 (1: never); default 0.2 "
+                            "in fixed mode, step 0 in dng mode, not with adaptive")
+    start.add_argument("--negative-start-step", type=_int_in(0, MAX_STEPS), metavar="STEP",
+                       help=f"delay the negative prompt to this 0-based step, 0 to {MAX_STEPS}")
+    start.add_argument("--negative-start", type=_ambiguous_start, metavar="START", help=argparse.SUPPRESS)
     group.add_argument("--negative-mode", choices=("fixed", "adaptive", "dng"), default=None,
                        help="negative steering mode: fixed start, adaptive (start detected per image), or dng "
-                            "(Dynamic Negative Guidance); default fixed when --negative-start is given")
-    group.add_argument("--nasa", type=float, metavar="ALPHA", help="NASA: subtract the negative prompt inside cross-attention")
+                            "(Dynamic Negative Guidance); default fixed when a start is given. Without any "
+                            "negative steering flag the negative prompt acts from the first step, as in diffusers")
+    group.add_argument("--nasa", type=_float_in(0.0, MAX_NASA), metavar="ALPHA",
+                       help=f"NASA: subtract the negative prompt inside cross-attention (alpha 0 to {MAX_NASA:g})")
 
 
 def guidance_from_args(args: argparse.Namespace) -> list:
@@ -95,94 +286,123 @@ def guidance_from_args(args: argparse.Namespace) -> list:
         methods.append(FDG(args.fdg))
     if args.pag is not None:
         methods.append(PAG(args.pag, layers=tuple(args.pag_layers.split(","))))
-    if args.negative_start is not None or args.negative_mode is not None:
-        methods.append(NegativeSteer(start=args.negative_start, mode=args.negative_mode or "fixed"))
+    if args.negative_start_fraction is not None or args.negative_start_step is not None or args.negative_mode:
+        methods.append(NegativeSteer(mode=args.negative_mode or "fixed", start_fraction=args.negative_start_fraction,
+                                     start_step=args.negative_start_step))
     if args.nasa is not None:
         methods.append(NASA(args.nasa))
     return methods
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="unsee", description="Concept erasure and guidance for diffusers text-to-image pipelines."
     )
     parser.add_argument("--version", action="version", version=f"unsee {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    gen = sub.add_parser("generate", help="generate images from prompts", description="Generate images; writes PNGs and settings.json.")
+    gen = sub.add_parser("generate", help="generate images from prompts",
+                         description=f"Generate images; writes PNGs and settings.json. Limits: --steps 1 to {MAX_STEPS}, "
+                                     f"--num-images 1 to {MAX_IMAGES}, --width/--height multiples of 8 from 8 to "
+                                     f"{MAX_SIDE} with --num-images x width x height at most {MAX_PIXELS:,} pixels, "
+                                     f"--guidance-scale 0 to {MAX_GUIDANCE:g}, --seed 0 to {MAX_SEED}.")
     gen.add_argument("--prompt", action="append", required=True, help="text prompt (repeat for several)")
     gen.add_argument("--negative", default=None, help="negative prompt")
-    gen.add_argument("--out", required=True, help="output folder (created if missing)")
-    gen.add_argument("--steps", type=_positive_int, default=25, help="denoising steps (default 25)")
-    gen.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
-    gen.add_argument("--num-images", type=_positive_int, default=1, help="images per prompt")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--height", type=_positive_int, default=None)
-    gen.add_argument("--width", type=_positive_int, default=None)
+    gen.add_argument("--out", required=True, type=_folder_arg, help="output folder (created if missing)")
+    gen.add_argument("--steps", type=_int_in(1, MAX_STEPS), default=25, help=f"denoising steps, 1 to {MAX_STEPS} (default 25)")
+    gen.add_argument("--guidance-scale", type=_float_in(0.0, MAX_GUIDANCE), default=5.0,
+                     help=f"classifier-free guidance scale, 0 to {MAX_GUIDANCE:g} (default 5)")
+    gen.add_argument("--num-images", type=_int_in(1, MAX_IMAGES), default=1, help=f"images per prompt, 1 to {MAX_IMAGES}")
+    gen.add_argument("--seed", type=_seed, default=0, help=f"0 to {MAX_SEED} (default 0)")
+    gen.add_argument("--height", type=_side, default=None,
+                     help=f"image height, a multiple of 8 up to {MAX_SIDE} (default: the model's size)")
+    gen.add_argument("--width", type=_side, default=None,
+                     help=f"image width, a multiple of 8 up to {MAX_SIDE} (default: the model's size)")
     gen.add_argument("--adapter", type=_adapter_spec, action="append", default=[], metavar="FILE[:SCALE]",
-                     help="erasure adapter to apply (repeat to stack several)")
+                     help=f"erasure adapter to apply (repeat to stack several); SCALE from {-MAX_ADAPTER_SCALE:g} to "
+                          f"{MAX_ADAPTER_SCALE:g}, default 1")
     _add_guidance_options(gen)
     _add_model_options(gen)
 
     ev = sub.add_parser("eval", help="score generated images with the judge",
                         description="Generate images and score them with the toy world's judge. With --concept only: the "
-                                    "concept's presence on prompts that name it, and the judge's accuracy on prompts that don't.")
+                                    "concept's presence on prompts that name it, and the judge's accuracy on prompts "
+                                    f"that don't. Limits: --n 1 to {MAX_EVAL_IMAGES} (and at most "
+                                    f"{MAX_EVAL_BYTES // 2**30} GiB of images in memory), --steps 1 to {MAX_STEPS}.")
     ev.add_argument("--concept", default=None, help="concept word, e.g. circle, red, striped")
     ev.add_argument("--prompt", action="append", default=None, help="prompt(s) to score instead of the concept's prompt sets")
-    ev.add_argument("--n", type=_positive_int, default=32, help="images per prompt set (default 32)")
-    ev.add_argument("--steps", type=_positive_int, default=25)
-    ev.add_argument("--guidance-scale", type=float, default=5.0)
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--n", type=_int_in(1, MAX_EVAL_IMAGES), default=32,
+                    help=f"images per prompt set, 1 to {MAX_EVAL_IMAGES} (default 32)")
+    ev.add_argument("--steps", type=_int_in(1, MAX_STEPS), default=25, help=f"denoising steps, 1 to {MAX_STEPS} (default 25)")
+    ev.add_argument("--guidance-scale", type=_float_in(0.0, MAX_GUIDANCE), default=5.0,
+                    help=f"0 to {MAX_GUIDANCE:g} (default 5)")
+    ev.add_argument("--seed", type=_seed, default=0, help=f"0 to {MAX_SEED} (default 0)")
     ev.add_argument("--adapter", type=_adapter_spec, action="append", default=[], metavar="FILE[:SCALE]")
-    ev.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    ev.add_argument("--json", default=None, help="also write the figures to this JSON file (its folder must exist)")
     _add_model_options(ev)
 
     er = sub.add_parser("erase", help="train an erasure adapter (ESD, SalUn, SPM, AdvUnlearn)",
                         description="Erase a concept: train an adapter, write it and a JSON report next to it (settings, "
                                     "losses, time). --config FILE runs several jobs (concepts x methods) from a YAML or "
                                     "JSON file with one combined report; every flag below has a key there "
-                                    "(see unsee.erasure.jobs).")
+                                    "(see unsee.erasure.jobs). Existing files are never replaced without --overwrite, "
+                                    "and a checkpoint folder is only reused with --resume; both are checked before "
+                                    f"training. Limits: --steps 1 to {MAX_TRAIN_STEPS}, --rank 1 to {MAX_RANK}, --grid 0 "
+                                    f"to {MAX_GRID}, --seed 0 to {MAX_SEED}; --set values: "
+                                    "unsee.erasure.jobs.SETTING_LIMITS.")
     er.add_argument("--method", default=None, metavar="METHOD", help="esd-u, esd-x, esd-all, esd-x-strict, salun, spm, advunlearn or ant")
     er.add_argument("--concept", default=None, help="the concept to erase, e.g. circle, red, striped")
     er.add_argument("--erase-from", default=None, metavar="PROMPT",
                     help="ESD, SPM, AdvUnlearn, ANT: erase the concept only from this prompt (a job file takes a list)")
     er.add_argument("--preset", default=None, choices=("toy", "paper"),
                     help="starting settings (default: toy for the toy model, paper otherwise); flags override them")
-    er.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: from the preset)")
-    er.add_argument("--lr", type=float, default=None, help="learning rate (default: the paper's)")
-    er.add_argument("--eta", type=float, default=None, help="ESD negative guidance (default 1)")
-    er.add_argument("--seed", type=int, default=None)
+    er.add_argument("--steps", type=_int_in(1, MAX_TRAIN_STEPS), default=None,
+                    help=f"training steps, 1 to {MAX_TRAIN_STEPS} (default: from the preset)")
+    er.add_argument("--lr", type=_float_in(1e-12, 1.0), default=None, help="learning rate, 1e-12 to 1 (default: the paper's)")
+    er.add_argument("--eta", type=_float_in(-100.0, 100.0), default=None, help="ESD negative guidance, -100 to 100 (default 1)")
+    er.add_argument("--seed", type=_seed, default=None, help=f"0 to {MAX_SEED}")
     er.add_argument("--kind", default=None, metavar="KIND", help="ESD or ANT output: delta (default) or lora")
-    er.add_argument("--rank", type=_positive_int, default=None, help="LoRA rank (with --kind lora)")
+    er.add_argument("--rank", type=_int_in(1, MAX_RANK), default=None, help=f"LoRA rank, 1 to {MAX_RANK} (with --kind lora)")
     er.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="any other setting of the method's config, e.g. ddim_steps=10 (repeat for several)")
-    er.add_argument("--out", default=None, help="adapter file (default ./<method>-<concept>.safetensors)")
+    er.add_argument("--out", default=None, help="adapter file (default ./<method>-<concept>.safetensors); missing folders "
+                                                "are created")
     er.add_argument("--report", default=None, help="JSON report (default: the adapter's name with .json)")
-    er.add_argument("--grid", type=int, default=None, metavar="N",
-                    help="prompts in the before/after image grid <out>.grid.png (default 4, 0: no grid)")
-    er.add_argument("--checkpoint-dir", default=None, metavar="DIR",
-                    help="checkpoint folder (default <out>.ckpt, removed after success)")
-    er.add_argument("--checkpoint-every", type=int, default=None, metavar="N", help="checkpoint every N steps (default 100)")
-    er.add_argument("--resume", action="store_true", default=None, help="continue from the checkpoint")
+    er.add_argument("--overwrite", action="store_true", default=None,
+                    help="replace existing outputs (adapter, report, grid, mask); without it the run refuses to start")
+    er.add_argument("--grid", type=_int_in(0, MAX_GRID), default=None, metavar="N",
+                    help=f"prompts in the before/after image grid <out>.grid.png (default 4, 0: no grid, at most {MAX_GRID})")
+    er.add_argument("--checkpoint-dir", default=None, metavar="DIR", type=_folder_arg,
+                    help="checkpoint folder (default <out>.ckpt: its checkpoint is removed after success, and the "
+                         "folder if that leaves it empty)")
+    er.add_argument("--checkpoint-every", type=_int_in(0, MAX_TRAIN_STEPS), default=None, metavar="N",
+                    help="checkpoint every N steps (default 100)")
+    er.add_argument("--resume", action="store_true", default=None,
+                    help="continue from the checkpoint (a checkpoint folder that is not empty is used only with it)")
     er.add_argument("--config", default=None, metavar="FILE", help="YAML/JSON file of erasure jobs")
-    er.add_argument("--model", default=None,
+    er.add_argument("--model", default=None, type=_model,
                     help="'toy' (embedded default), a hub id, a local diffusers folder or a single-file checkpoint")
-    er.add_argument("--model-config", default=None, metavar="DIR",
+    er.add_argument("--model-config", default=None, metavar="DIR", type=_existing_folder,
                     help="for a single-file model: a local diffusers folder to take configs from")
     er.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="training precision (default: as stored)")
-    er.add_argument("--device", default=None, help="cpu, cuda... (default: what accelerate picks)")
+    er.add_argument("--device", default=None, type=_device, help="cpu, cuda... (default: what accelerate picks)")
 
     at = sub.add_parser("attack", help="attack an erasure with adversarial prompts (UnlearnDiffAtk-style)",
                         description="Optimise adversarial prefix tokens that make the erased model regenerate the "
-                                    "concept; prints the attack success rate judged by the toy judge.")
+                                    "concept; prints the attack success rate judged by the toy judge. SD 1.x/2.x models "
+                                    f"only. Limits: --n 1 to {MAX_ATTACK_PROMPTS}, --prefix-tokens 1 to "
+                                    f"{MAX_PREFIX_TOKENS}, --attack-steps 1 to {MAX_ATTACK_STEPS}, --seed 0 to {MAX_SEED}.")
     at.add_argument("--adapter", action="append", required=True, type=_adapter_spec, metavar="FILE[:SCALE]",
                     help="erasure adapter to attack (repeat to stack several)")
     at.add_argument("--concept", required=True, help="the erased concept of the toy world, e.g. circle, red, striped")
-    at.add_argument("--n", type=_positive_int, default=16, help="prompts naming the concept (default 16)")
-    at.add_argument("--prefix-tokens", type=_positive_int, default=5, help="adversarial tokens k (default 5)")
-    at.add_argument("--attack-steps", type=_positive_int, default=40, help="optimisation steps per prompt (default 40)")
-    at.add_argument("--seed", type=int, default=0)
-    at.add_argument("--report", default=None, help="also write the result as JSON here")
+    at.add_argument("--n", type=_int_in(1, MAX_ATTACK_PROMPTS), default=16,
+                    help=f"prompts naming the concept, 1 to {MAX_ATTACK_PROMPTS} (default 16)")
+    at.add_argument("--prefix-tokens", type=_int_in(1, MAX_PREFIX_TOKENS), default=5,
+                    help=f"adversarial tokens k, 1 to {MAX_PREFIX_TOKENS} (default 5)")
+    at.add_argument("--attack-steps", type=_int_in(1, MAX_ATTACK_STEPS), default=40,
+                    help=f"optimisation steps per prompt, 1 to {MAX_ATTACK_STEPS} (default 40)")
+    at.add_argument("--seed", type=_seed, default=0, help=f"0 to {MAX_SEED} (default 0)")
+    at.add_argument("--report", default=None, help="also write the result as JSON here (its folder must exist)")
     _add_model_options(at)
 
     demo = sub.add_parser("demo", help="launch the Gradio demo (erase, generate, compare guidance)",
@@ -193,11 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``unsee demo`` and ``python -m unsee.apps.demo``."""
-    parser.add_argument("--model", default="toy",
+    parser.add_argument("--model", default="toy", type=_model,
                         help="'toy' (embedded default), a hub id, a local diffusers folder or a single-file checkpoint")
-    parser.add_argument("--workdir", default="unsee-demo", help="where adapters are saved (default ./unsee-demo)")
+    parser.add_argument("--workdir", default="unsee-demo", type=_folder_arg,
+                        help="folder where adapters are saved (default ./unsee-demo; created if missing)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=_int_in(1, 65535), default=7860, help="port, 1 to 65535 (default 7860)")
     parser.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
 
 
@@ -214,11 +435,52 @@ def _default_device(device: Optional[str]) -> str:
 def _load(args: argparse.Namespace):
     import torch
 
-    from .loading import load_pipeline
+    from .loading import ModelLoadError, load_pipeline
 
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    pipe = load_pipeline(args.model, dtype=dtype, device=_default_device(args.device), config=args.config)
+    try:
+        pipe = load_pipeline(args.model, dtype=dtype, device=_default_device(args.device), config=args.config)
+    except ModelLoadError:
+        raise
+    except Exception as error:  # a local file or folder diffusers cannot read; anything else is a bug: traceback
+        if not Path(args.model).expanduser().exists():
+            raise
+        raise UsageError(model_load_failure(args.model, error)) from error
     return pipe
+
+
+def _model_size(pipe) -> int:
+    """The side of the images the pipeline makes by default."""
+    size = getattr(getattr(pipe, "unet", None), "config", None)
+    size = getattr(size, "sample_size", None) or 64
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return int(size) * int(getattr(pipe, "vae_scale_factor", 8))
+
+
+def _check_steps(pipe, steps: int) -> None:
+    limit = getattr(getattr(getattr(pipe, "scheduler", None), "config", None), "num_train_timesteps", None)
+    if isinstance(limit, int) and steps > limit:
+        raise UsageError(f"--steps {steps} is more than the model's scheduler has ({limit} training timesteps); "
+                         f"pass at most {limit}")
+
+
+def _check_pixels(num_images: int, height: int, width: int) -> None:
+    if num_images * height * width > MAX_PIXELS:
+        raise UsageError(f"--num-images {num_images} at {width}x{height} is {num_images * height * width:,} pixels in one "
+                         f"call, more than the limit of {MAX_PIXELS:,}; lower --num-images, --width or --height")
+
+
+def _save_png(image, path: Path) -> None:
+    from .files import atomic_write
+
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def _save_json(data, path: Path) -> None:
+    from .files import atomic_write
+
+    text = json.dumps(data, indent=2)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -227,8 +489,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if any(not p.strip() for p in args.prompt):
         raise UsageError("--prompt must not be empty")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder")
+    _check_output(args.out, "--out", folder=True)
+    _check_adapters(args.adapter)
+    if args.height is not None and args.width is not None:
+        _check_pixels(args.num_images, args.height, args.width)
     from .guidance import GuidanceError, validate_combination
 
     guidance = guidance_from_args(args)
@@ -237,34 +501,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except GuidanceError as error:
         raise UsageError(str(error)) from None
     pipe = _load(args)
+    _check_steps(pipe, args.steps)
+    height, width = args.height, args.width
+    if (height is None) != (width is None):  # one side given: the other is the model's default, as diffusers does
+        height, width = height or _model_size(pipe), width or _model_size(pipe)
+    _check_pixels(args.num_images, height or _model_size(pipe), width or _model_size(pipe))
     for path, scale in args.adapter:
         pipe.load_erasure(path, scale=scale)
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     files = []
+    size = None
     for p_index, prompt in enumerate(args.prompt):
         images = pipe(
             prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-            num_images_per_prompt=args.num_images, generator=generator, height=args.height, width=args.width,
+            num_images_per_prompt=args.num_images, generator=generator, height=height, width=width,
             guidance=guidance,  # an empty list is plain diffusers
         ).images
         for i, image in enumerate(images):
             name = f"{p_index:02d}-{i:02d}-{_slug(prompt)}.png"
-            tmp = out / f".{name}.tmp"
-            image.save(tmp, format="PNG")
-            os.replace(tmp, out / name)
+            _save_png(image, out / name)
             files.append({"file": name, "prompt": prompt, "index": i})
+            size = image.size
+    width, height = size if size is not None else (width, height)
     settings = {
         "unsee_version": __version__, "model": args.model, "prompts": args.prompt, "negative_prompt": args.negative,
         "steps": args.steps, "guidance_scale": args.guidance_scale, "num_images": args.num_images, "seed": args.seed,
-        "height": args.height, "width": args.width, "dtype": args.dtype, "device": str(pipe.device),
+        "height": height, "width": width, "dtype": args.dtype, "device": str(pipe.device),
         "scheduler": type(pipe.scheduler).__name__,
         "adapters": [{"file": str(p), "scale": s} for p, s in args.adapter],
         "guidance": [{"method": type(m).__name__, **dataclasses.asdict(m)} for m in guidance], "images": files,
     }
-    tmp = out / ".settings.json.tmp"
-    tmp.write_text(json.dumps(settings, indent=2))
-    os.replace(tmp, out / "settings.json")
+    _save_json(settings, out / "settings.json")
     print(f"wrote {len(files)} image(s) and settings.json to {out}")
     return 0
 
@@ -282,7 +550,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise UsageError(str(error)) from None
     if args.prompt and any(not p.strip() for p in args.prompt):
         raise UsageError("--prompt must not be empty")
+    if args.json:
+        _check_output(args.json, "--json", create_parents=False)
+    _check_adapters(args.adapter)
     pipe = _load(args)
+    _check_steps(pipe, args.steps)
+    side = _model_size(pipe)
+    if args.n * side * side * 3 > MAX_EVAL_BYTES:
+        raise UsageError(f"--n {args.n} images of {side}x{side} need about {args.n * side * side * 3 / 2**30:.1f} GiB of "
+                         f"memory, more than the limit of {MAX_EVAL_BYTES // 2**30} GiB; lower --n")
     pipe.set_progress_bar_config(disable=True)  # one figure per line, not hundreds of bars
     for path, scale in args.adapter:
         pipe.load_erasure(path, scale=scale)
@@ -301,7 +577,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"presence of {args.concept!r} on prompts that name it ({args.n} images): {named.presence:.1%}")
         print(f"judge accuracy on prompts that do not name it ({args.n} images): {_format_accuracy(others.accuracy)}")
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+        _save_json(figures, Path(args.json))
     return 0
 
 
@@ -311,7 +587,8 @@ def _format_accuracy(accuracy: dict[str, float]) -> str:
 
 # erase flags -> jobs-config keys (unsee.erasure.jobs); --config and --set are handled apart
 _ERASE_KEYS = ("method", "concept", "erase_from", "preset", "steps", "lr", "eta", "seed", "kind", "rank", "out", "report", "grid",
-               "checkpoint_dir", "checkpoint_every", "resume", "model", "model_config", "dtype", "device")
+               "checkpoint_dir", "checkpoint_every", "resume", "overwrite", "model", "model_config", "dtype", "device")
+_RUN_FLAGS = ("resume", "overwrite")  # flags that go with --config FILE
 
 
 def _erase_config(args: argparse.Namespace) -> dict:
@@ -319,7 +596,8 @@ def _erase_config(args: argparse.Namespace) -> dict:
     from .erasure import METHODS, ConfigError, load_job_file
 
     if args.config is not None:
-        given = [f"--{key.replace('_', '-')}" for key in _ERASE_KEYS if key != "resume" and getattr(args, key) is not None]
+        given = [f"--{key.replace('_', '-')}" for key in _ERASE_KEYS
+                 if key not in _RUN_FLAGS and getattr(args, key) is not None]
         if args.set:
             given.append("--set")
         if given:
@@ -328,8 +606,9 @@ def _erase_config(args: argparse.Namespace) -> dict:
             config = load_job_file(args.config)
         except ConfigError as error:
             raise UsageError(str(error)) from None
-        if args.resume:
-            config["resume"] = True
+        for flag in _RUN_FLAGS:
+            if getattr(args, flag):
+                config[flag] = True
         return config
     if args.method is None or args.concept is None:
         raise UsageError(f"pass --method ({', '.join(METHODS)}) and --concept, or --config FILE")
@@ -342,13 +621,17 @@ def _erase_config(args: argparse.Namespace) -> dict:
         key, sep, text = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
-            raise UsageError(f"--set takes KEY=VALUE, got {item!r}")
+            raise UsageError(f"--set takes KEY=VALUE, got {_show(item)}")
         if key in config:
             raise UsageError(f"{key} is given twice (a flag and --set)")
+        if len(text) > 10_000:
+            raise UsageError(f"--set {key}: the value is {len(text):,} characters long; give at most 10,000")
         try:
             config[key] = yaml.safe_load(text) if text.strip() else text
         except yaml.YAMLError:
             config[key] = text
+        except (ValueError, RecursionError):  # e.g. a number of thousands of digits, lists nested too deep
+            raise UsageError(f"--set {key}: cannot read the value; give a number, a text or a short list") from None
     return config
 
 
@@ -389,14 +672,13 @@ def cmd_erase(args: argparse.Namespace) -> int:
     progress, close = _erase_progress()
     try:
         report = run_jobs(config, progress=progress, log=lambda message: print(message, file=sys.stderr))
-    except ConfigError as error:  # e.g. --resume from a checkpoint written with other settings
-        close()
+    except ConfigError as error:  # e.g. --resume from a checkpoint written with other settings, an unreadable model
         raise UsageError(str(error)) from None
     except TrainingError as error:
-        close()
         print(f"unsee erase: error: {error}", file=sys.stderr)
         return 1
-    close()
+    finally:
+        close()
     for entry in report["jobs"]:
         print(f"{entry['method']} {entry['concept']!r}: wrote {entry['out']} ({entry['tensors']} tensors, loss "
               f"{entry['loss_first']:.4g} -> {entry['loss_last']:.4g}, {entry['seconds']:.1f} s)")
@@ -412,7 +694,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
         world.concept_attribute(args.concept)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    if args.report:
+        _check_output(args.report, "--report", create_parents=False)
+    _check_adapters(args.adapter)
     pipe = _load(args)
+    if getattr(pipe.unet.config, "addition_embed_type", None) == "text_time":
+        raise UsageError("the attack optimises one text encoder's prefix: it runs on SD 1.x/2.x models, not SDXL; "
+                         "pass another --model")
     pipe.set_progress_bar_config(disable=True)
     for path, scale in args.adapter:
         pipe.load_erasure(path, scale=scale)
@@ -421,13 +709,14 @@ def cmd_attack(args: argparse.Namespace) -> int:
                     progress=lambda done, total: print(f"attacked {done}/{total} prompts", file=sys.stderr))
     summary = result.summary()
     if args.report:
-        Path(args.report).write_text(json.dumps(summary, indent=2))
+        _save_json(summary, Path(args.report))
     print(f"{args.concept}: attack success rate {result.success_rate:.1%} over {len(result.attacks)} prompts "
           f"(present without attack: {result.presence_before:.1%})")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    _check_output(args.workdir, "--workdir", folder=True)
     try:
         from .apps import demo
     except ImportError as error:
@@ -438,9 +727,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {"generate": cmd_generate, "eval": cmd_eval, "erase": cmd_erase, "attack": cmd_attack, "demo": cmd_demo}
 
 
+def _raise_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # bad input (printed on one line), --help or --version: the status, as for the rest
+        return exit_.code if isinstance(exit_.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 2
@@ -448,11 +744,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .guidance import GuidanceError
     from .loading import ModelLoadError
 
+    # a SIGTERM (kill, a job scheduler) ends the command through its error handling, so that the temporary files of
+    # a write in progress are removed (only a SIGKILL leaves one, which the next write in that folder removes)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         return COMMANDS[args.command](args)
     except (UsageError, AdapterError, ModelLoadError, GuidanceError) as error:
         print(f"unsee {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"unsee {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print(f"unsee {args.command}: error: out of memory; ask for fewer or smaller images, or fewer steps",
+              file=sys.stderr)
+        return 1
+    except Exception as error:
+        import torch
+
+        out_of_memory = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+        if isinstance(error, out_of_memory):
+            print(f"unsee {args.command}: error: out of memory on the device ({str(error).splitlines()[0][:120]}); ask "
+                  "for fewer or smaller images, or use --dtype float16", file=sys.stderr)
+            return 1
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
