@@ -17,13 +17,19 @@ Model work runs one job at a time (a queue with concurrency 1); the Stop button 
 is validated and a bad one is answered with a message, never a traceback; a failing job leaves the pipeline
 as it was (adapters unloaded, trained weights restored) and the app serving. The UI names adapters by file
 name only: they live in ``<workdir>/adapters``. A model is ``toy``, a hub id (from the local cache when
-offline) or the name of a folder in ``<workdir>/models``; no other server path is reachable from the UI.
+offline) or the name of a folder in ``<workdir>/models``; no other server path is reachable from the UI:
+names are checked for length before anything touches the file system, and symlinks are followed to their
+real paths and refused when those lie outside the working folder.
+
+Uploads: Gradio refuses a file over ``max_upload_bytes`` while it arrives (``max_file_size``), and the
+upload handler deletes every upload from Gradio's temporary folder once it is handled (a kept adapter is
+copied into ``<workdir>/adapters`` first). Messages are plain text (no HTML escapes) and name files
+relative to the working folder; they never show a server path.
 """
 
 from __future__ import annotations
 
 import argparse
-import html
 import logging
 import os
 import re
@@ -54,6 +60,7 @@ logger = logging.getLogger("unsee.demo")
 ADAPTER_SLOTS = 3
 MAX_PROMPT_CHARS = 300
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024
+MAX_NAME_CHARS = 120  # adapter file names, checked before any file-system call (the OS limit is 255 bytes)
 MAX_SEED = 2**31 - 1
 NEGATIVE_MODES = ("off", "fixed", "adaptive", "dng")
 _ADAPTER_FILE = re.compile(r"[A-Za-z0-9][\w.+-]*\.safetensors")
@@ -140,7 +147,8 @@ def guidance_methods(cfgpp: float = 0.0, pag: float = 0.0, fdg: Any = "", negati
         raise InputError(f"negative steering mode must be one of {', '.join(NEGATIVE_MODES)}, got {negative_mode!r}")
     negative_start = check_number(negative_start, "negative start", 0.0, 1.0)
     if negative_mode != "off":  # the adaptive mode detects its own start: the slider does not apply
-        methods.append(NegativeSteer(start=None if negative_mode == "adaptive" else negative_start, mode=negative_mode))
+        methods.append(NegativeSteer(mode=negative_mode,
+                                     start_fraction=None if negative_mode == "adaptive" else negative_start))
     nasa = check_number(nasa, "NASA alpha", 0.0, 1.0)
     if nasa > 0:
         methods.append(NASA(nasa))
@@ -161,9 +169,7 @@ def _describe_one(method: Any) -> str:
     if isinstance(method, PAG):
         return f"PAG {method.scale:g}"
     if isinstance(method, NegativeSteer):
-        if method.mode == "adaptive":
-            return "negative adaptive"
-        return f"negative {method.mode} from {method.resolved_start:g}"
+        return f"negative {method.mode} {method.describe_start()}"
     if isinstance(method, NASA):
         return f"NASA α={method.alpha:g}"
     return type(method).__name__
@@ -189,15 +195,18 @@ class DemoApp:
             the toy model and shows no figures on other models.
         eval_images: images per figure (more is slower and steadier).
         max_steps: the largest inference step count the UI accepts.
+        max_upload_bytes: the largest adapter upload (Gradio refuses bigger files while they arrive).
     """
 
     def __init__(self, pipe: Any = None, model: str = "toy", workdir: Optional[os.PathLike] = None,
-                 judge: Optional[Callable] = None, eval_images: int = 16, max_steps: int = 100) -> None:
+                 judge: Optional[Callable] = None, eval_images: int = 16, max_steps: int = 100,
+                 max_upload_bytes: int = MAX_UPLOAD_BYTES) -> None:
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="unsee-demo-"))
         self.adapter_dir = self.workdir / "adapters"
         self.model_dir = self.workdir / "models"
         self.adapter_dir.mkdir(parents=True, exist_ok=True)
         self.model_dir.mkdir(parents=True, exist_ok=True)
+        self.max_upload_bytes = int(max_upload_bytes)
         self.pipe = pipe
         self.model = model
         self.judge = judge
@@ -220,12 +229,25 @@ class DemoApp:
         text = check_text(text, "model", max_chars=200)
         if text == "toy":
             return text
-        if _FOLDER_NAME.fullmatch(text) and ".." not in text and (self.model_dir / text).is_dir():
-            return str(self.model_dir / text)
-        if _HUB_ID.fullmatch(text) and ".." not in text and not Path(text).exists():
+        if _FOLDER_NAME.fullmatch(text) and ".." not in text:
+            folder = self._inside(self.model_dir / text, self.model_dir)
+            if folder is not None and folder.is_dir():
+                return str(folder)
+        if _HUB_ID.fullmatch(text) and ".." not in text and not os.path.lexists(text):
             return text
-        raise InputError(f"model must be 'toy', a hub id such as 'owner/name', or the name of a folder in "
-                         f"{self.model_dir}; got {text!r}")
+        raise InputError(f"model must be 'toy', a hub id such as 'owner/name', or the name of a folder in the "
+                         f"working folder's models/ (symlinks to places outside the working folder are refused); "
+                         f"got {text!r}")
+
+    @staticmethod
+    def _inside(path: Path, folder: Path) -> Optional[Path]:
+        """``path`` with every symlink resolved, or None when that real path is not inside ``folder``'s real path."""
+        try:
+            real = path.resolve()
+            root = folder.resolve()
+        except (OSError, RuntimeError):  # a symlink loop, a name the OS refuses
+            return None
+        return real if real != root and real.is_relative_to(root) else None
 
     def _load(self, model: str) -> Any:
         pipe = load_pipeline(model)
@@ -264,19 +286,38 @@ class DemoApp:
 
         for source in sorted(EXAMPLE_ADAPTERS_DIR.glob("*.safetensors")):
             target = self.adapter_dir / f"example-{source.name}"
-            if _ADAPTER_FILE.fullmatch(target.name) and not target.exists():
+            if _ADAPTER_FILE.fullmatch(target.name) and not os.path.lexists(target):  # never through a link
                 shutil.copyfile(source, target)
 
+    def _real_adapter(self, name: str) -> Optional[Path]:
+        """The real path of ``adapters/<name>`` when it is a file inside the adapters folder (symlinks followed)."""
+        real = self._inside(self.adapter_dir / name, self.adapter_dir)
+        try:
+            return real if real is not None and real.is_file() else None
+        except OSError:
+            return None
+
     def adapter_names(self) -> list[str]:
-        return sorted(p.name for p in self.adapter_dir.glob("*.safetensors") if _ADAPTER_FILE.fullmatch(p.name))
+        return sorted(p.name for p in self.adapter_dir.glob("*.safetensors")
+                      if len(p.name) <= MAX_NAME_CHARS and _ADAPTER_FILE.fullmatch(p.name)
+                      and self._real_adapter(p.name))
 
     def adapter_path(self, name: Any) -> Path:
-        """The file of an adapter the UI names; only plain file names inside the adapters folder."""
-        if not isinstance(name, str) or not _ADAPTER_FILE.fullmatch(name) or ".." in name:
+        """The real path of an adapter the UI names: a plain file name in the adapters folder whose real path
+        (symlinks followed) lies inside that folder."""
+        if not isinstance(name, str):
+            raise InputError(f"an adapter name must be text, got {type(name).__name__}")
+        if len(name) > MAX_NAME_CHARS:
+            raise InputError(f"adapter name is too long ({len(name)} characters; at most {MAX_NAME_CHARS}): "
+                             "pick one from the list")
+        if not _ADAPTER_FILE.fullmatch(name) or ".." in name:
             raise InputError(f"unknown adapter {name!r}: pick one from the list (the adapters in the app's working "
                              "folder), or upload a .safetensors file")
-        path = self.adapter_dir / name
-        if not path.is_file():
+        path = self._real_adapter(name)
+        if path is None:
+            if os.path.islink(self.adapter_dir / name):
+                raise InputError(f"adapter {name!r} is a link to a file outside the working folder; the app only "
+                                 "reads adapters inside it (copy the file into adapters/ or upload it)")
             raise InputError(f"no adapter named {name!r} in the working folder; pick one from the list")
         return path
 
@@ -284,7 +325,7 @@ class DemoApp:
         stem = _slug(stem)
         path = self.adapter_dir / f"{stem}.safetensors"
         index = 2
-        while path.exists():
+        while os.path.lexists(path):  # a dangling symlink counts: writing through it would land outside
             path = self.adapter_dir / f"{stem}-{index}.safetensors"
             index += 1
         return path
@@ -298,15 +339,18 @@ class DemoApp:
         source = Path(getattr(file, "name", file))
         if source.suffix != ".safetensors":
             raise InputError(f"adapters are .safetensors files; {source.name!r} is not")
-        if source.stat().st_size > MAX_UPLOAD_BYTES:
-            raise InputError(f"{source.name} is larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
-        adapter = load_adapter(source)  # AdapterError with the reason when the file is not a valid adapter
+        if not source.is_file():  # e.g. the same file uploaded twice at once: the first upload's handler deleted it
+            raise InputError(f"{source.name} is no longer on the server; upload it again")
+        if source.stat().st_size > self.max_upload_bytes:
+            raise InputError(f"{source.name} is larger than {self.max_upload_bytes / 2**20:g} MiB")
         pipe = self.pipeline()
+        adapter = load_adapter(source, pipe=pipe)  # AdapterError with the reason, checked against the model first
         with self._model_lock:
             name = pipe.load_erasure(adapter, adapter_name="unsee-demo-upload-check")
             pipe.unload_erasure(name)
         target = self._unique_adapter_path(source.stem)
         tmp = target.with_name(f".{target.name}.tmp")
+        tmp.unlink(missing_ok=True)  # never write through a link someone left under this name
         shutil.copyfile(source, tmp)
         os.replace(tmp, target)
         return target.name, f"Uploaded {target.name}: {adapter.method} erasing {', '.join(adapter.concepts)}."
@@ -335,7 +379,7 @@ class DemoApp:
         for index, (name, scale) in enumerate(adapters, start=1):
             if name in (None, "", "(none)"):
                 continue
-            chosen.append((self.adapter_path(name), check_number(scale, f"adapter {index} scale", -2.0, 2.0)))
+            chosen.append((name, self.adapter_path(name), check_number(scale, f"adapter {index} scale", -2.0, 2.0)))
         settings = f"seed {seed}, {steps} steps, {describe(methods, guidance_scale)}"
         with self._model_lock:
             self.pipeline()
@@ -344,13 +388,13 @@ class DemoApp:
                 return [(before, f"no adapter · {settings}")]
             loaded = []
             try:
-                for index, (path, scale) in enumerate(chosen):
+                for index, (_, path, scale) in enumerate(chosen):
                     loaded.append(self.pipe.load_erasure(path, scale=scale, adapter_name=f"unsee-demo-{index}"))
                 after = self._render(prompt, negative, steps, guidance_scale, seed, methods)
             finally:
                 for name in loaded:
                     self.pipe.unload_erasure(name)
-        with_text = ", ".join(f"{path.name}×{scale:g}" for path, scale in chosen)
+        with_text = ", ".join(f"{name}×{scale:g}" for name, _, scale in chosen)
         return [(before, f"without adapters · {settings}"), (after, f"with {with_text} · {settings}")]
 
     # -- compare guidance --------------------------------------------------------------------------
@@ -365,15 +409,17 @@ class DemoApp:
         seed = check_number(seed, "seed", 0, MAX_SEED, integer=True)
         rows: list[list] = [[], [CFGpp(0.6)], [PAG(3.0)], [FDG((2 * guidance_scale, guidance_scale))]]
         if negative:
-            rows += [[NegativeSteer(start=0.3)], [NegativeSteer(mode="adaptive")], [NASA(0.3)]]
+            rows += [[NegativeSteer(start_fraction=0.3)], [NegativeSteer(mode="adaptive")], [NASA(0.3)]]
         gallery = []
         with self._model_lock:
             self.pipeline()
             for methods in rows:
-                # a negative prompt goes to CFG as diffusers uses it; NASA takes it instead of the CFG branch
+                # a negative prompt fills the unconditional branch from the first step, as in diffusers, unless
+                # NegativeSteer says from when or NASA takes it into attention (README: how the negative prompt acts)
                 validate_combination(methods, has_negative_prompt=bool(negative))
                 image = self._render(prompt, negative, steps, guidance_scale, seed, methods)
-                label = describe(methods, guidance_scale) + (" (negative prompt)" if negative and not methods else "")
+                plain_negative = negative and not any(isinstance(m, (NegativeSteer, NASA)) for m in methods)
+                label = describe(methods, guidance_scale) + (" (negative prompt)" if plain_negative else "")
                 gallery.append((image, label))
         return gallery
 
@@ -430,6 +476,20 @@ class DemoApp:
                    f"saved {path.name} ({path.stat().st_size / 1024:.0f} KiB).")
         return {"file": path, "gallery": gallery, "summary": summary, "figures": figures}
 
+    # -- messages ----------------------------------------------------------------------------------
+
+    def public_message(self, text: str) -> str:
+        """``text`` as the UI may show it: files in the working folder named relative to it (``adapters/x``), files
+        in Gradio's temporary folder and any other absolute path by their file name only, and plain text that
+        renders as itself (Gradio shows messages as sanitized HTML: no markup, no character references)."""
+        for root in sorted({os.path.abspath(self.workdir), str(self.workdir.resolve())}, key=len, reverse=True):
+            text = text.replace(root + os.sep, "")
+            text = re.sub(re.escape(root) + r"(?=$|[\s'\",;:)])", "the working folder", text)
+        for cache in {gr.utils.get_upload_folder(), str(Path(gr.utils.get_upload_folder()).resolve())}:
+            text = re.sub(re.escape(cache.rstrip(os.sep)) + r"/(?:[^/\s'\"]+/)?", "", text)
+        text = _ABSOLUTE_PATH.sub(lambda match: match.group(1) or "a server folder", text)
+        return _plain_text(text)
+
     def _figures(self, adapter: Any, concept: str, report: Callable[[float, str], None]) -> Optional[dict]:
         """Presence of the concept and accuracy on other prompts, without and with ``adapter`` (toy world only)."""
         judge = self._judge()
@@ -464,13 +524,45 @@ class DemoApp:
 # ----------------------------------------------------------------------------------------------
 
 
-def _user_error(error: BaseException) -> gr.Error:
-    """A message for the UI; unexpected errors are logged in full on the server and shown by name only."""
+# an absolute path (at the start, or after a space, a quote, a bracket or '='; not inside a word, a URL or a
+# relative path): group 1 is its last component
+_ABSOLUTE_PATH = re.compile(r"(?<![^\s'\"(\[=])/(?:[^\s'\"/]+/)*([^\s'\"/]*)")
+# characters that would make a message markup (or a character reference) when Gradio renders it as HTML
+_MARKUP = str.maketrans({"<": "‹", ">": "›"})
+_REFERENCE = re.compile(r"&(?=#?\w+;)")
+
+
+def _plain_text(text: str) -> str:
+    """``text`` with nothing the UI's HTML rendering would turn into markup or a character reference."""
+    return _REFERENCE.sub("＆", text.translate(_MARKUP))
+
+
+def _user_error(error: BaseException, app: DemoApp) -> gr.Error:
+    """A plain-text message for the UI, with no server path; unexpected errors are logged in full on the server
+    and shown by name and message only."""
     if isinstance(error, (InputError, *_USER_ERRORS)):
-        return gr.Error(html.escape(str(error)), print_exception=False)  # the UI renders messages as HTML
+        return gr.Error(app.public_message(str(error)), print_exception=False)
     logger.exception("demo job failed")
-    return gr.Error(html.escape(f"the job failed ({type(error).__name__}: {error}); the app is still running"),
+    return gr.Error(app.public_message(f"the job failed ({type(error).__name__}: {error}); the app is still running"),
                     print_exception=False)
+
+
+def _discard_upload(file: Any, cache: Path) -> None:
+    """Delete an upload from Gradio's temporary folder ``cache`` (and its now empty per-upload folder); files
+    anywhere else are left alone."""
+    if file is None:
+        return
+    path = Path(getattr(file, "name", file))
+    try:
+        root = cache.resolve()
+        if path.is_symlink() or not path.resolve().is_relative_to(root) or path.resolve() == root:
+            return
+        path.unlink(missing_ok=True)
+        parent = path.resolve().parent
+        if parent != root and parent.is_relative_to(root) and not any(parent.iterdir()):
+            parent.rmdir()
+    except OSError:
+        logger.warning("could not delete an upload from Gradio's temporary folder", exc_info=True)
 
 
 def _figures_markdown(figures: Optional[dict]) -> str:
@@ -514,35 +606,37 @@ def build_demo(app: DemoApp) -> gr.Blocks:
             return _own_files(app.generate(prompt, negative, steps, guidance_scale, seed, cfgpp, pag, fdg,
                                            negative_mode, negative_start, nasa, pairs))
         except Exception as error:  # noqa: BLE001 - every failure becomes a message; the app keeps serving
-            raise _user_error(error) from None
+            raise _user_error(error, app) from None
 
     def compare(prompt, negative, steps, guidance_scale, seed):
         try:
             return _own_files(app.compare(prompt, negative, steps, guidance_scale, seed))
         except Exception as error:  # noqa: BLE001
-            raise _user_error(error) from None
+            raise _user_error(error, app) from None
 
     def erase(method, concept, preset, steps, *selected, progress=gr.Progress()):
         try:
             result = app.erase(method, concept, preset, steps,
                                progress=lambda fraction, text: progress(fraction, desc=text))
         except Exception as error:  # noqa: BLE001
-            raise _user_error(error) from None
+            raise _user_error(error, app) from None
         return [str(result["file"]), _own_files(result["gallery"]), result["summary"],
                 _figures_markdown(result["figures"]), *refreshed(*selected)]
 
     def upload(file, *selected):
         try:
-            _, message = app.upload(file)
+            _, message = app.upload(file)  # a kept adapter is copied into the working folder
         except Exception as error:  # noqa: BLE001
-            raise _user_error(error) from None
+            raise _user_error(error, app) from None
+        finally:
+            _discard_upload(file, Path(demo.GRADIO_CACHE))  # refused or copied: Gradio's copy is not needed
         return [message, *refreshed(*selected)]
 
     def load_model(text):
         try:
             return app.load_model(text)
         except Exception as error:  # noqa: BLE001
-            raise _user_error(error) from None
+            raise _user_error(error, app) from None
 
     def prompt_controls(negative_label: str) -> tuple:
         """Prompt, negative prompt, steps, guidance scale and seed widgets (Generate and Compare share them)."""
@@ -559,7 +653,7 @@ def build_demo(app: DemoApp) -> gr.Blocks:
                     "erasure. Model work runs one job at a time.")
         with gr.Row():
             model_box = gr.Textbox(value=app.model, label="Model",
-                                   info=f"'toy', a hub id (owner/name), or a folder in {app.model_dir}")
+                                   info="'toy', a hub id (owner/name), or a folder in the working folder's models/")
             model_button = gr.Button("Load model", scale=0)
             model_status = gr.Markdown()
         model_button.click(load_model, [model_box], [model_status], api_name="load_model")
@@ -641,7 +735,8 @@ def launch(app: DemoApp, host: str = "127.0.0.1", port: Optional[int] = None, sh
     """Build and launch the demo; with ``block=False`` it returns at once (the server runs in a thread)."""
     demo = build_demo(app)
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
-                allowed_paths=[str(app.adapter_dir)], show_error=True, footer_links=["gradio"])
+                allowed_paths=[str(app.adapter_dir)], show_error=True, footer_links=["gradio"],
+                max_file_size=app.max_upload_bytes)
     return demo
 
 

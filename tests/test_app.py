@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import shutil
 import socket
 import subprocess
@@ -98,7 +97,7 @@ def test_bad_generate_inputs_get_a_clear_error_and_the_app_keeps_serving(served,
     _, _, client = served
     with pytest.raises(AppError) as info:
         _generate(client, prompt, adapters=adapters, **overrides)
-    assert html.escape(message) in str(info.value)
+    assert message in str(info.value)  # plain text, as raised
     assert "Traceback" not in str(info.value)
     _still_serving(client)
 
@@ -164,6 +163,19 @@ def test_compare_renders_every_method(served):
     assert [e["caption"] for e in plain] == ["CFG 5", "CFG++ λ=0.6", "PAG 3", "FDG 10,5"]
     with_negative = client.predict("a red circle", "circle", 2, 5.0, 0, api_name="/compare")
     assert len(with_negative) == 7 and with_negative[-1]["caption"] == "NASA α=0.3"
+    assert with_negative[1]["caption"] == "CFG++ λ=0.6 (negative prompt)"
+
+
+def test_compare_gives_the_negative_prompt_to_every_method(tmp_path):
+    pipe = tiny_sd_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    app = DemoApp(pipe=pipe, model="tiny", workdir=tmp_path)
+    plain = app.compare("a red circle", "", 2, 5.0, 0)
+    negative = app.compare("a red circle", "blue", 2, 5.0, 0)
+    for (without, label), (with_negative, caption) in zip(plain, negative[:4]):
+        assert caption == label + " (negative prompt)"
+        difference = np.abs(np.asarray(without, dtype=np.int16) - np.asarray(with_negative, dtype=np.int16))
+        assert difference.max() > 0, f"the negative prompt changes the {label} image"
 
 
 # -- without a server ---------------------------------------------------------------------------
@@ -190,10 +202,10 @@ def test_stop_ends_training_and_leaves_the_model_as_it_was(tmp_path):
 def test_guidance_controls_map_to_methods():
     methods = guidance_methods(cfgpp=0.6, pag=3.0, negative_mode="adaptive", negative_start=0.3, nasa=0.2)
     assert [type(m) for m in methods] == [CFGpp, PAG, NegativeSteer, NASA]
-    assert methods[2].start is None, "the adaptive mode detects its start: the slider does not apply"
-    assert describe(methods[2:3], 5.0) == "negative adaptive"
+    assert methods[2].resolved_start == (None, None), "the adaptive mode detects its start: the slider does not apply"
+    assert describe(methods[2:3], 5.0) == "negative adaptive detected per image"
     dng = guidance_methods(negative_mode="dng", negative_start=0.3)
-    assert dng[0].start == 0.3 and describe(dng, 5.0) == "negative dng from 0.3"
+    assert dng[0].start_fraction == 0.3 and describe(dng, 5.0) == "negative dng from 30% of the steps"
     assert guidance_methods() == []
     with pytest.raises(InputError, match="PAG scale must be between 0 and 10"):
         guidance_methods(pag=11)
