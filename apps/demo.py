@@ -48,7 +48,9 @@ import torch  # noqa: E402
 
 from unsee import world  # noqa: E402
 from unsee.adapters import AdapterError, load_adapter  # noqa: E402
-from unsee.erasure import METHODS, PRESETS, ConfigError, TrainingError, make_trainer, preset_settings  # noqa: E402
+from unsee.erasure import (  # noqa: E402
+    METHODS, PRESETS, ConfigError, TrainingError, is_toy_pipeline, make_trainer, preset_settings,
+)
 from unsee.erasure.jobs import before_after_images, grid_prompts  # noqa: E402
 from unsee.guidance import FDG, NASA, PAG, CFGpp, GuidanceError, NegativeSteer, validate_combination  # noqa: E402
 from unsee.loading import ModelLoadError, load_pipeline  # noqa: E402
@@ -441,7 +443,7 @@ class DemoApp:
         if preset not in PRESETS:
             raise InputError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
         steps = check_number(steps, "steps", 0, 5000, integer=True)
-        settings = preset_settings(preset, method, concept=concept)
+        settings = preset_settings(preset, method, model=self.model, concept=concept)
         settings["concept"] = concept
         if steps:
             settings["steps"] = steps
@@ -467,7 +469,7 @@ class DemoApp:
             path = self._unique_adapter_path(f"{method}-{concept}")
             adapter.save(path)
             report(1.0, "before/after images")
-            prompts = grid_prompts(concept, 4, seed=0)
+            prompts = grid_prompts(concept, 4, seed=0, toy=is_toy_pipeline(pipe))
             before, after = before_after_images(pipe, adapter, prompts, seed=0, steps=25)
             figures = self._figures(adapter, concept, report)
         gallery = [(image, f"before · {p}") for image, p in zip(before, prompts)]

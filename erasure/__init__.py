@@ -17,10 +17,12 @@ from .base import (
     Trainer,
     TrainerConfig,
     TrainingError,
+    canonical_dtype,
+    epsilon_from_output,
     load_checkpoint,
 )
 from .esd import ESD_VARIANTS, ESDConfig, ESDTrainer, esd_modules, esd_parameters
-from .presets import PRESETS, TOY_PRESETS, preset_settings
+from .presets import PRESETS, TOY_PRESETS, is_toy_model_name, is_toy_pipeline, preset_settings
 from .jobs import METHODS, Job, load_job_file, make_trainer, plan_jobs, run_jobs
 from .salun import SalUnConfig, SalUnTrainer, load_mask, pack_mask, save_mask, unpack_mask
 from .spm import SPMConfig, SPMTrainer, spm_modules, transport_strength
@@ -51,9 +53,13 @@ __all__ = [
     "TOY_PRESETS",
     "TrainingError",
     "ant_lora_modules",
+    "canonical_dtype",
+    "epsilon_from_output",
     "esd_modules",
     "encoder_layer_parameters",
     "esd_parameters",
+    "is_toy_model_name",
+    "is_toy_pipeline",
     "load_checkpoint",
     "load_job_file",
     "load_mask",

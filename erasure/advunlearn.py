@@ -64,6 +64,7 @@ from .base import (
     ddim_sample,
     encode_prompts,
     erase_from_prompts,
+    fill_concept,
     is_sdxl,
     mse,
     predict,
@@ -100,12 +101,15 @@ class AdvUnlearnConfig(TrainerConfig):
         attack_steps: Adam steps of the inner attack (30). attack_lr: its learning rate (1e-3).
         attack_init: ``"random"`` (vocabulary embeddings, each attack) or ``"latest"`` (the previous adversary).
         retain_weight: weight of the retain term (0.3, the README recipe). retain_batch: retain prompts per step (5).
-        retain_prompts: prompts whose conditioning must not change; None: "a photo of <COCO object>", or, for
-            a concept of the toy world, world prompts that do not name it.
+        retain_prompts: prompts whose conditioning must not change (``{concept}`` is replaced by the concept);
+            None: "a photo of a <COCO object>" (the official retain set), or with ``toy_world`` 64 toy-world
+            prompts that do not name the concept.
         layers: encoder layer indices to train (exact indices; None: every layer and the final layer norm).
         resolution: image size for x_t (None: the pipeline's default).
         erase_from: prompts that name the concept, to erase it from in context (one drawn per step; see the
             module docstring); None: the bare concept (the paper).
+        toy_world: take the retain prompts, when not given, from the toy shapes world; set by the ``toy`` preset
+            for the embedded toy model, refused on any other model.
     """
 
     steps: int = 1000
@@ -124,6 +128,7 @@ class AdvUnlearnConfig(TrainerConfig):
     layers: Optional[tuple[int, ...]] = None
     resolution: Optional[int] = None
     erase_from: Union[str, tuple[str, ...], None] = None
+    toy_world: bool = False
 
     method: ClassVar[str] = "advunlearn"
 
@@ -159,6 +164,17 @@ class AdvUnlearnConfig(TrainerConfig):
         if self.resolution is not None and (not _is_int(self.resolution) or self.resolution < 8):
             raise ConfigError(f"resolution must be an integer of at least 8 pixels, got {self.resolution!r}")
         self.erase_from = checked_erase_from(self.erase_from)
+        if not isinstance(self.toy_world, bool):
+            raise ConfigError(f"toy_world must be true or false, got {self.toy_world!r}")
+        if self.toy_world and self.retain_prompts is None:
+            from unsee import world
+
+            try:
+                world.concept_attribute(self.concept)
+            except ValueError:
+                raise ConfigError(f"toy_world=True takes AdvUnlearn's retain prompts from the toy shapes world, and "
+                                  f"{self.concept!r} is not one of its concepts; pass retain_prompts with "
+                                  "toy_world=False") from None
 
 
 def _encoder_layers(text_encoder: nn.Module) -> nn.ModuleList:
@@ -231,12 +247,12 @@ class AdvUnlearnTrainer(Trainer):
     # -- setup -------------------------------------------------------------------------------------
 
     def default_retain_prompts(self) -> tuple[str, ...]:
-        from unsee import world
+        """Toy-world prompts that do not name the concept (``toy_world``), else "a photo of a <COCO object>"."""
+        if self.config.toy_world:
+            from unsee import world
 
-        try:
             return tuple(world.other_prompts(self.config.concept, seed=self.config.seed, n=64))
-        except ValueError:  # not a toy-world concept
-            return tuple(f"a photo of a {name}" for name in COCO_OBJECTS)
+        return tuple(f"a photo of a {name}" for name in COCO_OBJECTS)
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         return token_ids(self.pipe.tokenizer, prompts).to(self.device)
@@ -248,7 +264,8 @@ class AdvUnlearnTrainer(Trainer):
         height, width = self.image_size(pipe)
         self.latent_shape = (1, *self.latent_size(pipe))
         self.scheduler = self.ddim_scheduler(config.ddim_steps)
-        self.retain_prompts = list(config.retain_prompts or self.default_retain_prompts())
+        self.retain_prompts = (fill_concept(config.retain_prompts, config.concept) if config.retain_prompts
+                               else list(self.default_retain_prompts()))
         # original conditioning (the encoder is untouched during setup): c, "", then each c_from
         froms = list(erase_from_prompts(config.erase_from))
         base = encode_prompts(pipe, [config.concept, ""] + froms, height, width)

@@ -25,7 +25,8 @@ Two kinds of adapter:
 
 - ``kind="delta"`` (the paper's single-concept recipe): full-weight training restricted by an
   **augmentation-enhanced saliency mask**: for every augmentation (each prompt of ``saliency_prompts``
-  -- by default the concept and its synonyms in the toy world -- under each seed of ``saliency_seeds``) the
+  -- by default the concept alone; with ``toy_world=True``, on the embedded toy model only, the concept and its
+  synonyms in the toy world -- under each seed of ``saliency_seeds``) the
   gradient of the ANT loss is accumulated over ``saliency_iterations`` trajectories; per tensor the
   ``mask_fraction`` of entries with the **largest** ``|g|`` are kept; the mask is the intersection over all
   augmentations. Unmasked entries stay bit-identical.
@@ -85,6 +86,7 @@ from .base import (
     ddim_sample,
     encode_prompts,
     erase_from_prompts,
+    fill_concept,
     gaussian_lora_config,
     mse,
     predict,
@@ -116,12 +118,15 @@ class ANTConfig(TrainerConfig):
         rank, lora_alpha: LoRA rank and alpha (alpha None: equal to the rank, i.e. scaling 1).
         parameters: the weights the mask ranks: ``"full"`` (all, the paper) or an ESD variant.
         mask_fraction: share of each tensor's entries a single augmentation's mask keeps (0.5).
-        saliency_prompts: the prompts of the augmentations (None: the concept and its toy-world synonyms).
+        saliency_prompts: the prompts of the augmentations (``{concept}`` is replaced by the concept); None: the
+            concept alone, or with ``toy_world`` the concept and its toy-world synonyms.
         saliency_seeds: the seeds of the augmentations (the official five).
         saliency_iterations: trajectories whose gradients are accumulated per augmentation (10).
         batch_size: trajectories per step (1). resolution: image size (None: the pipeline's default).
         erase_from: prompts that name the concept, to erase it from in context (one drawn per step; see the
             module docstring); None erases the concept's own words.
+        toy_world: take the augmentations the config does not give from the toy shapes world (the concept's
+            synonyms there); set by the ``toy`` preset for the embedded toy model, refused on any other model.
     """
 
     steps: int = 250
@@ -144,6 +149,7 @@ class ANTConfig(TrainerConfig):
     batch_size: int = 1
     resolution: Optional[int] = None
     erase_from: Union[str, tuple[str, ...], None] = None
+    toy_world: bool = False
 
     method: ClassVar[str] = "ant"
 
@@ -180,17 +186,25 @@ class ANTConfig(TrainerConfig):
         if self.resolution is not None and (not _is_int(self.resolution) or self.resolution < 8):
             raise ConfigError(f"resolution must be an integer >= 8 or None, got {self.resolution!r}")
         self.erase_from = checked_erase_from(self.erase_from)
+        if not isinstance(self.toy_world, bool):
+            raise ConfigError(f"toy_world must be true or false, got {self.toy_world!r}")
+        augmentation_prompts(self)  # raises ConfigError for toy_world with a concept outside the world
 
 
 def augmentation_prompts(config: ANTConfig) -> list[str]:
-    """The saliency augmentations' prompts: ``saliency_prompts``, or the concept and its toy-world synonyms."""
+    """The saliency augmentations' prompts: ``saliency_prompts`` (``{concept}`` filled in), else the concept
+    alone, or with ``toy_world`` the concept and its toy-world synonyms."""
     if config.saliency_prompts is not None:
-        return list(config.saliency_prompts)
+        return fill_concept(config.saliency_prompts, config.concept)
     prompts = [config.concept]
+    if not config.toy_world:
+        return prompts
     try:
         _, value = world.concept_attribute(config.concept)
     except ValueError:
-        return prompts
+        raise ConfigError(f"toy_world=True takes ANT's augmentations from the toy shapes world, and "
+                          f"{config.concept!r} is not one of its concepts; pass saliency_prompts with "
+                          "toy_world=False") from None
     for word in world.SYNONYMS.get(value, (value,)):
         if word != config.concept.strip().lower():
             prompts.append(word)

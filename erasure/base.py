@@ -15,7 +15,10 @@ The base class owns everything else, identically for every method:
 - a progress callback receiving :class:`Progress` events (tqdm on the CLI, ``gr.Progress`` in the app);
 - a checkpoint every ``checkpoint_every`` steps (trained tensors, optimizer state, RNG states, step,
   losses) written atomically (temporary file + ``os.replace``); ``resume=True`` continues from it and
-  gives bit for bit the result of an uninterrupted run;
+  gives bit for bit the result of an uninterrupted run. Settings that do not change what the checkpoint
+  means may differ on resume (:data:`RESUMABLE_CHANGES`: ``steps``, ``lr``, ``checkpoint_every``, ``device``,
+  ``dtype``, ``mixed_precision``): the run goes on with the new values (a lower ``lr`` after a NaN, say) and
+  the adapter's ``training["resumed_with"]`` records what changed;
 - a NaN/inf loss stops training with :class:`TrainingError` before the bad step is applied; the
   last good checkpoint is kept (a checkpoint is never written from non-finite weights);
 - determinism: every random draw comes from one ``torch.Generator`` seeded with ``config.seed``;
@@ -24,8 +27,16 @@ The base class owns everything else, identically for every method:
 - data parallel through ``accelerate``: ``Accelerator()`` prepares the UNet and the optimizer; one
   CPU process is the same code path as ``accelerate launch`` on several GPUs (each process draws its
   own timesteps/noise from ``seed + process_index``; gradients are averaged);
-- the pipeline is handed back unchanged: its weights are restored bit for bit after training (also
-  after an error), and the result is an :class:`~unsee.adapters.Adapter` to save or load.
+- the pipeline is handed back exactly as it came (also after an error): every parameter and buffer of
+  every component is the same tensor object with the same values, dtype and device (``dtype``/``device``
+  train on converted copies; the caller's tensors are put back, never converted back), with the same
+  ``requires_grad`` flags and gradients, the same attention processors and no LoRA layers left behind.
+  The result is an :class:`~unsee.adapters.Adapter` to save or load;
+- prompts: a trainer uses the prompt lists of its config, or documented templates for real models
+  ("a photo of {concept}", the COCO retain set...); toy-world prompts only with ``toy_world=True`` (set by
+  the ``toy`` preset for the embedded toy model), which :meth:`Trainer.train` refuses on any other model;
+- the loss: taken on what the UNet outputs (noise, or v for v-prediction models such as the toy model and
+  SD 2.x-v) unless the method offers ``loss_space="epsilon"`` (ESD, SalUn; see :func:`epsilon_from_output`).
 """
 
 from __future__ import annotations
@@ -57,15 +68,24 @@ __all__ = [
     "Conditioning",
     "CHECKPOINT_NAME",
     "load_checkpoint",
+    "canonical_dtype",
+    "epsilon_from_output",
+    "RESUMABLE_CHANGES",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# every spelling a trainer config accepts for ``dtype`` (the CLI's --dtype choices and torch's names), lower case
+DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "float": "float32",
+                 "float16": "float16", "fp16": "float16", "half": "float16",
+                 "bfloat16": "bfloat16", "bf16": "bfloat16"}
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OUTPUT_KINDS = ("delta", "lora")
-# config fields that may differ between a checkpoint and the run that resumes it
-_RESUMABLE_CHANGES = ("steps", "checkpoint_every", "device")
+LOSS_SPACES = ("output", "epsilon")
+#: config fields that may differ between a checkpoint and the run that resumes it: they change how the run goes
+#: on, not what the checkpoint holds (the same tensors of the same method, with the same data and targets)
+RESUMABLE_CHANGES = ("steps", "lr", "checkpoint_every", "device", "dtype", "mixed_precision")
 
 
 class ConfigError(ValueError):
@@ -103,6 +123,33 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def canonical_dtype(value: Any) -> Optional[str]:
+    """A dtype setting as ``"float32"``, ``"float16"`` or ``"bfloat16"`` (None stays None).
+
+    Accepts what the CLI's ``--dtype`` accepts (``fp32``, ``fp16``, ``bf16``, ``float16``...), torch's names as
+    text (``"torch.bfloat16"``, ``"half"``) and ``torch.dtype`` objects; anything else raises :class:`ConfigError`.
+    """
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype):
+        for name, dtype in DTYPES.items():
+            if value == dtype:
+                return name
+    elif isinstance(value, str):
+        key = value.strip().lower()
+        key = key[len("torch."):] if key.startswith("torch.") else key
+        if key in DTYPE_ALIASES:
+            return DTYPE_ALIASES[key]
+    raise ConfigError(f"dtype must be float32, float16 or bfloat16 (also fp32, fp16, bf16, torch.bfloat16...) or "
+                      f"None, got {value!r}")
+
+
+def fill_concept(prompts: Sequence[str], concept: str) -> list[str]:
+    """Prompt templates with ``{concept}`` replaced by the concept ("a photo of {concept}" -> "a photo of Van Gogh");
+    prompts without the placeholder are kept as they are."""
+    return [p.replace("{concept}", concept) for p in prompts]
+
+
 def _is_prompt_list(value: Any, allow_empty: bool = False) -> bool:
     """A list or tuple (not a text) of non-empty prompts; empty only with ``allow_empty``."""
     return (isinstance(value, (list, tuple)) and (allow_empty or len(value) > 0)
@@ -136,9 +183,11 @@ class TrainerConfig:
         checkpoint_every: write a checkpoint every N steps when ``train`` gets a ``checkpoint_dir``
             (0: only when training ends).
         device: ``"cpu"`` forces the CPU; None lets ``accelerate`` pick (its process's GPU when there is one).
-        dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``: move the pipeline to this precision before
-            training (None keeps it). Low-precision Adam is what the official ESD rewrite does; prefer
-            ``mixed_precision`` on GPUs.
+        dtype: train in this precision: ``"float32"``, ``"float16"`` or ``"bfloat16"``, spelled as the CLI's
+            ``--dtype`` (``"bf16"``, ``"fp16"``...), as torch names it (``"torch.bfloat16"``) or as a ``torch.dtype``;
+            stored as ``"bfloat16"`` etc. None keeps the pipeline's. The pipeline is trained on converted copies
+            and handed back in its own precision, bit for bit. Low-precision Adam is what the official ESD rewrite
+            does; prefer ``mixed_precision`` on GPUs.
         mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` autocast through ``accelerate`` (weights stay as they are).
     """
 
@@ -174,8 +223,7 @@ class TrainerConfig:
                 torch.device(self.device)
             except (RuntimeError, TypeError):
                 raise ConfigError(f"device must be 'cpu', 'cuda', 'cuda:1', ... or None, got {self.device!r}") from None
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} or None, got {self.dtype!r}")
+        self.dtype = canonical_dtype(self.dtype)
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
 
@@ -283,6 +331,34 @@ def denoising_target(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: t
     raise TrainingError(f"unsupported prediction_type {kind!r}")
 
 
+def epsilon_from_output(scheduler: Any, output: torch.Tensor, x_t: torch.Tensor,
+                        t: Union[int, torch.Tensor]) -> torch.Tensor:
+    """The noise prediction that a UNet output at ``(x_t, t)`` stands for, under the scheduler's parametrisation.
+
+    With ``alpha_t = sqrt(alphas_cumprod[t])`` and ``sigma_t = sqrt(1 - alphas_cumprod[t])``, so that
+    ``x_t = alpha_t x0 + sigma_t eps``: ``epsilon`` outputs are returned as they are; ``v_prediction`` outputs
+    (``v = alpha_t eps - sigma_t x0``) give ``eps = alpha_t v + sigma_t x_t``; ``sample`` outputs give
+    ``eps = (x_t - alpha_t x0) / sigma_t``. ``t`` is one timestep or one per row; the result is float32 (or the
+    output's dtype for ``epsilon``).
+
+    For two outputs at the same ``x_t`` and ``t``, ``eps_a - eps_b = alpha_t (v_a - v_b)``: an MSE between v
+    outputs is ``1 / alpha_t^2 = 1 + 1 / SNR(t)`` times the MSE between the noise predictions they stand for.
+    """
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return output
+    if kind not in ("v_prediction", "sample"):
+        raise TrainingError(f"unsupported prediction_type {kind!r}")
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=output.device, dtype=torch.float32)
+    steps = torch.as_tensor(t, device=output.device).long().reshape(-1)
+    shape = (-1,) + (1,) * (output.ndim - 1)
+    alpha = alphas_cumprod[steps].sqrt().reshape(shape)
+    sigma = (1 - alphas_cumprod[steps]).sqrt().reshape(shape)
+    if kind == "v_prediction":
+        return alpha * output.float() + sigma * x_t.float()
+    return (x_t.float() - alpha * output.float()) / sigma
+
+
 def gaussian_lora_config(rank: int, lora_alpha: Optional[float], modules: Sequence[str]) -> Any:
     """A peft ``LoraConfig`` on ``modules`` with Gaussian-initialised down weights (the adapter starts as the
     identity: up is zero); ``lora_alpha`` None means alpha = rank (scaling 1)."""
@@ -290,6 +366,92 @@ def gaussian_lora_config(rank: int, lora_alpha: Optional[float], modules: Sequen
 
     alpha = lora_alpha if lora_alpha is not None else rank
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(modules))
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline as it was handed in
+# ----------------------------------------------------------------------------------------------
+
+
+def pipeline_modules(pipe: Any) -> list[nn.Module]:
+    """The ``nn.Module`` components of a pipeline (UNet, text encoders, VAE...), each once."""
+    components = getattr(pipe, "components", None)
+    if not isinstance(components, dict):
+        components = {name: getattr(pipe, name, None) for name in
+                      ("unet", "text_encoder", "text_encoder_2", "vae", "image_encoder", "safety_checker")}
+    modules: list[nn.Module] = []
+    for module in components.values():
+        if isinstance(module, nn.Module) and not any(module is m for m in modules):
+            modules.append(module)
+    return modules
+
+
+_NOTHING = object()
+
+
+class _PipelineSnapshot:
+    """Every tensor of a pipeline's modules as handed in, to put back after training.
+
+    References, not copies: training moves or converts tensors into new ones (:meth:`move` keeps the caller's
+    tensors it replaces) and trains copies of the trained tensors (:meth:`Trainer._attach_trainable`), so the
+    caller's tensors are never written to and go back exactly as they were (also their dtype and device), with
+    their ``requires_grad`` flags and gradients, the modules' own ``forward`` (mixed precision wraps it), and
+    the UNet's attention processors.
+    """
+
+    def __init__(self, pipe: Any) -> None:
+        self.modules = pipeline_modules(pipe)
+        self.params: dict[int, tuple[nn.Parameter, bool, Optional[torch.Tensor]]] = {}
+        self.moved: dict[int, torch.Tensor] = {}  # the caller's data of the parameters :meth:`move` replaced
+        self.buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
+        for module in self.modules:
+            for param in module.parameters():
+                self.params.setdefault(id(param), (param, param.requires_grad, param.grad))
+            for sub in module.modules():
+                for name, buffer in sub._buffers.items():
+                    if buffer is not None:
+                        self.buffers.append((sub, name, buffer))
+        unet = getattr(pipe, "unet", None)
+        self.unet = unet
+        self.processors = dict(unet.attn_processors) if hasattr(unet, "attn_processors") else None
+        # accelerate's mixed precision wraps ``forward`` in the instance; unwrapping leaves a bound method there
+        self.forwards = [(module, module.__dict__.get("forward", _NOTHING)) for module in self.modules]
+
+    @torch.no_grad()
+    def move(self, device: torch.device, dtype: Optional[torch.dtype]) -> None:
+        """Every tensor on ``device`` (and floating-point ones in ``dtype``), as new tensors where they change."""
+        for key, (param, _, _) in self.params.items():
+            data = param.data
+            moved = data.to(device=device, dtype=dtype if dtype is not None and data.is_floating_point() else None)
+            if moved is not data:
+                if param.grad is not None and (param.grad.dtype != moved.dtype or param.grad.device != moved.device):
+                    param.grad = None  # the caller's gradient comes back with the restore
+                self.moved[key] = data
+                param.data = moved
+        for sub, name, buffer in self.buffers:
+            moved = buffer.to(device=device, dtype=dtype if dtype is not None and buffer.is_floating_point() else None)
+            if moved is not buffer:
+                sub._buffers[name] = moved
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for key, (param, requires_grad, grad) in self.params.items():
+            if key in self.moved:
+                param.data = self.moved[key]
+            param.requires_grad_(requires_grad)
+            param.grad = grad
+        for sub, name, buffer in self.buffers:
+            if sub._buffers.get(name) is not buffer:
+                sub._buffers[name] = buffer
+        for module, forward in self.forwards:
+            if forward is _NOTHING:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = forward
+        if self.processors is not None:
+            now = self.unet.attn_processors
+            if set(now) != set(self.processors) or any(now[k] is not v for k, v in self.processors.items()):
+                self.unet.set_attn_processor(dict(self.processors))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,6 +612,15 @@ class Trainer:
             for name, param in self.params.items():
                 param.data = current[name]
 
+    def loss_view(self, output: torch.Tensor, x_t: torch.Tensor, t: Union[int, torch.Tensor],
+                  scheduler: Any) -> torch.Tensor:
+        """A UNet output as the loss compares it: as it is (``loss_space="output"``, the default), or the noise
+        prediction it stands for (``loss_space="epsilon"``, :func:`epsilon_from_output`), for methods that have
+        the setting."""
+        if getattr(self.config, "loss_space", "output") == "epsilon":
+            return epsilon_from_output(scheduler, output, x_t, t)
+        return output
+
     def default_resolution(self, pipe: Any) -> tuple[int, int]:
         """The pipeline's default image size (height, width)."""
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -488,18 +659,26 @@ class Trainer:
         checkpoint_dir: Optional[Union[str, os.PathLike]] = None,
         resume: bool = False,
     ) -> Adapter:
-        """Train on ``pipe`` and return the adapter; the pipeline's weights are left as they were.
+        """Train on ``pipe`` and return the adapter; the pipeline is handed back exactly as it came.
+
+        Every parameter and buffer of the pipeline's components comes back as the same tensor with the same
+        values, dtype and device (``config.dtype`` and the training device apply to copies), with its
+        ``requires_grad`` flag and gradient; the UNet's attention processors are the same objects; no LoRA
+        layers are left. This holds after an error too.
 
         Args:
             pipe: an SD 1.x/2.x or SDXL pipeline (``unsee.load_pipeline`` or a diffusers pipeline).
             progress: called with a :class:`Progress` event during setup and after every step.
             checkpoint_dir: folder for ``checkpoint.pt`` (written every ``config.checkpoint_every`` steps and at
                 the end); None: no checkpoints.
-            resume: continue from the checkpoint in ``checkpoint_dir`` when there is one (its settings must
-                match this config, except steps, checkpoint_every and device).
+            resume: continue from the checkpoint in ``checkpoint_dir`` when there is one. Its settings must
+                match this config except those in :data:`RESUMABLE_CHANGES` (``steps``, ``lr``,
+                ``checkpoint_every``, ``device``, ``dtype``, ``mixed_precision``), which take this config's
+                values from the resumed step on (Adam keeps its moments; its learning rate becomes ``lr``).
 
         Raises:
-            ConfigError: invalid settings, or a checkpoint written with other settings.
+            ConfigError: invalid settings, a checkpoint written with other settings, or ``toy_world=True``
+                (toy-world prompts) on a pipeline that is not the embedded toy model.
             TrainingError: a non-finite loss (the last good checkpoint is kept), or an unusable pipeline.
         """
         from accelerate import Accelerator
@@ -511,6 +690,14 @@ class Trainer:
             raise TrainingError(f"{type(pipe).__name__} has no UNet; erasure trainers need an SD 1.x/2.x or SDXL pipeline")
         if getattr(pipe.unet, "peft_config", None):
             raise TrainingError("the UNet already has LoRA adapters; unload them (pipe.unload_lora_weights()) first")
+        if getattr(config, "toy_world", False):
+            from .presets import is_toy_pipeline
+
+            if not is_toy_pipeline(pipe):
+                raise ConfigError(
+                    f"{self.method}: toy_world=True draws prompts from the toy shapes world, and this pipeline is "
+                    "not the embedded toy model; give the prompt lists (or leave them to the templates for real "
+                    "models) with toy_world=False, e.g. preset 'paper'")
         if resume and checkpoint_dir is None:
             raise ConfigError("resume=True needs the checkpoint_dir to resume from")
         checkpoint = load_checkpoint(checkpoint_dir) if (resume and checkpoint_dir is not None) else None
@@ -524,28 +711,27 @@ class Trainer:
         self.accelerator, self.device, self._progress = accelerator, device, progress
         self._checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self._elapsed_before = 0.0
-        if config.dtype is not None:
-            pipe.to(dtype=DTYPES[config.dtype])
-        pipe.to(device)
-        self.pipe, self.unet = pipe, pipe.unet
         trained = getattr(pipe, self.trained_component, None)
         if not isinstance(trained, nn.Module):
             raise TrainingError(f"{self.method} trains the pipeline's {self.trained_component}, and "
                                 f"{type(pipe).__name__} has none")
+        self._resume_changes = self._changed_settings(checkpoint) if checkpoint is not None else {}
+        snapshot = _PipelineSnapshot(pipe)  # what goes back to the caller, whatever happens below
+        self.pipe, self.unet = pipe, pipe.unet
         self.trained_module = trained
         self.generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
         self.losses = []
         self._device_mask = {}
+        self.params, self._originals, self._lora = {}, {}, False  # nothing of an earlier run is restored
         started = time.perf_counter()
-        requires_grad = {name: p.requires_grad for name, p in trained.named_parameters()}
-        for module in (getattr(pipe, name, None) for name in ("unet", "text_encoder", "text_encoder_2", "vae")):
-            if isinstance(module, nn.Module):
-                module.requires_grad_(False)
         was_training = {module: module.training for module in {self.unet, trained}}
-        for module in was_training:
-            module.eval()  # no dropout: the teacher and the student see the same function
         model = None
         try:
+            snapshot.move(device, DTYPES[config.dtype] if config.dtype is not None else None)
+            for module in snapshot.modules:
+                module.requires_grad_(False)
+            for module in was_training:
+                module.eval()  # no dropout: the teacher and the student see the same function
             self.setup(pipe, checkpoint.get("extra") if checkpoint is not None else None)
             self._attach_trainable()
             optimizer = torch.optim.Adam(list(self.params.values()), lr=config.lr, weight_decay=0.0)
@@ -579,6 +765,7 @@ class Trainer:
                 "loss_last": self.losses[-1] if self.losses else None,
                 "seconds": round(time.perf_counter() - started + self._elapsed_before, 3),
                 "resumed_from_step": start if checkpoint is not None else None,
+                **({"resumed_with": self._resume_changes} if self._resume_changes else {}),
                 "device": str(device),
                 "num_processes": accelerator.num_processes,
                 "trained_tensors": len(self.params),
@@ -589,17 +776,21 @@ class Trainer:
         finally:
             if model is not None:
                 accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-            self._restore_pipeline(requires_grad)
-            for module, mode in was_training.items():
-                module.train(mode)
-            accelerator.free_memory()
-            self.model = None
+            try:
+                self._restore_pipeline()
+            finally:
+                snapshot.restore()  # the caller's own tensors, flags, gradients and processors
+                for module, mode in was_training.items():
+                    module.train(mode)
+                accelerator.free_memory()
+                self.model = None
 
     # -- internals ---------------------------------------------------------------------------
 
     _progress: Optional[ProgressCallback] = None
     _checkpoint_dir: Optional[Path] = None
     _elapsed_before: float = 0.0
+    _resume_changes: dict = {}
 
     def _attach_trainable(self) -> None:
         """Choose the trained tensors: LoRA layers added with peft, or a subset of the UNet's own parameters."""
@@ -618,23 +809,28 @@ class Trainer:
         else:
             self._lora = False
             self.params = self.select_parameters(self.trained_module)
-            # exact copies of the trained subset only: the teacher and the restore come from these
-            self._originals = {n: p.detach().clone() for n, p in self.params.items()}
+            # the trained subset's original tensors stay as they are (the teacher and the restore use them);
+            # training writes to copies
+            self._originals = {}
+            with torch.no_grad():
+                for name, param in self.params.items():
+                    self._originals[name] = param.data
+                    param.data = param.data.clone()
             for param in self.params.values():
                 param.requires_grad_(True)
         if not self.params:
             raise TrainingError(f"{self.method} selects no parameters of this UNet; check the variant")
 
-    def _restore_pipeline(self, requires_grad: dict[str, bool]) -> None:
+    def _restore_pipeline(self) -> None:
+        """Take the trained tensors out (their originals back in, the LoRA layers removed); the caller's
+        tensors, flags and gradients come back with the snapshot ``train`` took."""
         with torch.no_grad():
             if self._lora:
                 self.unet.unload_lora()  # removes the peft layers: the base weights were never touched
                 self._lora = False
             for name, param in self.params.items():
                 if name in self._originals:
-                    param.data = self._originals[name]  # the exact original values
-        for name, param in self.trained_module.named_parameters():
-            param.requires_grad_(requires_grad.get(name, False))
+                    param.data = self._originals[name]  # the original tensor itself
 
     def _make_adapter(self, summary: dict) -> Adapter:
         common = dict(method=self.method, concepts=[self.config.concept], hyperparameters=self.config.to_dict(),
@@ -649,21 +845,42 @@ class Trainer:
             raise TrainingError(f"training produced no usable adapter: {error}") from error
 
     def _nonfinite_message(self, value: float, step: int, what: str = "the loss") -> str:
-        where = (f"the last good checkpoint in {self._checkpoint_dir} is kept; resume from it with a lower learning rate"
-                 if self._checkpoint_dir is not None and (self._checkpoint_dir / CHECKPOINT_NAME).exists()
-                 else "no checkpoint was written")
+        lower = f"{self.config.lr / 10:.3g}"
+        precision = "" if self.config.dtype in (None, "float32") else " or dtype float32 (--dtype float32)"
+        if self._checkpoint_dir is not None and (self._checkpoint_dir / CHECKPOINT_NAME).exists():
+            # RESUMABLE_CHANGES allows lr and dtype to change on resume, so this advice works as written
+            advice = (f"the last good checkpoint in {self._checkpoint_dir} is kept; resume from it with a lower "
+                      f"learning rate: the same settings with lr={lower} and resume=True (unsee erase: the same "
+                      f"command with --resume --lr {lower}){precision}")
+        else:
+            advice = f"no checkpoint was written; start again with a lower learning rate (lr={lower}){precision}"
         return (f"{self.method}: {what} became {value} at step {step + 1} of {self.config.steps}; training stopped "
-                f"before applying it ({where}; try a lower lr than {self.config.lr:g} or float32)")
+                f"before applying it ({advice})")
+
+    def _settings_pair(self, checkpoint: dict) -> tuple[dict, dict]:
+        """(the checkpoint's settings, this config's), fields the checkpoint predates taken at their defaults."""
+        saved, mine = dict(checkpoint.get("config") or {}), self.config.to_dict()
+        for f in dataclasses.fields(self.config):
+            if f.name not in saved and f.default is not dataclasses.MISSING:
+                # before toy_world, the world's prompts were drawn exactly where the toy preset now sets it
+                saved[f.name] = mine[f.name] if f.name == "toy_world" else f.default
+        return saved, mine
+
+    def _changed_settings(self, checkpoint: dict) -> dict[str, dict[str, Any]]:
+        """The resumable settings this run changes: name -> {"checkpoint": value there, "now": value here}."""
+        saved, mine = self._settings_pair(checkpoint)
+        return {k: {"checkpoint": saved.get(k), "now": mine.get(k)} for k in RESUMABLE_CHANGES
+                if k != "steps" and saved.get(k) != mine.get(k)}
 
     def _check_checkpoint(self, checkpoint: dict, folder: Path) -> None:
-        saved = dict(checkpoint.get("config") or {})
-        mine = self.config.to_dict()
+        saved, mine = self._settings_pair(checkpoint)
         diff = sorted(k for k in set(saved) | set(mine)
-                      if k not in _RESUMABLE_CHANGES and saved.get(k) != mine.get(k))
+                      if k not in RESUMABLE_CHANGES and saved.get(k) != mine.get(k))
         if diff:
             detail = ", ".join(f"{k}={saved.get(k)!r} there, {mine.get(k)!r} here" for k in diff[:4])
             raise ConfigError(f"the checkpoint in {folder} was written with other settings ({detail}); resume with "
-                              "the same settings or use another checkpoint folder")
+                              f"the same settings (only {', '.join(RESUMABLE_CHANGES)} may change) or use another "
+                              "checkpoint folder")
         if checkpoint["step"] > self.config.steps:
             raise ConfigError(f"the checkpoint in {folder} is at step {checkpoint['step']}, past steps="
                               f"{self.config.steps}; raise steps or start a fresh run")
@@ -703,6 +920,8 @@ class Trainer:
             for name, param in self.params.items():
                 param.data.copy_(trained[name].to(param.device, param.dtype))
         optimizer.load_state_dict(checkpoint["optimizer"])
+        for group in optimizer.param_groups:  # the learning rate is this run's (it may change on resume)
+            group["lr"] = self.config.lr
         rng = checkpoint["rng"]
         generators = rng["generators"]
         self.generator.set_state(generators[min(self.accelerator.process_index, len(generators) - 1)])

@@ -65,7 +65,7 @@ from typing import Any, Callable, Optional, Union
 from unsee.files import atomic_write, is_temporary, model_file_problem, output_problem, remove_stale_temporaries
 
 from .base import CHECKPOINT_NAME, DTYPES, ConfigError, Progress, Trainer, TrainerConfig, TrainingError
-from .presets import preset_settings
+from .presets import WORLD_PROMPT_KEYS, is_toy_model_name, is_toy_pipeline, preset_settings
 from .esd import ESD_VARIANTS, ESDConfig, ESDTrainer
 from .salun import SaliencyMaskedTrainer, SalUnConfig, SalUnTrainer, save_mask
 from .spm import SPMConfig, SPMTrainer
@@ -125,6 +125,7 @@ class Job:
     resume: bool = False
     grid: int = 4
     overwrite: bool = False
+    world_prompts: bool = False  # the toy preset gave it the toy world's prompts: it trains on the toy model only
 
     @property
     def grid_path(self) -> Path:
@@ -293,6 +294,7 @@ def plan_jobs(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Optiona
                 settings = preset_settings(merged.get("preset"), method, str(merged.get("model", "toy")), concept)
             except ConfigError as error:
                 raise ConfigError(f"{where}: {error}") from None
+            world_prompts = any(key in settings for key in WORLD_PROMPT_KEYS)
             for key, value in merged.items():
                 if key in JOB_KEYS:
                     continue
@@ -325,7 +327,7 @@ def plan_jobs(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Optiona
                 raise ConfigError(f"{where}: dtype must be one of {', '.join(DTYPES)}")
             device = getattr(job_config, "device", None)
             if device is not None:
-                from unsee.cli import device_problem
+                from unsee.loading import device_problem
 
                 problem = device_problem(str(device))
                 if problem is not None:
@@ -347,7 +349,7 @@ def plan_jobs(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Optiona
                 out=out,
                 checkpoint_dir=Path(str(checkpoint_dir)) if checkpoint_dir is not None else out.with_suffix(".ckpt"),
                 remove_checkpoint=checkpoint_dir is None, resume=flags["resume"], grid=grid,
-                overwrite=flags["overwrite"],
+                overwrite=flags["overwrite"], world_prompts=world_prompts,
             ))
     unused = sorted(k for k in top if k not in JOB_KEYS and k not in used_top)
     if unused:
@@ -448,14 +450,17 @@ def _remove_own_checkpoint(folder: Path) -> None:
         pass
 
 
-def grid_prompts(concept: str, n: int, seed: int = 0) -> list[str]:
-    """Prompts for the before/after grid: toy-world prompts naming the concept, else the concept itself."""
+def grid_prompts(concept: str, n: int, seed: int = 0, toy: bool = False) -> list[str]:
+    """Prompts for the before/after grid: on the toy model (``toy``), toy-world prompts naming the concept; on any
+    other model (or for a concept the world lacks), "a photo of {concept}"."""
     from unsee import world
 
-    try:
-        return world.concept_prompts(concept, seed, n)
-    except ValueError:
-        return [concept] * n
+    if toy:
+        try:
+            return world.concept_prompts(concept, seed, n)
+        except ValueError:
+            pass
+    return [f"a photo of {concept}"] * n
 
 
 def before_after_images(pipe: Any, adapter: Any, prompts: list[str], seed: int = 0, steps: int = 25) -> tuple[list, list]:
@@ -549,6 +554,10 @@ def run_jobs(
                     pipes[key] = _load_model(job, dtype)
                     pipes[key].set_progress_bar_config(disable=True)
                 job_pipe = pipes[key]
+            if job.world_prompts and not is_toy_pipeline(job_pipe):
+                raise ConfigError(f"{job.describe()} was planned for the embedded toy model with the toy world's prompts, "
+                                  f"but the pipeline given is not the embedded toy model; name your model in the job "
+                                  f"(model: ...) or use preset: paper")
             entry: dict[str, Any] = {"method": job.method, "concept": job.config.concept, "model": job.model,
                                      "out": str(job.out), "settings": job.config.to_dict(), "status": "running"}
             report["jobs"].append(entry)
@@ -574,8 +583,8 @@ def run_jobs(
                 log(f"{job.describe()}: no before/after grid (the pipeline has no load_erasure; use unsee.load_pipeline)")
             elif job.grid:
                 concept = _erase_from_text(job.config) or job.config.concept
-                image = before_after_grid(job_pipe, adapter, grid_prompts(concept, job.grid, job.config.seed),
-                                          seed=job.config.seed)
+                prompts = grid_prompts(concept, job.grid, job.config.seed, toy=is_toy_pipeline(job_pipe))
+                image = before_after_grid(job_pipe, adapter, prompts, seed=job.config.seed)
                 atomic_write(job.grid_path, lambda tmp: image.save(tmp, format="PNG"))
                 entry["grid"] = str(job.grid_path)
             if job.remove_checkpoint and job.checkpoint_dir is not None and job.checkpoint_dir.is_dir():

@@ -81,16 +81,33 @@
 
 ``unsee erase`` and job files use ``toy`` when the model is ``"toy"`` and ``paper`` otherwise, unless
 ``preset`` is given. Explicit settings always win over the preset's.
+
+Prompts from the shapes world go only to the embedded toy model. The ``toy`` preset adds them (ESD's, SPM's,
+AdvUnlearn's and ANT's in-context ``erase_from`` and ``preserve`` lists, and ``toy_world=True``, with which
+SalUn, ANT and AdvUnlearn draw the prompt sets they are not given from the world) only when ``model`` is the
+toy model (:func:`is_toy_model_name`) and the concept is one of the world's; with any other model it gives its
+numbers alone. A trainer with ``toy_world=True`` refuses a pipeline that is not the toy model
+(:func:`is_toy_pipeline`), so a job handed another pipeline fails before any work instead of training it on
+toy prompts. Without ``toy_world`` the trainers use their documented templates for real models
+("a photo of {concept}", the COCO retain set) or the user's own lists.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import functools
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
 
 from .base import ConfigError
 
-__all__ = ["PRESETS", "TOY_BY_ATTRIBUTE", "TOY_IN_CONTEXT_BY_ATTRIBUTE", "TOY_PRESETS", "preset_settings",
-           "toy_esd_context"]
+__all__ = ["PRESETS", "TOY_BY_ATTRIBUTE", "TOY_IN_CONTEXT_BY_ATTRIBUTE", "TOY_PRESETS", "TOY_WORLD_METHODS",
+           "WORLD_PROMPT_KEYS", "is_toy_model_name", "is_toy_pipeline", "preset_settings", "toy_esd_context"]
+
+# methods whose configs have ``toy_world`` (prompt sets drawn from the shapes world when not given)
+TOY_WORLD_METHODS = ("salun", "ant", "advunlearn")
+_PROMPT_KEYS = ("erase_from", "preserve")
+WORLD_PROMPT_KEYS = _PROMPT_KEYS + ("toy_world",)  # what the toy preset adds for the toy model only
 
 _TOY_ESD_X = {"steps": 200, "lr": 5e-4, "eta": 2.0, "ddim_steps": 25}
 _TOY_ESD_ALL = {"steps": 200, "lr": 5e-5, "eta": 2.0, "ddim_steps": 25}
@@ -175,13 +192,71 @@ def _context_prompts(concept: str, erase_from: int, preserve: int) -> dict[str, 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {"paper": {}, "toy": TOY_PRESETS}
 
 
-def preset_settings(preset: Optional[str], method: str, model: str = "toy",
+def is_toy_model_name(model: Union[str, os.PathLike, None]) -> bool:
+    """Whether a model setting names the embedded toy model: ``"toy"`` or the path of its folder."""
+    if model is None:
+        return False
+    if str(model) == "toy":
+        return True
+    from unsee.toy import TOY_MODEL_DIR
+
+    try:
+        return Path(model).expanduser().resolve() == TOY_MODEL_DIR.resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def _toy_vocabulary() -> Optional[tuple]:
+    """The shipped toy tokenizer's vocabulary (token -> id, sorted), or None when the toy model is not installed."""
+    from unsee.toy import TOY_MODEL_DIR
+
+    folder = TOY_MODEL_DIR / "tokenizer"
+    if not folder.is_dir():
+        return None
+    from transformers import CLIPTokenizer
+
+    try:
+        return tuple(sorted(CLIPTokenizer.from_pretrained(str(folder)).get_vocab().items()))
+    except (OSError, ValueError):
+        return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    norm = (lambda v: list(v) if isinstance(v, (list, tuple)) else v)
+    return norm(a) == norm(b)
+
+
+def is_toy_pipeline(pipe: Any) -> bool:
+    """Whether ``pipe`` is the embedded toy model (or a fine-tune of it): its UNet has the toy's architecture
+    (``unsee.toy.UNET_CONFIG``) and its tokenizer the shipped toy tokenizer's vocabulary, the world's words as
+    single tokens. Structural signals only: never the concept, the prompts or the pipeline's name."""
+    from unsee.toy import UNET_CONFIG
+
+    unet_config = getattr(getattr(pipe, "unet", None), "config", None)
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if unet_config is None or tokenizer is None or getattr(pipe, "text_encoder_2", None) is not None:
+        return False
+    if not all(_same(unet_config.get(key), value) for key, value in UNET_CONFIG.items()):
+        return False
+    vocabulary = _toy_vocabulary()
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    return vocabulary is not None and callable(get_vocab) and tuple(sorted(get_vocab().items())) == vocabulary
+
+
+def preset_settings(preset: Optional[str], method: str, model: Union[str, os.PathLike] = "toy",
                     concept: Optional[str] = None) -> dict[str, Any]:
-    """The settings ``preset`` gives ``method`` (None: ``toy`` for the toy model, else ``paper``); with the
-    ``toy`` preset and a ``concept`` of the shapes world, also the prompts ESD, SPM and AdvUnlearn erase it from
-    in context (and ESD's preserved prompts)."""
+    """The settings ``preset`` gives ``method`` (None: ``toy`` for the toy model, else ``paper``).
+
+    With the ``toy`` preset, the toy model (``model``: ``"toy"`` or its folder; :func:`is_toy_model_name`) and a
+    ``concept`` of the shapes world, also the world's prompts: those ESD, SPM, AdvUnlearn and ANT erase it from in
+    context (and ESD's preserved prompts), and ``toy_world=True`` for SalUn, ANT and AdvUnlearn (their prompt
+    sets drawn from the world). For any other model the ``toy`` preset gives its numbers only: a model that is not
+    the toy never gets toy-world prompts.
+    """
+    toy_model = is_toy_model_name(model)
     if preset is None:
-        preset = "toy" if model == "toy" else "paper"
+        preset = "toy" if toy_model else "paper"
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     settings = dict(PRESETS[preset].get(method, {}))
@@ -193,4 +268,9 @@ def preset_settings(preset: Optional[str], method: str, model: str = "toy",
         context = TOY_IN_CONTEXT.get(method) or TOY_IN_CONTEXT_BY_ATTRIBUTE.get(method, {}).get(attribute)
         if context:
             settings.update(_context_prompts(concept, **context))
+        if method in TOY_WORLD_METHODS:
+            settings["toy_world"] = True
+    if not toy_model:  # the world's prompts are for the toy model only
+        for key in WORLD_PROMPT_KEYS:
+            settings.pop(key, None)
     return settings

@@ -154,8 +154,9 @@ def test_erase_job_with_method_advunlearn(pipe, tmp_path):
     from unsee.erasure import run_jobs
 
     out = tmp_path / "advunlearn-circle.safetensors"
+    # preset paper: the tiny pipeline is not the toy model, and the toy preset's world prompts are for the toy model
     report = run_jobs({"method": "advunlearn", "concept": "circle", "steps": 1, "warmup": 0, "ddim_steps": 2,
                        "attack_steps": 2, "retain_batch": 2, "retain_prompts": ["a blue square"], "grid": 1,
-                       "out": str(out)}, pipe=pipe)
+                       "out": str(out), "preset": "paper"}, pipe=pipe)
     assert report["jobs"][0]["status"] == "done" and report["jobs"][0]["kind"] == "text_encoder"
     assert load_adapter(out).method == "advunlearn" and out.with_suffix(".grid.png").is_file()

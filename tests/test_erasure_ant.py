@@ -118,9 +118,13 @@ def test_lora_adapter_covers_the_blocks_and_loads_back():
 
 
 def test_augmentation_prompts_default_to_the_concept_and_its_synonyms():
-    assert augmentation_prompts(ANTConfig(concept="circle")) == ["circle", "ball", "disc"]
+    # the toy world's synonyms only with toy_world (the toy preset, for the toy model); the concept alone otherwise
+    assert augmentation_prompts(ANTConfig(concept="circle", toy_world=True)) == ["circle", "ball", "disc"]
+    assert augmentation_prompts(ANTConfig(concept="circle")) == ["circle"]
     assert augmentation_prompts(ANTConfig(concept="Van Gogh")) == ["Van Gogh"]
     assert augmentation_prompts(ANTConfig(concept="circle", saliency_prompts=["a"])) == ["a"]
+    assert augmentation_prompts(ANTConfig(concept="dog", saliency_prompts=["a {concept}", "{concept}"])) == [
+        "a dog", "dog"]
 
 
 @pytest.mark.parametrize("settings, field", [

@@ -190,8 +190,9 @@ def test_nan_weights_are_never_checkpointed(tmp_path):
 def test_resume_refuses_a_checkpoint_with_other_settings(tmp_path):
     pipe = tiny_sd_pipeline()
     ESDTrainer(ESDConfig(steps=2, **FAST)).train(pipe, checkpoint_dir=tmp_path)
-    with pytest.raises(ConfigError, match="other settings.*lr"):
-        ESDTrainer(ESDConfig(steps=4, **{**FAST, "lr": 1e-3})).train(pipe, checkpoint_dir=tmp_path, resume=True)
+    # eta changes what the checkpoint's weights were trained towards (lr may change: tests/test_trainer_defects.py)
+    with pytest.raises(ConfigError, match="other settings.*eta"):
+        ESDTrainer(ESDConfig(steps=4, eta=2.0, **FAST)).train(pipe, checkpoint_dir=tmp_path, resume=True)
 
 
 _KILLED_RUN = textwrap.dedent("""
@@ -303,6 +304,8 @@ def test_cli_erase_config_file_runs_every_job(tiny_sd_folder, tmp_path):
             ddim_steps: 2
           - method: salun
             concept: circle
+            relabel_prompts: [a square]
+            retain_prompts: [a red heart]
             num_forget: 2
             num_retain: 2
             batch_size: 1

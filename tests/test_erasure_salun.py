@@ -10,7 +10,11 @@ from unsee.erasure.salun import relabel_prompt, saliency_prompts
 from unsee.testing import train_on_tiny_pipeline
 
 
-TINY = dict(num_forget=4, num_retain=4, batch_size=2, generation_steps=3)
+# the tiny pipeline is not the toy model: its prompt sets are given (toy-world prompts are for the toy model only)
+TINY = dict(num_forget=4, num_retain=4, batch_size=2, generation_steps=3,
+            forget_prompts=["a red circle", "a blue circle on a black background"],
+            relabel_prompts=["a red square", "a blue square on a black background"],
+            retain_prompts=["a green star", "a yellow heart", "a cross"])
 
 
 def _train(fraction=0.5, steps=3, lr=1e-2, **extra):
@@ -65,7 +69,7 @@ def test_mask_is_stored_as_bits(tmp_path):
 def test_toy_world_prompts_and_relabelling():
     assert relabel_prompt("a red circle on a gray background", "circle") == "a red square on a gray background"
     assert relabel_prompt("a heart on a white background", "white") == "a heart on a black background"
-    config = SalUnConfig(concept="red", num_forget=6, num_retain=5)
+    config = SalUnConfig(concept="red", num_forget=6, num_retain=5, toy_world=True)  # the toy preset's setting
     forget, relabel, retain = saliency_prompts(config)
     assert len(forget) == len(relabel) == 6 and len(retain) == 5
     assert all("red" in p for p in forget) and not any("red" in p for p in relabel + retain)
@@ -74,6 +78,8 @@ def test_toy_world_prompts_and_relabelling():
 def test_explicit_prompts_for_concepts_outside_the_toy_world():
     with pytest.raises(ConfigError, match="relabel_prompts"):
         SalUnConfig(concept="nudity")
+    with pytest.raises(ConfigError, match="relabel_prompts"):  # a toy-world word gets no toy prompts either
+        SalUnConfig(concept="circle")
     config = SalUnConfig(concept="nudity", forget_prompts=["a photo of a nude person"],
                          relabel_prompts=["a photo of a person wearing clothes"], retain_prompts=["a photo of a car"],
                          num_forget=3, num_retain=2)
@@ -85,7 +91,7 @@ def test_explicit_prompts_for_concepts_outside_the_toy_world():
 
 
 def test_salun_defaults_are_the_papers():
-    config = SalUnConfig(concept="circle")
+    config = SalUnConfig(concept="circle", relabel_prompts=["a photo of a square"], retain_prompts=["a photo of a car"])
     assert (config.mask_fraction, config.alpha, config.lr, config.batch_size, config.mask_guidance) == (
         0.5, 0.5, 1e-5, 8, 7.5)
     assert config.parameters == "full" and config.num_forget == 800

@@ -133,35 +133,9 @@ def _adapter_spec(text: str) -> tuple[str, float]:
     return path, value
 
 
-def device_problem(text: str) -> Optional[str]:
-    """Why ``text`` is not a device this machine has (a phrase: "'cuda' ..."), or None."""
-    import torch
-
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError, TypeError):
-        return f"{_show(text)} is not a device; use cpu, cuda, cuda:N or mps"
-    kind = device.type
-    if kind == "cpu":
-        return None
-    if kind == "mps":
-        backend = getattr(torch.backends, "mps", None)
-        available = bool(backend is not None and backend.is_available())
-        count = 1 if available else 0
-    else:
-        module = getattr(torch, kind, None)
-        if kind == "meta" or module is None or not callable(getattr(module, "is_available", None)):
-            return f"{_show(text)} cannot run a pipeline; use cpu, cuda, cuda:N or mps"
-        available = bool(module.is_available())
-        count = int(module.device_count()) if available and hasattr(module, "device_count") else 0
-    if not available:
-        return f"{_show(text)} is not available on this machine (no {kind} device); use --device cpu"
-    if device.index is not None and device.index >= count:
-        return f"{_show(text)} does not exist: this machine has {count} {kind} device(s), {kind}:0 to {kind}:{count - 1}"
-    return None
-
-
 def _device(text: str) -> str:
+    from .loading import device_problem
+
     problem = device_problem(text)
     if problem is not None:
         raise argparse.ArgumentTypeError(problem)
@@ -378,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--checkpoint-every", type=_int_in(0, MAX_TRAIN_STEPS), default=None, metavar="N",
                     help="checkpoint every N steps (default 100)")
     er.add_argument("--resume", action="store_true", default=None,
-                    help="continue from the checkpoint (a checkpoint folder that is not empty is used only with it)")
+                    help="continue from the checkpoint (a checkpoint folder that is not empty is used only with it); "
+                         "--steps, --lr, --checkpoint-every, --device and --dtype may change")
     er.add_argument("--config", default=None, metavar="FILE", help="YAML/JSON file of erasure jobs")
     er.add_argument("--model", default=None, type=_model,
                     help="'toy' (embedded default), a hub id, a local diffusers folder or a single-file checkpoint")

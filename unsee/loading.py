@@ -136,3 +136,29 @@ def _load_from_hub(repo_id: str, **kwargs):
     hub_options = {k: v for k, v in kwargs.items() if k in ("revision", "token", "cache_dir", "local_files_only")}
     index = DiffusionPipeline.load_config(repo_id, **hub_options)
     return _class_for_index(index, repo_id).from_pretrained(repo_id, **kwargs)
+
+
+def device_problem(text: str) -> Optional[str]:
+    """Why ``text`` is not a device this machine has (a phrase: "'cuda' ..."), or None."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        return f"{repr(text if len(text) <= 40 else text[:40] + '...')} is not a device; use cpu, cuda, cuda:N or mps"
+    kind = device.type
+    if kind == "cpu":
+        return None
+    if kind == "mps":
+        backend = getattr(torch.backends, "mps", None)
+        available = bool(backend is not None and backend.is_available())
+        count = 1 if available else 0
+    else:
+        module = getattr(torch, kind, None)
+        if kind == "meta" or module is None or not callable(getattr(module, "is_available", None)):
+            return f"{repr(text if len(text) <= 40 else text[:40] + '...')} cannot run a pipeline; use cpu, cuda, cuda:N or mps"
+        available = bool(module.is_available())
+        count = int(module.device_count()) if available and hasattr(module, "device_count") else 0
+    if not available:
+        return f"{repr(text if len(text) <= 40 else text[:40] + '...')} is not available on this machine (no {kind} device); use --device cpu"
+    if device.index is not None and device.index >= count:
+        return f"{repr(text if len(text) <= 40 else text[:40] + '...')} does not exist: this machine has {count} {kind} device(s), {kind}:0 to {kind}:{count - 1}"
+    return None
