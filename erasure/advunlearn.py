@@ -240,6 +240,8 @@ class AdvUnlearnTrainer(Trainer):
     config_class: ClassVar[type] = AdvUnlearnConfig
     config: AdvUnlearnConfig
     trained_component: ClassVar[str] = "text_encoder"
+    #: ``attack_init="latest"`` starts each attack from the draw's own last prefix (see ``draws_per_step``)
+    draw_state: ClassVar[tuple[str, ...]] = ("latest_delta",)
 
     def select_parameters(self, text_encoder: nn.Module) -> dict[str, nn.Parameter]:
         return encoder_layer_parameters(text_encoder, self.config.layers)

@@ -21,12 +21,22 @@ The base class owns everything else, identically for every method:
   the adapter's ``training["resumed_with"]`` records what changed;
 - a NaN/inf loss stops training with :class:`TrainingError` before the bad step is applied; the
   last good checkpoint is kept (a checkpoint is never written from non-finite weights);
-- determinism: every random draw comes from one ``torch.Generator`` seeded with ``config.seed``;
+- determinism: every random draw comes from a ``torch.Generator`` seeded from ``config.seed`` (one per draw of
+  ``draws_per_step``; with one draw, the one generator seeded with ``config.seed``);
 - the frozen teacher is the same UNet with the original values of the trained tensors swapped in
   (:meth:`Trainer.frozen_teacher`), or with the LoRA adapter disabled; never a second UNet;
-- data parallel through ``accelerate``: ``Accelerator()`` prepares the UNet and the optimizer; one
-  CPU process is the same code path as ``accelerate launch`` on several GPUs (each process draws its
-  own timesteps/noise from ``seed + process_index``; gradients are averaged);
+- data parallel through ``accelerate`` (launch: ``torchrun --nproc_per_node N -m unsee.cli erase ...``, or
+  ``accelerate launch --multi_gpu --num_processes N -m unsee.cli erase ...``): one optimisation step averages the
+  loss over ``draws_per_step`` independent draws of the method's step (:meth:`Trainer.training_step`; None: one
+  per process). Draw ``j`` has its own random stream (draw 0: the run's generator, seeded with ``seed``, which
+  also serves :meth:`Trainer.setup` on every process; draw ``j > 0``: a generator seeded from ``(seed, j)``), so a
+  draw is the same whichever process computes it. With N processes each computes ``draws_per_step / N`` of them
+  (a block of consecutive draws) and DDP averages the gradients: N processes give the adapter of one process with
+  ``draws_per_step=N``, up to the order of float sums. One process with one draw is exactly the single-process
+  trainer of earlier versions. Only the main process writes (checkpoints; ``run_jobs`` writes adapters, reports
+  and grids there); several processes on a machine without a GPU train on the CPU with gloo;
+- accelerate keeps one state per process: ``train`` sets it up for its own device and ``mixed_precision`` and
+  puts back what it found when it ends, so trainers with different settings run one after another in a process;
 - the pipeline is handed back exactly as it came (also after an error): every parameter and buffer of
   every component is the same tensor object with the same values, dtype and device (``dtype``/``device``
   train on converted copies; the caller's tensors are put back, never converted back), with the same
@@ -43,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 import os
 import random
@@ -86,6 +97,12 @@ LOSS_SPACES = ("output", "epsilon")
 #: config fields that may differ between a checkpoint and the run that resumes it: they change how the run goes
 #: on, not what the checkpoint holds (the same tensors of the same method, with the same data and targets)
 RESUMABLE_CHANGES = ("steps", "lr", "checkpoint_every", "device", "dtype", "mixed_precision")
+#: config fields compared apart on resume: ``draws_per_step`` None means one draw per process, so what must match is
+#: the number of draws it comes to (a 2-process checkpoint resumes on 1 process with ``draws_per_step=2``)
+_COMPARED_APART = ("draws_per_step",)
+#: launchers' environment variables that give the number of processes started
+_WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+_RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 
 
 class ConfigError(ValueError):
@@ -179,7 +196,8 @@ class TrainerConfig:
         concept: the concept to erase, as a prompt ("circle", "Van Gogh", "nudity").
         steps: optimisation steps.
         lr: Adam learning rate (> 0).
-        seed: seeds the one generator every random draw comes from.
+        seed: seeds the generators every random draw comes from (draw 0's, which setup also uses, is seeded with
+            it; see ``draws_per_step``).
         checkpoint_every: write a checkpoint every N steps when ``train`` gets a ``checkpoint_dir``
             (0: only when training ends).
         device: ``"cpu"`` forces the CPU; None lets ``accelerate`` pick (its process's GPU when there is one).
@@ -189,6 +207,11 @@ class TrainerConfig:
             and handed back in its own precision, bit for bit. Low-precision Adam is what the official ESD rewrite
             does; prefer ``mixed_precision`` on GPUs.
         mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` autocast through ``accelerate`` (weights stay as they are).
+        draws_per_step: independent draws of the method's step (its x_t, timestep, prompt, batch of ``batch_size``
+            where the method has one...) whose losses one optimisation step averages: the global batch of
+            data-parallel training, in units of the method's own step. None: one per process. With N processes
+            each computes ``draws_per_step / N`` of them (it must be a multiple of N); one process with
+            ``draws_per_step=N`` trains the adapter N processes train.
     """
 
     concept: str = ""
@@ -199,6 +222,7 @@ class TrainerConfig:
     device: Optional[str] = None
     dtype: Optional[str] = None
     mixed_precision: str = "no"
+    draws_per_step: Optional[int] = None
 
     method: ClassVar[str] = "base"
 
@@ -226,6 +250,9 @@ class TrainerConfig:
         self.dtype = canonical_dtype(self.dtype)
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        if self.draws_per_step is not None and (not _is_int(self.draws_per_step) or self.draws_per_step < 1):
+            raise ConfigError(f"draws_per_step must be a positive integer (the draws averaged per step; a multiple of "
+                              f"the number of processes) or None (one per process), got {self.draws_per_step!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a JSON-serialisable dict (stored in the adapter and the report)."""
@@ -478,6 +505,153 @@ def load_checkpoint(checkpoint_dir: Union[str, os.PathLike]) -> Optional[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Processes (data parallel through accelerate)
+# ----------------------------------------------------------------------------------------------
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _env_int(names: Sequence[str]) -> Optional[int]:
+    for name in names:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def launched_processes() -> int:
+    """How many processes the launcher (torchrun, ``accelerate launch``, mpirun) started: 1 without one."""
+    return max(1, _env_int(_WORLD_SIZE_VARIABLES) or 1)
+
+
+def process_rank() -> int:
+    """This process's rank as its launcher set it (0 without one); rank 0 is the main process, the one that writes."""
+    return _env_int(_RANK_VARIABLES) or 0
+
+
+def launch_problem() -> Optional[str]:
+    """Why this launch cannot train as the user asked (one line naming the fix), or None.
+
+    ``accelerate launch --cpu --num_processes N`` starts one process whatever N is (accelerate's simple launcher:
+    it sets ``MASTER_ADDR`` for N > 1 and no rank); that process would train alone.
+    """
+    ranked = any(os.environ.get(name) for name in (*_RANK_VARIABLES, "LOCAL_RANK"))
+    if _env_flag("ACCELERATE_USE_CPU") and os.environ.get("MASTER_ADDR") and not ranked:
+        return ("accelerate launch --cpu starts one process whatever --num_processes says; start N CPU processes with "
+                "torchrun --nproc_per_node N -m unsee.cli erase ... (or accelerate launch --multi_gpu --num_processes "
+                "N -m unsee.cli erase ... --device cpu)")
+    return None
+
+
+def _wants_cpu(device: Optional[str]) -> bool:
+    return _env_flag("ACCELERATE_USE_CPU") or (device is not None and torch.device(device).type == "cpu")
+
+
+def process_state(device: Optional[str] = None) -> Any:
+    """accelerate's ``PartialState`` for training on ``device`` (``"cpu"``, or None for the processes' GPUs), with
+    the process group of a multi-process launch set up. Several processes on a machine where accelerate finds no
+    GPU backend train on the CPU with gloo (accelerate would make each a world of its own). Raises
+    :class:`ConfigError` for a launch that would not train as asked (:func:`launch_problem`), or a device other
+    than the one the processes already use."""
+    from accelerate.state import PartialState
+
+    problem = launch_problem()
+    if problem is not None:
+        raise ConfigError(problem)
+    cpu = _wants_cpu(device)
+    if PartialState._shared_state:
+        state = PartialState()
+        wanted = "cpu" if cpu else (torch.device(device).type if device is not None else state.device.type)
+        if state.num_processes > 1 and state.device.type != wanted:
+            raise ConfigError(f"these {state.num_processes} processes train on {state.device.type}; every job of a "
+                              f"multi-process run trains on the same device, and this one asks for {device!r}")
+        return state
+    state = PartialState(cpu=cpu)
+    if launched_processes() > 1 and state.num_processes == 1 and not cpu:
+        PartialState._reset_state()  # nothing distributed was set up: no GPU backend here, so gloo on the CPU
+        state = PartialState(cpu=True)
+    if state.num_processes != launched_processes():
+        raise ConfigError(f"the launcher started {launched_processes()} processes and accelerate set up "
+                          f"{state.num_processes}; launch with torchrun --nproc_per_node N -m unsee.cli erase ...")
+    return state
+
+
+@contextlib.contextmanager
+def _accelerator_session(config: TrainerConfig) -> Iterator[Any]:
+    """An ``Accelerator`` for one training run; accelerate's process-wide state is put back as it was found.
+
+    accelerate keeps one state per process and refuses another ``mixed_precision`` (or the CPU after a GPU) once
+    it is set; a run sets up its own, so trainers with different settings can follow one another (and an
+    ``Accelerator`` of the caller's keeps its settings). The process group of a multi-process launch stays.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    saved_partial, saved_state = dict(PartialState._shared_state), dict(AcceleratorState._shared_state)
+    AcceleratorState._shared_state.clear()
+    if saved_partial.get("num_processes", 1) == 1:
+        PartialState._shared_state.clear()
+    try:
+        state = process_state(config.device)
+        yield Accelerator(cpu=state.device.type == "cpu", mixed_precision=config.mixed_precision,
+                          device_placement=False)
+    finally:
+        AcceleratorState._shared_state.clear()
+        AcceleratorState._shared_state.update(saved_state)
+        if PartialState._shared_state.get("num_processes", 1) == 1:
+            PartialState._shared_state.clear()
+            PartialState._shared_state.update(saved_partial)
+
+
+def check_draws(draws_per_step: Optional[int], processes: int) -> None:
+    """Raise :class:`ConfigError` when ``draws_per_step`` does not split over ``processes`` processes."""
+    if draws_per_step is not None and draws_per_step % processes:
+        raise ConfigError(f"draws_per_step={draws_per_step} does not split over {processes} processes; give a multiple "
+                          f"of {processes} (--set draws_per_step=...) or leave it unset (one draw per process)")
+
+
+def draw_seed(seed: int, draw: int) -> int:
+    """The seed of draw ``draw``'s generator (see ``draws_per_step``): ``seed`` itself for draw 0, else a 63-bit hash
+    of both (no two (seed, draw) pairs share a stream, unlike ``seed + draw``)."""
+    if draw == 0:
+        return seed
+    digest = hashlib.sha256(f"unsee-draw:{seed}:{draw}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def on_main_process(work: Callable[[], Any], what: str) -> None:
+    """Run ``work`` on the main process only; with several processes, each raises when it failed there.
+
+    The error is the main process's own there, and elsewhere a :class:`ConfigError` (when it was one) or a
+    :class:`TrainingError` with its message, so that every process ends the same way instead of waiting for a
+    process that is gone. Every process must call it at the same point (it is a collective).
+    """
+    from accelerate.state import PartialState
+
+    state = PartialState() if PartialState._shared_state else None
+    main = state is None or state.is_main_process
+    failure: Optional[BaseException] = None
+    if main:
+        try:
+            work()
+        except Exception as error:
+            failure = error
+    if state is not None and state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        shared = [None if failure is None else (isinstance(failure, ConfigError), str(failure))]
+        broadcast_object_list(shared, from_process=0)
+        if not main and shared[0] is not None:
+            config_error, message = shared[0]
+            raise (ConfigError if config_error else TrainingError)(
+                message if config_error else f"the main process failed {what}: {message}")
+    if failure is not None:
+        raise failure
+
+
+# ----------------------------------------------------------------------------------------------
 # The trainer
 # ----------------------------------------------------------------------------------------------
 
@@ -493,8 +667,9 @@ class Trainer:
     While :meth:`train` runs, these attributes are set: ``pipe``, ``unet`` (the bare UNet), ``trained_module``
     (the component named by ``trained_component``: the UNet, or the text encoder for AdvUnlearn), ``model``
     (it as prepared by ``accelerate``: call it for predictions that need gradients), ``accelerator``,
-    ``device``, ``generator`` (the CPU generator every random draw comes from) and ``params`` (name ->
-    trained parameter).
+    ``device``, ``generator`` (the CPU generator of the draw being computed, see ``draws_per_step``: every random
+    number of a step comes from it, directly or through :meth:`randn` and :meth:`randint`) and ``params`` (name ->
+    trained parameter). A method that carries values from one step to the next names them in :attr:`draw_state`.
     """
 
     config_class: ClassVar[type] = TrainerConfig
@@ -504,6 +679,10 @@ class Trainer:
     drop_unchanged: ClassVar[bool] = False
     #: the pipeline component whose weights are trained ("unet", or "text_encoder" for AdvUnlearn)
     trained_component: ClassVar[str] = "unet"
+    #: attributes that :meth:`training_step` carries from one step to the next (AdvUnlearn's latest adversarial
+    #: prefix): each draw of ``draws_per_step`` keeps its own, as it keeps its own generator, and checkpoints hold
+    #: every draw's
+    draw_state: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: TrainerConfig) -> None:
         if not isinstance(config, self.config_class):
@@ -677,11 +856,12 @@ class Trainer:
                 values from the resumed step on (Adam keeps its moments; its learning rate becomes ``lr``).
 
         Raises:
-            ConfigError: invalid settings, a checkpoint written with other settings, or ``toy_world=True``
+            ConfigError: invalid settings, a checkpoint written with other settings (or another number of draws
+                per step), a launch that would not train as asked (``accelerate launch --cpu --num_processes N``
+                starts one process), ``draws_per_step`` that does not split over the processes, or ``toy_world=True``
                 (toy-world prompts) on a pipeline that is not the embedded toy model.
             TrainingError: a non-finite loss (the last good checkpoint is kept), or an unusable pipeline.
         """
-        from accelerate import Accelerator
         from accelerate.utils import gather_object
 
         config = self.config
@@ -704,10 +884,16 @@ class Trainer:
         if checkpoint is not None:
             self._check_checkpoint(checkpoint, Path(checkpoint_dir))
 
-        accelerator = Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision,
-                                  device_placement=False)
+        with _accelerator_session(config) as accelerator:
+            return self._train(pipe, accelerator, progress, checkpoint, checkpoint_dir, gather_object)
+
+    def _train(self, pipe: Any, accelerator: Any, progress: Optional[ProgressCallback], checkpoint: Optional[dict],
+               checkpoint_dir: Optional[Union[str, os.PathLike]], gather_object: Callable) -> Adapter:
+        config = self.config
         # one process may train on any device it is told; several use accelerate's per-process device
         device = torch.device(config.device) if config.device and accelerator.num_processes == 1 else accelerator.device
+        if device.type == "cpu":  # accelerate names a process's CPU "cpu:<rank>": moving there would copy every tensor
+            device = torch.device("cpu")
         self.accelerator, self.device, self._progress = accelerator, device, progress
         self._checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self._elapsed_before = 0.0
@@ -715,11 +901,16 @@ class Trainer:
         if not isinstance(trained, nn.Module):
             raise TrainingError(f"{self.method} trains the pipeline's {self.trained_component}, and "
                                 f"{type(pipe).__name__} has none")
+        draws = self._plan_draws(accelerator.num_processes, accelerator.process_index)
+        if checkpoint is not None:
+            self._check_draws(checkpoint, len(draws) * accelerator.num_processes, Path(checkpoint_dir))
         self._resume_changes = self._changed_settings(checkpoint) if checkpoint is not None else {}
         snapshot = _PipelineSnapshot(pipe)  # what goes back to the caller, whatever happens below
         self.pipe, self.unet = pipe, pipe.unet
         self.trained_module = trained
-        self.generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
+        # setup draws from the run's generator on every process alike (the same data, anchors, masks everywhere);
+        # draw 0 goes on with it, the other draws have generators of their own (see the module docstring)
+        self.generator = torch.Generator().manual_seed(config.seed)
         self.losses = []
         self._device_mask = {}
         self.params, self._originals, self._lora = {}, {}, False  # nothing of an earlier run is restored
@@ -733,6 +924,10 @@ class Trainer:
             for module in was_training:
                 module.eval()  # no dropout: the teacher and the student see the same function
             self.setup(pipe, checkpoint.get("extra") if checkpoint is not None else None)
+            self._share_mask()
+            self._draw_generators = {j: self.generator if j == 0 else torch.Generator().manual_seed(
+                draw_seed(config.seed, j)) for j in draws}
+            self._draw_values = {j: {name: getattr(self, name, None) for name in self.draw_state} for j in draws}
             self._attach_trainable()
             optimizer = torch.optim.Adam(list(self.params.values()), lr=config.lr, weight_decay=0.0)
             model, optimizer = accelerator.prepare(trained, optimizer)
@@ -743,11 +938,18 @@ class Trainer:
 
             for step in range(start, config.steps):
                 optimizer.zero_grad(set_to_none=True)
-                loss = self.training_step(step)
-                value = float(accelerator.reduce(loss.detach().float(), reduction="mean"))
+                losses = []
+                for number, j in enumerate(draws):
+                    # gradients are averaged across processes once, at the backward pass of the last draw here
+                    last = number == len(draws) - 1
+                    with (contextlib.nullcontext() if last else accelerator.no_sync(model)), self._draw(j):
+                        loss = self.training_step(step)
+                        losses.append(loss.detach().float())
+                        accelerator.backward(loss if len(draws) == 1 else loss / len(draws))
+                mean = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+                value = float(accelerator.reduce(mean, reduction="mean"))
                 if not math.isfinite(value):
                     raise TrainingError(self._nonfinite_message(value, step))
-                accelerator.backward(loss)
                 self.adjust_gradients()
                 optimizer.step()
                 self.losses.append(value)
@@ -768,6 +970,7 @@ class Trainer:
                 **({"resumed_with": self._resume_changes} if self._resume_changes else {}),
                 "device": str(device),
                 "num_processes": accelerator.num_processes,
+                "draws_per_step": len(draws) * accelerator.num_processes,
                 "trained_tensors": len(self.params),
                 "trained_parameters": sum(p.numel() for p in self.params.values()),
                 **self.training_summary(),
@@ -858,13 +1061,55 @@ class Trainer:
                 f"before applying it ({advice})")
 
     def _settings_pair(self, checkpoint: dict) -> tuple[dict, dict]:
-        """(the checkpoint's settings, this config's), fields the checkpoint predates taken at their defaults."""
+        """(the checkpoint's settings, this config's), fields the checkpoint predates taken at their defaults, those
+        compared apart (:data:`_COMPARED_APART`) left out."""
         saved, mine = dict(checkpoint.get("config") or {}), self.config.to_dict()
         for f in dataclasses.fields(self.config):
             if f.name not in saved and f.default is not dataclasses.MISSING:
                 # before toy_world, the world's prompts were drawn exactly where the toy preset now sets it
                 saved[f.name] = mine[f.name] if f.name == "toy_world" else f.default
+        for name in _COMPARED_APART:
+            saved.pop(name, None)
+            mine.pop(name, None)
         return saved, mine
+
+    # -- draws and processes --------------------------------------------------------------------
+
+    def _plan_draws(self, processes: int, index: int) -> list[int]:
+        """The draws (of ``draws_per_step``) this process computes: a block of consecutive ones."""
+        check_draws(self.config.draws_per_step, processes)
+        each = (self.config.draws_per_step or processes) // processes
+        return list(range(index * each, (index + 1) * each))
+
+    def _check_draws(self, checkpoint: dict, total: int, folder: Path) -> None:
+        written = len(checkpoint["rng"]["generators"])
+        if written != total:
+            raise ConfigError(f"the checkpoint in {folder} was written with {written} draw(s) per step and this run "
+                              f"makes {total}; resume with draws_per_step={written} (--set draws_per_step={written}) "
+                              f"on a number of processes that divides it")
+
+    @contextlib.contextmanager
+    def _draw(self, draw: int) -> Iterator[None]:
+        """:meth:`training_step` runs for draw ``draw``: its generator and its :attr:`draw_state` are in place."""
+        self.generator = self._draw_generators[draw]
+        values = self._draw_values[draw]
+        for name in self.draw_state:
+            setattr(self, name, values[name])
+        try:
+            yield
+        finally:
+            for name in self.draw_state:
+                values[name] = getattr(self, name, None)
+
+    def _share_mask(self) -> None:
+        """With several processes, every one takes the main process's gradient mask (computed by each alike; on GPUs
+        a last-bit difference could move an entry across the threshold, and the processes would drift apart)."""
+        if self.mask is None or self.accelerator.num_processes == 1:
+            return
+        for name in sorted(self.mask):
+            shared = self.mask[name].to(self.device, torch.uint8)
+            torch.distributed.broadcast(shared, src=0)
+            self.mask[name] = shared.to("cpu").bool()
 
     def _changed_settings(self, checkpoint: dict) -> dict[str, dict[str, Any]]:
         """The resumable settings this run changes: name -> {"checkpoint": value there, "now": value here}."""
@@ -886,31 +1131,37 @@ class Trainer:
                               f"{self.config.steps}; raise steps or start a fresh run")
 
     def _save_checkpoint(self, step: int, optimizer: Any, started: float, gather_object: Callable) -> None:
-        # never write non-finite weights over a good checkpoint
+        """Every process calls it (it gathers the draws' states); the main process writes the file."""
+        # never write non-finite weights over a good checkpoint (the weights are the same in every process)
         if not all(bool(torch.isfinite(p.detach()).all()) for p in self.params.values()):
             raise TrainingError(self._nonfinite_message(float("nan"), step - 1, what="the trained weights"))
-        generators = gather_object([self.generator.get_state()])
-        if not self.accelerator.is_main_process:
-            return
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "method": self.method,
-            "config": self.config.to_dict(),
-            "step": step,
-            "trained": {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()},
-            "optimizer": optimizer.state_dict(),
-            "rng": {
-                "generators": generators,
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "python": random.getstate(),
-            },
-            "losses": list(self.losses),
-            "elapsed": time.perf_counter() - started + self._elapsed_before,
-            "extra": self.extra_state(),
-        }
-        _atomic_torch_save(state, self._checkpoint_dir / CHECKPOINT_NAME)
-        self.accelerator.wait_for_everyone()
+        # every draw's generator and carried state, in draw order (each process holds a block of consecutive draws)
+        draws = sorted(gather_object([(j, self._draw_generators[j].get_state(), self._draw_values[j])
+                                      for j in self._draw_generators]), key=lambda item: item[0])
+
+        def write() -> None:
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "method": self.method,
+                "config": self.config.to_dict(),
+                "step": step,
+                "trained": {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()},
+                "optimizer": optimizer.state_dict(),
+                "rng": {
+                    "generators": [generator for _, generator, _ in draws],
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    "python": random.getstate(),
+                },
+                **({"draw_state": [values for _, _, values in draws]} if self.draw_state else {}),
+                "losses": list(self.losses),
+                "elapsed": time.perf_counter() - started + self._elapsed_before,
+                "extra": self.extra_state(),
+            }
+            _atomic_torch_save(state, self._checkpoint_dir / CHECKPOINT_NAME)
+
+        on_main_process(write, "writing the checkpoint")
+        self.accelerator.wait_for_everyone()  # every process: a barrier on the main process alone desynchronises them
 
     def _restore(self, checkpoint: dict, optimizer: Any) -> int:
         trained = checkpoint["trained"]
@@ -923,8 +1174,12 @@ class Trainer:
         for group in optimizer.param_groups:  # the learning rate is this run's (it may change on resume)
             group["lr"] = self.config.lr
         rng = checkpoint["rng"]
-        generators = rng["generators"]
-        self.generator.set_state(generators[min(self.accelerator.process_index, len(generators) - 1)])
+        generators = rng["generators"]  # one per draw (checked against this run's draws before setup)
+        carried = checkpoint.get("draw_state") or []
+        for j, generator in self._draw_generators.items():
+            generator.set_state(generators[j])
+            if j < len(carried):
+                self._draw_values[j].update({k: v for k, v in carried[j].items() if k in self.draw_state})
         torch.set_rng_state(rng["torch"])
         if rng.get("cuda") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])

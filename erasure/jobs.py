@@ -44,6 +44,9 @@ Limits (:data:`SETTING_LIMITS`): every number is finite, and the settings that c
 bounded, e.g. ``steps`` 1..100000, ``ddim_steps`` 1..1000, ``rank`` 1..1024, ``seed`` 0..2**32-1,
 ``grid`` 0..16.
 
+Several processes (``torchrun --nproc_per_node N -m unsee.cli erase ...``) train each job data parallel; only the
+main process checks and writes files (see :func:`run_jobs`).
+
 Each adapter is written atomically; a SalUn job (and an ANT job with ``kind: delta``) also writes its saliency
 mask (packed bits) next to the adapter as ``<name>.mask.safetensors``.
 """
@@ -64,7 +67,8 @@ from typing import Any, Callable, Optional, Union
 
 from unsee.files import atomic_write, is_temporary, model_file_problem, output_problem, remove_stale_temporaries
 
-from .base import CHECKPOINT_NAME, DTYPES, ConfigError, Progress, Trainer, TrainerConfig, TrainingError
+from .base import (CHECKPOINT_NAME, DTYPES, ConfigError, Progress, Trainer, TrainerConfig, TrainingError, check_draws,
+                   launch_problem, launched_processes, on_main_process, process_rank, process_state)
 from .presets import WORLD_PROMPT_KEYS, is_toy_model_name, is_toy_pipeline, preset_settings
 from .esd import ESD_VARIANTS, ESDConfig, ESDTrainer
 from .salun import SaliencyMaskedTrainer, SalUnConfig, SalUnTrainer, save_mask
@@ -105,6 +109,7 @@ SETTING_LIMITS: dict[str, tuple[int, int]] = {
     "prefix_tokens": (1, 32),
     "resolution": (8, 4096),
     "seed": (0, 2**32 - 1),
+    "draws_per_step": (1, 1024),
     "saliency_seeds": (0, 2**32 - 1),
 }
 MAX_NUMBER = 1e6
@@ -256,6 +261,13 @@ def plan_jobs(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Optiona
 
     Raises :class:`ConfigError` for anything invalid.
     """
+    jobs, report_path = _plan(config)
+    _check_files(jobs, report_path)
+    return jobs, report_path
+
+
+def _plan(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Path]:
+    """:func:`plan_jobs` without the checks of the files on disk (:func:`_check_files`)."""
     if not isinstance(config, dict):
         config = load_job_file(config)
     top = dict(config)
@@ -371,7 +383,6 @@ def plan_jobs(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Optiona
         report_path = out_dir / "erase-report.json"
     if report_path.suffix != ".json":
         raise ConfigError(f"the report must be a .json file, got {report_path}")
-    _check_files(jobs, report_path)
     return jobs, report_path
 
 
@@ -528,6 +539,11 @@ def run_jobs(
         pipe: a pipeline to train on instead of loading each job's ``model``.
         log: called with one-line notes (e.g. "resuming from step 40").
 
+    Several processes (``torchrun --nproc_per_node N -m unsee.cli erase ...``) train each job together, data
+    parallel (see ``draws_per_step`` in :class:`~unsee.erasure.TrainerConfig`); the main process alone checks the
+    files on disk before any work and writes the adapters, masks, grids and the report (the others return the same
+    report without writing anything), and a failure there ends every process with the same error.
+
     Raises:
         ConfigError: an invalid config (nothing is loaded or written), an output that exists without ``overwrite``,
             a checkpoint folder in use without ``resume``, or a local model file diffusers cannot read.
@@ -537,8 +553,20 @@ def run_jobs(
 
     from unsee import __version__
 
-    jobs, report_path = plan_jobs(config)
-    log = log or (lambda message: None)
+    jobs, report_path = _plan(config)
+    problem = launch_problem()
+    if problem is not None:
+        raise ConfigError(problem)
+    if launched_processes() > 1:  # the process group first: the main process decides for all of them
+        for job in jobs:
+            try:
+                check_draws(job.config.draws_per_step, launched_processes())
+            except ConfigError as error:
+                raise ConfigError(f"{job.describe()}: {error}") from None
+        process_state(next((job.config.device for job in jobs if job.config.device is not None), None))
+    on_main_process(lambda: _check_files(jobs, report_path), "checking the output files")
+    main = process_rank() == 0
+    log = log if (log is not None and main) else (lambda message: None)  # notes once, from the main process
     report: dict[str, Any] = {"unsee_version": __version__, "report": str(report_path), "jobs": []}
     started = time.perf_counter()
     pipes: dict[tuple, Any] = {}
@@ -575,20 +603,13 @@ def run_jobs(
                 entry.update(status="failed", error=str(error))
                 raise
             if job.mask_path is not None:
-                save_mask(trainer.mask, job.mask_path, metadata={"adapter": job.out.name,
-                                                                   "mask_fraction": job.config.mask_fraction})
                 entry["mask"] = str(job.mask_path)
-            adapter.save(job.out)
-            if job.grid and not hasattr(job_pipe, "load_erasure"):
+            grid = job.grid and hasattr(job_pipe, "load_erasure")
+            if job.grid and not grid:
                 log(f"{job.describe()}: no before/after grid (the pipeline has no load_erasure; use unsee.load_pipeline)")
-            elif job.grid:
-                concept = _erase_from_text(job.config) or job.config.concept
-                prompts = grid_prompts(concept, job.grid, job.config.seed, toy=is_toy_pipeline(job_pipe))
-                image = before_after_grid(job_pipe, adapter, prompts, seed=job.config.seed)
-                atomic_write(job.grid_path, lambda tmp: image.save(tmp, format="PNG"))
+            elif grid:
                 entry["grid"] = str(job.grid_path)
-            if job.remove_checkpoint and job.checkpoint_dir is not None and job.checkpoint_dir.is_dir():
-                _remove_own_checkpoint(job.checkpoint_dir)
+            on_main_process(lambda: _write_outputs(job, trainer, adapter, job_pipe, grid), "writing the outputs")
             summary = adapter.training
             entry.update(
                 status="done", seconds=round(time.perf_counter() - job_started, 3),
@@ -599,6 +620,21 @@ def run_jobs(
             )
     finally:
         report["seconds"] = round(time.perf_counter() - started, 3)
-        if report["jobs"]:
+        if report["jobs"] and main:  # no collective here: another process may be gone
             _write_json(report_path, report)
     return report
+
+
+def _write_outputs(job: Job, trainer: Trainer, adapter: Any, pipe: Any, grid: bool) -> None:
+    """A finished job's files (the main process's work): the mask, the adapter, the grid; then its checkpoint goes."""
+    if job.mask_path is not None:
+        save_mask(trainer.mask, job.mask_path, metadata={"adapter": job.out.name,
+                                                           "mask_fraction": job.config.mask_fraction})
+    adapter.save(job.out)
+    if grid:
+        concept = _erase_from_text(job.config) or job.config.concept
+        prompts = grid_prompts(concept, job.grid, job.config.seed, toy=is_toy_pipeline(pipe))
+        image = before_after_grid(pipe, adapter, prompts, seed=job.config.seed)
+        atomic_write(job.grid_path, lambda tmp: image.save(tmp, format="PNG"))
+    if job.remove_checkpoint and job.checkpoint_dir is not None and job.checkpoint_dir.is_dir():
+        _remove_own_checkpoint(job.checkpoint_dir)

@@ -3,6 +3,7 @@
     unsee generate --prompt "a red circle on a gray background" --out out/
     unsee erase --method esd-u --concept circle --steps 200 --out esd-u-circle.safetensors
     unsee erase --config jobs.yaml
+    torchrun --nproc_per_node 2 -m unsee.cli erase --method esd-u --concept circle   # data parallel, 2 processes
     unsee attack --adapter esd-u-circle.safetensors --concept circle
     unsee demo
     unsee --version
@@ -323,7 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "and a checkpoint folder is only reused with --resume; both are checked before "
                                     f"training. Limits: --steps 1 to {MAX_TRAIN_STEPS}, --rank 1 to {MAX_RANK}, --grid 0 "
                                     f"to {MAX_GRID}, --seed 0 to {MAX_SEED}; --set values: "
-                                    "unsee.erasure.jobs.SETTING_LIMITS.")
+                                    "unsee.erasure.jobs.SETTING_LIMITS. Data parallel on N processes (GPUs, or the "
+                                    "CPU with gloo): torchrun --nproc_per_node N -m unsee.cli erase ...; each step "
+                                    "averages one draw per process (--set draws_per_step=N on one process trains "
+                                    "the same adapter); only the main process writes.")
     er.add_argument("--method", default=None, metavar="METHOD", help="esd-u, esd-x, esd-all, esd-x-strict, salun, spm, advunlearn or ant")
     er.add_argument("--concept", default=None, help="the concept to erase, e.g. circle, red, striped")
     er.add_argument("--erase-from", default=None, metavar="PROMPT",
@@ -637,15 +641,22 @@ def _erase_progress():
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
-    from .erasure import ConfigError, TrainingError, plan_jobs, run_jobs
+    """``unsee erase``; data parallel when launched as several processes (``torchrun --nproc_per_node N -m unsee.cli
+    erase ...``): every process trains, the main one alone checks and writes files and prints."""
+    from .erasure import ConfigError, TrainingError, run_jobs
+    from .erasure.base import process_rank
 
     config = _erase_config(args)
+    main = process_rank() == 0
+    progress, close = _erase_progress() if main else (None, lambda: None)
+    if not main:  # the other processes of a data-parallel run draw no progress bars
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
     try:
-        jobs, report_path = plan_jobs(config)  # validates everything before the model is loaded
-    except ConfigError as error:
-        raise UsageError(str(error)) from None
-    progress, close = _erase_progress()
-    try:
+        # run_jobs validates everything (settings, then the files on disk) before the model is loaded
         report = run_jobs(config, progress=progress, log=lambda message: print(message, file=sys.stderr))
     except ConfigError as error:  # e.g. --resume from a checkpoint written with other settings, an unreadable model
         raise UsageError(str(error)) from None
@@ -654,10 +665,12 @@ def cmd_erase(args: argparse.Namespace) -> int:
         return 1
     finally:
         close()
+    if not main:
+        return 0
     for entry in report["jobs"]:
         print(f"{entry['method']} {entry['concept']!r}: wrote {entry['out']} ({entry['tensors']} tensors, loss "
               f"{entry['loss_first']:.4g} -> {entry['loss_last']:.4g}, {entry['seconds']:.1f} s)")
-    print(f"report: {report_path}")
+    print(f"report: {report['report']}")
     return 0
 
 
