@@ -69,6 +69,8 @@ from torch import nn
 from unsee.adapters import Adapter, AdapterError, delta_adapter_from_weights, lora_adapter_from_peft
 from unsee.files import atomic_write
 
+from .precision import MasterWeights
+
 __all__ = [
     "ConfigError",
     "TrainingError",
@@ -929,7 +931,8 @@ class Trainer:
                 draw_seed(config.seed, j)) for j in draws}
             self._draw_values = {j: {name: getattr(self, name, None) for name in self.draw_state} for j in draws}
             self._attach_trainable()
-            optimizer = torch.optim.Adam(list(self.params.values()), lr=config.lr, weight_decay=0.0)
+            self._masters = MasterWeights(self.params)  # Adam steps float32 copies of half-precision tensors
+            optimizer = torch.optim.Adam(self._masters.optimized(), lr=config.lr, weight_decay=0.0)
             model, optimizer = accelerator.prepare(trained, optimizer)
             self.model = model
             start = 0
@@ -951,7 +954,9 @@ class Trainer:
                 if not math.isfinite(value):
                     raise TrainingError(self._nonfinite_message(value, step))
                 self.adjust_gradients()
+                self._masters.pull_gradients()
                 optimizer.step()
+                self._masters.push()
                 self.losses.append(value)
                 self.report("train", step + 1, config.steps, value)
                 every = config.checkpoint_every
@@ -1145,7 +1150,7 @@ class Trainer:
                 "method": self.method,
                 "config": self.config.to_dict(),
                 "step": step,
-                "trained": {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()},
+                "trained": {n: t.to("cpu", copy=True) for n, t in self._masters.values().items()},
                 "optimizer": optimizer.state_dict(),
                 "rng": {
                     "generators": [generator for _, generator, _ in draws],
@@ -1167,9 +1172,7 @@ class Trainer:
         trained = checkpoint["trained"]
         if set(trained) != set(self.params):
             raise TrainingError("the checkpoint trains other tensors than this run; it belongs to another model or variant")
-        with torch.no_grad():
-            for name, param in self.params.items():
-                param.data.copy_(trained[name].to(param.device, param.dtype))
+        self._masters.load(trained)
         optimizer.load_state_dict(checkpoint["optimizer"])
         for group in optimizer.param_groups:  # the learning rate is this run's (it may change on resume)
             group["lr"] = self.config.lr
