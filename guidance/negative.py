@@ -39,7 +39,6 @@ CFG with an empty negative.
 
 from __future__ import annotations
 
-import math
 from dataclasses import InitVar, dataclass
 from typing import Any, Optional
 
@@ -85,8 +84,7 @@ class NegativeSteer(Guidance):
             raise GuidanceError("NegativeSteer(mode='adaptive') detects the start per image; leave start_fraction and "
                                 "start_step unset and bound the detected step with max_start")
         if self.start_fraction is not None:
-            if isinstance(self.start_fraction, bool) or not isinstance(self.start_fraction, (int, float)) \
-                    or not math.isfinite(self.start_fraction):
+            if isinstance(self.start_fraction, bool) or not isinstance(self.start_fraction, (int, float)):
                 raise GuidanceError(f"NegativeSteer.start_fraction must be a number in [0, 1], got {self.start_fraction!r}")
             check_range("NegativeSteer", "start_fraction", self.start_fraction, 0.0, 1.0)
         if self.start_step is not None:

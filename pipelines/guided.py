@@ -24,7 +24,7 @@ unconditional branch runs, so ``callback_on_step_end`` sees what the call does. 
 (UNet calls, adaptive start steps, DNG posteriors) comes back as ``output.guidance_report``; nothing of
 the call stays on the pipeline.
 
-How the negative prompt acts (``NEGATIVE_PROMPT_RULES``): as in diffusers, it fills the unconditional
+How the negative prompt acts (the README's table): as in diffusers, it fills the unconditional
 branch from the first step, whatever the combination (CFG, CFG++, FDG, PAG); ``NegativeSteer`` decides
 from which step (or, in ``dng`` mode, gives it a branch of its own); ``NASA`` without ``NegativeSteer``
 moves it into cross-attention, and the unconditional branch holds the empty prompt.
@@ -54,18 +54,6 @@ from unsee.guidance.pag import PAG
 from .attention import AttentionControl, attention_module_names, installed_processors, layer_matches
 
 HOOK_NAME = "unsee_guidance"
-
-# Where the negative prompt goes, by the methods in the call (README: "How the negative prompt acts").
-NEGATIVE_PROMPT_RULES = {
-    "no NegativeSteer, no NASA": "the unconditional branch, from the first step (diffusers' negative prompt)",
-    "NegativeSteer (fixed)": "the unconditional branch from the start step; the empty prompt before it",
-    "NegativeSteer (adaptive)": "the unconditional branch from the step detected per image; the empty prompt before it",
-    "NegativeSteer (dng)": "a branch of its own, subtracted with the posterior weight; the unconditional branch holds "
-                           "the empty prompt",
-    "NASA, no NegativeSteer": "cross-attention of the conditional (and perturbed) rows; the unconditional branch holds "
-                              "the empty prompt",
-    "NASA and NegativeSteer": "both: cross-attention, and the unconditional branch as NegativeSteer says",
-}
 
 
 @dataclass
@@ -434,7 +422,7 @@ class GuidanceMixin:
         if "guidance_rescale" in call:
             call["guidance_rescale"] = 0.0  # applied to the guided prediction by GuidedStep
         if nasa is not None and steer is None:
-            call["negative_prompt"] = None  # the negative acts through NASA's attention only (NEGATIVE_PROMPT_RULES)
+            call["negative_prompt"] = None  # the negative acts through NASA's attention only
             if "negative_prompt_2" in call:
                 call["negative_prompt_2"] = None
         with self._unsee_guided(state, isinstance(combine, CFGpp)):

@@ -140,10 +140,11 @@ def _load_from_hub(repo_id: str, **kwargs):
 
 def device_problem(text: str) -> Optional[str]:
     """Why ``text`` is not a device this machine has (a phrase: "'cuda' ..."), or None."""
+    shown = repr(text if len(text) <= 40 else text[:40] + "...")  # the user's text, quoted and cut
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError, TypeError):
-        return f"{repr(text if len(text) <= 40 else text[:40] + '...')} is not a device; use cpu, cuda, cuda:N or mps"
+        return f"{shown} is not a device; use cpu, cuda, cuda:N or mps"
     kind = device.type
     if kind == "cpu":
         return None
@@ -154,11 +155,11 @@ def device_problem(text: str) -> Optional[str]:
     else:
         module = getattr(torch, kind, None)
         if kind == "meta" or module is None or not callable(getattr(module, "is_available", None)):
-            return f"{repr(text if len(text) <= 40 else text[:40] + '...')} cannot run a pipeline; use cpu, cuda, cuda:N or mps"
+            return f"{shown} cannot run a pipeline; use cpu, cuda, cuda:N or mps"
         available = bool(module.is_available())
         count = int(module.device_count()) if available and hasattr(module, "device_count") else 0
     if not available:
-        return f"{repr(text if len(text) <= 40 else text[:40] + '...')} is not available on this machine (no {kind} device); use --device cpu"
+        return f"{shown} is not available on this machine (no {kind} device); use --device cpu"
     if device.index is not None and device.index >= count:
-        return f"{repr(text if len(text) <= 40 else text[:40] + '...')} does not exist: this machine has {count} {kind} device(s), {kind}:0 to {kind}:{count - 1}"
+        return f"{shown} does not exist: this machine has {count} {kind} device(s), {kind}:0 to {kind}:{count - 1}"
     return None
