@@ -1,7 +1,7 @@
 """unsee's Gradio demo: erase a concept, then generate with and without the erasure, side by side.
 
     unsee demo                                    # the toy model, on http://127.0.0.1:7860
-    python -m unsee.apps.demo --model PATH_OR_HUB_ID --port 7861 --workdir demo-work
+    unsee demo --model PATH_OR_HUB_ID --port 7861 --workdir demo-work   # or: python -m unsee.apps ...
 
 Three tabs:
 
@@ -46,16 +46,16 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no version-check t
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
-from unsee import world  # noqa: E402
 from unsee.adapters import AdapterError, load_adapter  # noqa: E402
-from unsee.erasure import (  # noqa: E402
-    METHODS, PRESETS, ConfigError, TrainingError, is_toy_pipeline, make_trainer, preset_settings,
-)
-from unsee.erasure.jobs import before_after_images, grid_prompts  # noqa: E402
+from unsee.erasure import METHODS, ConfigError, TrainingError, make_trainer  # noqa: E402
+from unsee.files import atomic_write, slug  # noqa: E402
 from unsee.guidance import FDG, NASA, PAG, CFGpp, GuidanceError, NegativeSteer, validate_combination  # noqa: E402
+from unsee.jobs import before_after_images, grid_prompts  # noqa: E402
 from unsee.loading import ModelLoadError, load_pipeline  # noqa: E402
+from unsee.toy import world  # noqa: E402
+from unsee.toy.presets import PRESETS, WORLD_PROMPT_KEYS, is_toy_pipeline, preset_settings  # noqa: E402
 
-__all__ = ["DemoApp", "InputError", "build_demo", "launch", "main"]
+__all__ = ["DemoApp", "InputError", "build_demo", "launch", "run"]
 
 logger = logging.getLogger("unsee.demo")
 
@@ -177,10 +177,6 @@ def _describe_one(method: Any) -> str:
     return type(method).__name__
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:40] or "concept"
-
-
 # ----------------------------------------------------------------------------------------------
 # The app's state and actions (plain Python: the Gradio layer below only wires them to widgets)
 # ----------------------------------------------------------------------------------------------
@@ -271,7 +267,7 @@ class DemoApp:
         if self.judge is not None:
             return self.judge
         if self.model == "toy":
-            from unsee.evaluation import default_judge
+            from unsee.toy.judge import default_judge
 
             try:
                 self.judge = default_judge()
@@ -324,7 +320,7 @@ class DemoApp:
         return path
 
     def _unique_adapter_path(self, stem: str) -> Path:
-        stem = _slug(stem)
+        stem = slug(stem)
         path = self.adapter_dir / f"{stem}.safetensors"
         index = 2
         while os.path.lexists(path):  # a dangling symlink counts: writing through it would land outside
@@ -351,10 +347,7 @@ class DemoApp:
             name = pipe.load_erasure(adapter, adapter_name="unsee-demo-upload-check")
             pipe.unload_erasure(name)
         target = self._unique_adapter_path(source.stem)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.unlink(missing_ok=True)  # never write through a link someone left under this name
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+        atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))  # in a fresh temporary folder, then renamed
         return target.name, f"Uploaded {target.name}: {adapter.method} erasing {', '.join(adapter.concepts)}."
 
     # -- generate ----------------------------------------------------------------------------------
@@ -443,11 +436,11 @@ class DemoApp:
         if preset not in PRESETS:
             raise InputError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
         steps = check_number(steps, "steps", 0, 5000, integer=True)
-        settings = preset_settings(preset, method, model=self.model, concept=concept)
-        settings["concept"] = concept
-        if steps:
-            settings["steps"] = steps
-        trainer = make_trainer(method, **settings)  # ConfigError before any work
+        own = {"steps": steps} if steps else {}
+        settings = preset_settings(preset, method, model=self.model, concept=concept, settings=own)
+        trainer = make_trainer(method, concept=concept, **settings)  # ConfigError before any work
+        world_prompts = bool(set(preset_settings(preset, method, model=self.model, concept=concept))
+                             & set(WORLD_PROMPT_KEYS))
         self._stop.clear()
         report = progress or (lambda fraction, text: None)
 
@@ -460,6 +453,9 @@ class DemoApp:
 
         with self._model_lock:
             pipe = self.pipeline()
+            if world_prompts and not is_toy_pipeline(pipe):  # as the job runner does (unsee.jobs)
+                raise InputError(f"the toy preset gives {method} the toy world's prompts, and the model loaded is not "
+                                 "the embedded toy model; choose the paper preset")
             started = time.perf_counter()
             try:
                 adapter = trainer.train(pipe, progress=on_progress)
@@ -501,7 +497,7 @@ class DemoApp:
             return None
         if judge is None:
             return None
-        from unsee.evaluation import evaluate_erasure
+        from unsee.toy.evaluation import evaluate_erasure
 
         report(1.0, "efficacy figures (before)")
         named_before, others_before = evaluate_erasure(self.pipe, concept, n=self.eval_images, judge=judge)
@@ -743,19 +739,9 @@ def launch(app: DemoApp, host: str = "127.0.0.1", port: Optional[int] = None, sh
 
 
 def run(args: argparse.Namespace) -> int:
+    """Serve the demo with the options of ``unsee demo`` (``unsee.cli.add_demo_arguments``) until interrupted."""
     app = DemoApp(model=args.model, workdir=args.workdir)
     app.pipe = app._load(args.model)  # the launch option may be any path; the UI's model field may not
     launch(app, host=args.host, port=args.port, share=args.share)
     return 0
 
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from unsee.cli import add_demo_arguments
-
-    parser = argparse.ArgumentParser(prog="python -m unsee.apps.demo", description="unsee's Gradio demo")
-    add_demo_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from unsee.files import atomic_write
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 HEADER = "# Benchmarks\n\nEach section is written by the script it names; rerun that script to update it.\n"
@@ -33,6 +35,4 @@ def write_section(name: str, body: str) -> None:
     block = f"<!-- {name}:start -->\n{body.strip()}\n<!-- {name}:end -->"
     pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    tmp = BENCHMARKS_MD.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, BENCHMARKS_MD)
+    atomic_write(BENCHMARKS_MD, lambda tmp: Path(tmp).write_text(text))

@@ -3,7 +3,7 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/erasure_efficacy.py [--n 64] [--only circle]
 
-For each (concept, method) row: train with the toy preset (``unsee.erasure.preset_settings("toy", ...)``), time it, then
+For each (concept, method) row: train with the toy preset (``unsee.toy.preset_settings("toy", ...)``), time it, then
 measure with the judge, before and after, (a) the concept's presence on ``n`` prompts that name it and
 (b) the judge's accuracy on ``n`` prompts that do not name it (25 DDIM steps, CFG 5, fixed seeds).
 Bars (issue 7): presence after <= 10% (from >= 90%), accuracy drop <= 5 points, <= 3 minutes per erasure.
@@ -25,14 +25,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, hardware, write_section  # noqa: E402
 
 import unsee  # noqa: E402
-from unsee import world  # noqa: E402
-from unsee.erasure import make_trainer, preset_settings  # noqa: E402
-from unsee.erasure.jobs import before_after_grid  # noqa: E402
-from unsee.evaluation import evaluate_erasure  # noqa: E402
-from unsee.judge import Judge  # noqa: E402
+from unsee.erasure import make_trainer  # noqa: E402
+from unsee.jobs import before_after_grid  # noqa: E402
+from unsee.toy import world  # noqa: E402
+from unsee.toy.evaluation import evaluate_erasure  # noqa: E402
+from unsee.toy.judge import Judge  # noqa: E402
+from unsee.toy.presets import preset_settings  # noqa: E402
 
 ROWS = [("circle", "esd-x"), ("circle", "salun"), ("red", "esd-x"), ("red", "salun"), ("striped", "esd-x"), ("striped", "salun")]
 EVAL_SEED = 1234  # other than the training seed, so evaluation prompts and noise are fresh
+
+
+def world_prompts_text(prompts) -> str:
+    """A list of world prompts in a settings line: how many there are."""
+    return f"{len(prompts)} world prompt{'' if len(prompts) == 1 else 's'}"
 
 
 def figures(pipe, concept: str, n: int, judge) -> dict:
@@ -94,7 +100,7 @@ def main() -> None:
             f"| {before['mean_accuracy']:.1%} → {after['mean_accuracy']:.1%} ({-drop:+.1f} pts) "
             f"| {r['seconds']:.0f} s | {r['adapter_bytes'] / 2**20:.2f} MB | {ok(met)} |")
     def shown(value):
-        return f"{len(value)} world prompts" if isinstance(value, (list, tuple)) else value
+        return world_prompts_text(value) if isinstance(value, (list, tuple)) else value
 
     settings = "; ".join(f"{r['method']} {r['concept']}: " + ", ".join(f"{k}={shown(v)}" for k, v in r["settings"].items())
                          for r in results)
@@ -109,8 +115,8 @@ Presence: share of {args.n} images, from prompts that name the concept, in which
 Accuracy: the judge's mean per-attribute accuracy on {args.n} prompts that do not name the concept.
 25 DDIM steps, CFG 5, evaluation seed {EVAL_SEED}. Bars: presence ≤ 10% (from ≥ 90%), accuracy drop ≤ 5 points,
 training ≤ 3 minutes. Settings: the toy preset (`unsee erase --preset toy`, the default on the toy model;
-`erase_from`: prompts that name the concept, `preserve`: prompts that name its siblings, see
-`erasure/presets.py`): {settings}.
+`erase_from`: prompts that name the concept, `preserve`: prompts that name its siblings, the other prompt lists:
+SalUn's, ANT's and AdvUnlearn's prompt sets; see `unsee/toy/presets.py`): {settings}.
 
 {chr(10).join(lines)}
 

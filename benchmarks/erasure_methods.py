@@ -4,7 +4,7 @@
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/erasure_methods.py [--n 64] [--attack-n 16] [--concepts circle]
 
 For each concept and each of ESD-u, ESD-x, SalUn, SPM, ANT and AdvUnlearn: train with the toy preset
-(``unsee.erasure.preset_settings("toy", ...)``) and time it; then, with the adapter loaded, measure the concept's
+(``unsee.toy.preset_settings("toy", ...)``) and time it; then, with the adapter loaded, measure the concept's
 presence on ``n`` prompts that name it, the judge's accuracy on ``n`` prompts that do not, the other attributes
 on the prompts that name it (ANT's bar: the background), and the attack success rate of ``unsee attack``
 (UnlearnDiffAtk-style, ``attack-n`` prompts, 5 prefix tokens, 40 steps). Bars (issue 5): presence <= 15% for
@@ -23,11 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hardware, write_section  # noqa: E402
-from erasure_efficacy import EVAL_SEED, erase_and_measure, figures  # noqa: E402
+from erasure_efficacy import EVAL_SEED, erase_and_measure, figures, world_prompts_text  # noqa: E402
 
 import unsee  # noqa: E402
-from unsee.attack import AttackConfig, attack  # noqa: E402
-from unsee.judge import Judge  # noqa: E402
+from unsee.attack import AttackConfig  # noqa: E402
+from unsee.toy.evaluation import attack  # noqa: E402
+from unsee.toy.judge import Judge  # noqa: E402
 
 METHODS = ("esd-u", "esd-x", "salun", "spm", "ant", "advunlearn")
 
@@ -106,7 +107,7 @@ def main() -> None:
             f"| {r['seconds']:.0f} s | {r['adapter_bytes'] / 2**20:.2f} MB ({r['adapter_weight_bytes'] / unet_bytes:.2%}) "
             f"| {bars(r)} |")
     def setting_text(value: object) -> object:
-        return f"{len(value)} world prompts" if isinstance(value, (list, tuple)) else value
+        return world_prompts_text(value) if isinstance(value, (list, tuple)) else value
 
     first = {r["method"]: r["settings"] for r in results if r["concept"] == results[0]["concept"]}
     settings = "; ".join(f"{method}: " + ", ".join(f"{k}={setting_text(v)}" for k, v in values.items())
@@ -134,7 +135,7 @@ Other attributes: judged on the concept's own prompts. Attack success rate: `uns
 5 prefix tokens, 40 Adam steps) on {args.attack_n} prompts naming the concept; a prompt counts as broken when the
 concept is present with the attacked prompt (or already without it). 25 DDIM steps, CFG 5, evaluation seed
 {EVAL_SEED}; the UNet's weights are {unet_bytes / 2**20:.2f} MB (adapter: file size, and its weights as a share of
-the UNet's; the rest of a file is its safetensors header: tensor names and the training record). Settings, the toy preset (`erasure/presets.py`): {settings}.
+the UNet's; the rest of a file is its safetensors header: tensor names and the training record). Settings, the toy preset (`unsee/toy/presets.py`): {settings}.
 
 {chr(10).join(lines)}
 

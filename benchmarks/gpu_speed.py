@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hardware, write_section  # noqa: E402
 from guidance_speed import COMPARED, interleaved_times, median_ratio, speed_settings  # noqa: E402
 
-from unsee import toy  # noqa: E402
+from unsee.toy import model as toy  # noqa: E402
 from unsee.pipelines import UnseeStableDiffusionPipeline, UnseeStableDiffusionXLPipeline  # noqa: E402
 from unsee.pipelines import attention as unsee_attention  # noqa: E402
 from unsee.testing import SD15_UNET_CONFIG, SDXL_UNET_CONFIG, tiny_tokenizer  # noqa: E402

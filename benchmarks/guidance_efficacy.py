@@ -28,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, hardware, write_section  # noqa: E402
 
 import unsee  # noqa: E402
-from unsee import world  # noqa: E402
-from unsee.evaluation import generate_images, score  # noqa: E402
+from unsee.evaluation import generate_images  # noqa: E402
 from unsee.guidance import CFG, FDG, NASA, PAG, CFGpp, NegativeSteer  # noqa: E402
-from unsee.judge import Judge, to_judge_input  # noqa: E402
+from unsee.toy import world  # noqa: E402
+from unsee.toy.evaluation import score  # noqa: E402
+from unsee.toy.judge import Judge, to_judge_input  # noqa: E402
 
 
 def saturation(images) -> tuple[float, float]:
@@ -113,7 +114,7 @@ def main() -> None:
         settings += [(f"DNG λ={scale:g} from {start:.0%}", dict(cfg5, guidance=[NegativeSteer(start_fraction=start, mode="dng", dng_scale=scale)]))
                      for start in (0.0, 0.1, 0.2)]
     settings.append(("NASA α=2, no CFG", dict(guidance_scale=1.0, negative_prompt="circle", guidance=[NASA(2.0)])))
-    damaged = []  # share of images with damaged corners, per DNG row
+    measured = {}  # per setting: no circle, gray background (judge), gray corners (pixels)
     shapes_drawn = {}  # what the judge reads in place of the circle, per setting
     for name, kwargs in settings:
         images = generate_images(pipe, [target] * n, seed=seed + 2, num_inference_steps=25, **kwargs)
@@ -121,8 +122,7 @@ def main() -> None:
         no_circle = np.array([j["shape"] != "circle" for j in judged])
         gray = np.array([j["background"] == "gray" for j in judged])
         corners = gray_corners(images)
-        if name.startswith("DNG"):
-            damaged.append(1 - corners.mean())
+        measured[name] = {"no_circle": no_circle.mean(), "gray": gray.mean(), "corners": corners.mean()}
         shapes_drawn[name] = sorted({j["shape"] for j in judged} - {"circle"})
         negative_rows.append(f"| {name} | {no_circle.mean():.1%} | {gray.mean():.1%} | {corners.mean():.1%} | "
                              f"{(no_circle & corners).mean():.1%} |")
@@ -131,6 +131,16 @@ def main() -> None:
                     generator=torch.Generator().manual_seed(seed + 2), output_type="latent",
                     guidance=[NegativeSteer(mode="adaptive")])
     started = [step for step in adaptive.guidance_report.negative_start_steps if step is not None]
+
+    def spread(names: list[str], key: str, scale: float = 1.0, offset: float = 0.0, digits: int = 1) -> str:
+        """The range of one figure over some rows: "26.6%–51.6%" (one value: "0.0%")."""
+        values = sorted(offset + scale * measured[n][key] for n in names)
+        low, high = f"{values[0]:.{digits}%}", f"{values[-1]:.{digits}%}"
+        return low if low == high else f"{low}–{high}"
+
+    negative_prompt_rows = [name for name, _ in settings if name.startswith("negative from") or name == "adaptive start"]
+    dng_rows = [name for name, _ in settings if name.startswith("DNG")]
+    nasa_row = "NASA α=2, no CFG"
 
     red_prompts = [world.prompt_for(shape=world.SHAPES[i % 6], color="red") for i in range(n)]
     nasa_rows = []
@@ -162,10 +172,7 @@ the same prompts: mean saturation {ref_sat:.3f}, clipped channels {ref_clip:.2%}
 |---|---|---|---|---|---|---|
 {quality}
 
-FDG in the paper's order, (12, 2) with the strong scale on the fine band, has CFG 2's background accuracy and
-CFG 12's clipping; reversed, (2, 12) has CFG 12's accuracy and CFG 2's clipping. On the toy model's 16x16
-latents the coarse band carries the background colour and the fine band the shape's edges, where the
-clipped channels are; the mean saturation lands between CFG 2's and CFG 12's either way.
+FDG (12, 2) puts the strong scale on the fine band (the paper's order); (2, 12) reverses the bands.
 
 Unconditional samples (empty prompt, no CFG): share the judge recognises (a shape, probability ≥ 0.9):
 {', '.join(f'{k} {v:.1%}' for k, v in uncond.items())}.
@@ -177,16 +184,15 @@ Delayed negative prompt: "{target}" with negative "circle".
 {chr(10).join(negative_rows)}
 
 The adaptive rule started the negative at steps {min(started)}–{max(started)} of 25 (0-based; one batch of 8 images).
-A negative prompt in diffusers' sense replaces the unconditional prediction, so the circle, named by both
-prompts, keeps the weight 1 of unguided conditional sampling, and the toy model draws the circle even then
-(the "conditional prediction alone" row): no start removes it. Dynamic Negative Guidance subtracts the
-negative's direction instead. The judge then reads many images as another shape, but the grid shows deformed
-circles and broken images rather than a removed circle, and the corner pixels show the background damaged in
-{min(damaged):.0%}–{max(damaged):.0%} of them, which the judge, trained on clean renders, mostly misses. NASA at α=2 (the
-negative inside cross-attention, at a strength its paper does not use) keeps the background and leaves no circle,
-but draws another shape in its place (the judge reads: {", ".join(shapes_drawn["NASA α=2, no CFG"])}), not an empty
-background. On this model no setting empties the scene, so the delayed negative has no removal to protect:
-the rows measure the toy model's limits, not Ban et al.'s delayed effect.
+A negative prompt in diffusers' sense replaces the unconditional prediction, so the circle, named by both prompts,
+keeps the weight of unguided conditional sampling (the "conditional prediction alone" row: no circle in
+{spread(["conditional prediction alone (no CFG)"], "no_circle")}). With a negative prompt from step 0, a later start
+or the adaptive start, the judge finds no circle in {spread(negative_prompt_rows, "no_circle")} of the images.
+Dynamic Negative Guidance subtracts the negative's direction instead: no circle in {spread(dng_rows, "no_circle")},
+the corner pixels damaged in {spread(dng_rows, "corners", -1.0, 1.0, 0)} of the images, while the judge reads a gray
+background in {spread(dng_rows, "gray")}. NASA at α=2 (the negative inside cross-attention, at a strength its paper
+does not use): no circle in {spread([nasa_row], "no_circle")}, gray corners in {spread([nasa_row], "corners")}; in
+place of the circle the judge reads: {", ".join(shapes_drawn[nasa_row]) or "nothing else"}.
 
 NASA on "a red <shape>" prompts with negative "red", no CFG (one UNet pass per step):
 

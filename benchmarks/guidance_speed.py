@@ -118,6 +118,22 @@ def per_step_table(times: dict[str, list[float]]) -> str:
                      for name, v in times.items())
 
 
+def noise_text(times: dict[str, list[float]]) -> str:
+    """What this run's numbers say about its noise: the widest spread of one setting over its repeats, and the noise
+    gauge's distance from 1."""
+    spreads = {name: (max(v) - min(v)) / statistics.median(v) for name, v in times.items() if v}
+    widest = max(spreads, key=spreads.get)
+    text = (f"One setting's time varies from repeat to repeat (min – max column), by up to {spreads[widest]:.0%} of its "
+            f"median in this run ({widest}); pairing the runs of one repeat cancels the slow drift of the load, not the "
+            "jitter of single runs.")
+    gauge = next(((ours, base) for label, ours, base, _ in COMPARED if label.startswith("noise gauge")), None)
+    if gauge is not None and gauge[0] in times and gauge[1] in times:
+        value = median_ratio(times, *gauge)
+        text += (f" The noise gauge (two settings doing the same work) is {value:.3f}, {abs(value - 1):.1%} from 1: "
+                 "ratios closer to each other than that are within this run's noise.")
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
@@ -159,10 +175,7 @@ interleaved repeats per setting, all in one run.
 |---|---|---|---|
 {table}
 
-One setting's time varies by several percent from repeat to repeat on this shared 2-core machine (min – max
-column); pairing the runs of one repeat cancels the slow drift of the load, not the jitter of single runs:
-read differences of 1–2% as noise, and more where the noise gauge (two settings doing the same work) is further
-from 1.
+{noise_text(times)}
 
 | setting | ms per step (median) | min – max over repeats |
 |---|---|---|

@@ -16,9 +16,9 @@ import torch
 from diffusers import DDIMScheduler
 
 import unsee
-from unsee import world
 from unsee.erasure.base import ddim_sample, encode_prompts
-from unsee.judge import Judge
+from unsee.toy import world
+from unsee.toy.judge import Judge
 
 STEPS, CFG = 25, 5.0
 

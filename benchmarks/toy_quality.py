@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, hardware, write_section  # noqa: E402
 
 import unsee  # noqa: E402
-from unsee import world  # noqa: E402
 from unsee.evaluation import generate_images  # noqa: E402
-from unsee.judge import Judge  # noqa: E402
-from unsee.toy import TOY_MODEL_DIR  # noqa: E402
+from unsee.toy import evaluate, world  # noqa: E402
+from unsee.toy.judge import Judge  # noqa: E402
+from unsee.toy.model import TOY_MODEL_DIR  # noqa: E402
 
 GRID_PROMPTS = [
     "a red circle on a gray background", "a blue square on a white background", "a green triangle on a black background",
@@ -51,7 +51,7 @@ def main() -> None:
 
     prompts = world.attribute_prompts(seed=2025, n=args.n)
     t0 = time.perf_counter()
-    result = unsee.evaluate(pipe, prompts, judge=judge.predict, n=args.n, seed=args.seed)
+    result = evaluate(pipe, prompts, judge=judge.predict, n=args.n, seed=args.seed)
     eval_seconds = time.perf_counter() - t0
 
     uncond = generate_images(pipe, [""] * args.n, seed=args.seed + 1, num_inference_steps=25, guidance_scale=1.0)

@@ -5,26 +5,28 @@
     adapter.save("esd-u-circle.safetensors")
     pipe.load_erasure("esd-u-circle.safetensors")
 
-``base`` holds the contract every trainer follows; ``esd``, ``salun``, ``spm``, ``advunlearn`` and ``ant`` the methods; ``jobs`` scripted
-training of several concepts x methods (``run_jobs``, ``unsee erase --config``).
+    from unsee.erasure import make_trainer
+    trainer = make_trainer("esd-u", concept="circle", steps=200)  # by registered name, with checked settings
+
+``base`` states the contract every trainer follows; ``esd``, ``salun``, ``spm``, ``advunlearn`` and ``ant`` are the
+methods, each registering itself (``registry``: :data:`METHODS`, :func:`make_trainer`); the parts they share are
+written once: ``fields`` (settings that check themselves), ``config``, ``conditioning``, ``sampling``,
+``selectors``, ``saliency``, and for the loop ``trainer``, ``checkpoints``, ``processes``, ``snapshot``,
+``precision``, ``adapter_builders``. Scripted training of several concepts x methods (``run_jobs``,
+``unsee erase --config``) is ``unsee.jobs``; the trainers know no prompt world of their own.
 """
 
-from .base import (
-    ConfigError,
-    Conditioning,
-    Progress,
-    ProgressCallback,
-    Trainer,
-    TrainerConfig,
-    TrainingError,
-    canonical_dtype,
-    epsilon_from_output,
-    load_checkpoint,
-)
+from .errors import ConfigError, TrainingError
+from .config import TrainerConfig
+from .conditioning import Conditioning
+from .checkpoints import load_checkpoint
+from .fields import canonical_dtype
+from .sampling import epsilon_from_output
+from .trainer import Progress, ProgressCallback, Trainer
+from .registry import METHODS, Method, make_trainer, register_method
 from .esd import ESD_VARIANTS, ESDConfig, ESDTrainer, esd_modules, esd_parameters
-from .presets import PRESETS, TOY_PRESETS, is_toy_model_name, is_toy_pipeline, preset_settings
-from .jobs import METHODS, Job, load_job_file, make_trainer, plan_jobs, run_jobs
-from .salun import SalUnConfig, SalUnTrainer, load_mask, pack_mask, save_mask, unpack_mask
+from .saliency import load_mask, pack_mask, save_mask, unpack_mask
+from .salun import SalUnConfig, SalUnTrainer
 from .spm import SPMConfig, SPMTrainer, spm_modules, transport_strength
 from .advunlearn import AdvUnlearnConfig, AdvUnlearnTrainer, encoder_layer_parameters, prefix_embedding
 from .ant import ANTConfig, ANTTrainer, ant_lora_modules
@@ -39,9 +41,8 @@ __all__ = [
     "ESDConfig",
     "ESDTrainer",
     "ESD_VARIANTS",
-    "Job",
     "METHODS",
-    "PRESETS",
+    "Method",
     "Progress",
     "ProgressCallback",
     "SalUnConfig",
@@ -50,7 +51,6 @@ __all__ = [
     "SPMTrainer",
     "Trainer",
     "TrainerConfig",
-    "TOY_PRESETS",
     "TrainingError",
     "ant_lora_modules",
     "canonical_dtype",
@@ -58,17 +58,12 @@ __all__ = [
     "esd_modules",
     "encoder_layer_parameters",
     "esd_parameters",
-    "is_toy_model_name",
-    "is_toy_pipeline",
     "load_checkpoint",
-    "load_job_file",
     "load_mask",
     "make_trainer",
     "pack_mask",
-    "plan_jobs",
     "prefix_embedding",
-    "preset_settings",
-    "run_jobs",
+    "register_method",
     "save_mask",
     "spm_modules",
     "transport_strength",

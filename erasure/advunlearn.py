@@ -22,8 +22,7 @@ while other prompts keep their original conditioning. Each step is a small bi-le
 
 ``erase_from`` (not in the paper; None by default) erases the concept in context, as ESD's option of that name
 does: each step draws one of these prompts, ``c_from``, samples x_t from it, puts the adversarial prefix before it,
-and trains towards ``eps*(x_t, c_from) - eta (eps*(x_t, c) - eps*(x_t, ""))``. On the toy model the bare word
-left circles in 41% of the concept's prompts (see ``erasure/presets.py``).
+and trains towards ``eps*(x_t, c_from) - eta (eps*(x_t, c) - eps*(x_t, ""))``.
 
 Trained parameters: the encoder layers by **exact index** (``layers``; default all of them plus the final
 layer norm, the paper's ``text_encoder_full``); the token and position embeddings are never trained. The
@@ -51,24 +50,14 @@ from typing import Any, ClassVar, Iterator, Optional, Union
 import torch
 from torch import nn
 
-from .base import (
-    Conditioning,
-    ConfigError,
-    Trainer,
-    TrainerConfig,
-    TrainingError,
-    _is_int,
-    _is_number,
-    _is_prompt_list,
-    checked_erase_from,
-    ddim_sample,
-    encode_prompts,
-    erase_from_prompts,
-    fill_concept,
-    is_sdxl,
-    mse,
-    predict,
-)
+from .conditioning import Conditioning, encode_concept, encode_prompts, is_sdxl
+from .config import TrainerConfig, fill_concept
+from .errors import ConfigError, TrainingError
+from .fields import (DDIM_STEPS, ERASE_FROM, GUIDANCE, RESOLUTION, Kind, choice, integer, is_int, number, prompt_list,
+                     setting)
+from .registry import register_method
+from .sampling import ddim_sample, esd_target, mse, predict
+from .trainer import Trainer
 
 __all__ = ["AdvUnlearnConfig", "AdvUnlearnTrainer", "COCO_OBJECTS", "encoder_layer_parameters", "prefix_embedding",
            "prefixed_ids", "token_ids"]
@@ -86,6 +75,11 @@ COCO_OBJECTS = (
     "hair drier", "toothbrush",
 )
 ATTACK_INITS = ("random", "latest")
+#: encoder layers by index: one index, a non-empty list of them, or None (every layer and the final layer norm)
+LAYERS = Kind("encoder layer indices such as [0, 1] (or None for all)",
+              lambda v: v is None or (is_int(v) and v >= 0)
+              or (isinstance(v, (list, tuple)) and len(v) > 0 and all(is_int(i) and i >= 0 for i in v)),
+              normalise=lambda v: v if v is None else (v,) if isinstance(v, int) else tuple(v))
 
 
 @dataclass
@@ -102,79 +96,37 @@ class AdvUnlearnConfig(TrainerConfig):
         attack_init: ``"random"`` (vocabulary embeddings, each attack) or ``"latest"`` (the previous adversary).
         retain_weight: weight of the retain term (0.3, the README recipe). retain_batch: retain prompts per step (5).
         retain_prompts: prompts whose conditioning must not change (``{concept}`` is replaced by the concept);
-            None: "a photo of a <COCO object>" (the official retain set), or with ``toy_world`` 64 toy-world
-            prompts that do not name the concept.
+            None: "a photo of a <COCO object>" (the official retain set).
         layers: encoder layer indices to train (exact indices; None: every layer and the final layer norm).
         resolution: image size for x_t (None: the pipeline's default).
         erase_from: prompts that name the concept, to erase it from in context (one drawn per step; see the
             module docstring); None: the bare concept (the paper).
-        toy_world: take the retain prompts, when not given, from the toy shapes world; set by the ``toy`` preset
-            for the embedded toy model, refused on any other model.
     """
 
     steps: int = 1000
     lr: float = 1e-5
-    eta: float = 1.0
-    start_guidance: float = 3.0
-    ddim_steps: int = 50
-    warmup: int = 200
-    prefix_tokens: int = 1
-    attack_steps: int = 30
-    attack_lr: float = 1e-3
-    attack_init: str = "random"
-    retain_weight: float = 0.3
-    retain_batch: int = 5
-    retain_prompts: Optional[tuple[str, ...]] = None
-    layers: Optional[tuple[int, ...]] = None
-    resolution: Optional[int] = None
-    erase_from: Union[str, tuple[str, ...], None] = None
-    toy_world: bool = False
+    eta: float = setting(1.0, number(low=0))
+    start_guidance: float = setting(3.0, GUIDANCE)
+    ddim_steps: int = setting(50, DDIM_STEPS)
+    warmup: int = setting(200, integer(0, limits=(0, 100_000)),
+                          says="a non-negative integer (0: attack from the first step)")
+    prefix_tokens: int = setting(1, integer(1, limits=(1, 32)))
+    attack_steps: int = setting(30, integer(1, limits=(1, 1000)))
+    attack_lr: float = setting(1e-3, number(positive=True), says="a positive number such as 1e-3")
+    attack_init: str = setting("random", choice(ATTACK_INITS))
+    retain_weight: float = setting(0.3, number(low=0))
+    retain_batch: int = setting(5, integer(1, limits=(1, 256)))
+    retain_prompts: Optional[tuple[str, ...]] = setting(None, prompt_list(allow_empty=True, none=True, as_tuple=True))
+    layers: Optional[tuple[int, ...]] = setting(None, LAYERS)
+    resolution: Optional[int] = setting(None, RESOLUTION)
+    erase_from: Union[str, tuple[str, ...], None] = setting(None, ERASE_FROM)
 
     method: ClassVar[str] = "advunlearn"
 
     def validate(self) -> None:
         super().validate()
-        for name in ("ddim_steps", "prefix_tokens", "attack_steps", "retain_batch"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not _is_int(self.warmup) or self.warmup < 0:
-            raise ConfigError(f"warmup must be a non-negative integer (0: attack from the first step), got {self.warmup!r}")
-        for name in ("eta", "start_guidance", "retain_weight"):
-            value = getattr(self, name)
-            if not _is_number(value) or value < 0:
-                raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
-        if not _is_number(self.attack_lr) or self.attack_lr <= 0:
-            raise ConfigError(f"attack_lr must be a positive number such as 1e-3, got {self.attack_lr!r}")
-        if self.attack_init not in ATTACK_INITS:
-            raise ConfigError(f"attack_init must be one of {', '.join(ATTACK_INITS)}, got {self.attack_init!r}")
-        if self.retain_prompts is not None:
-            if not _is_prompt_list(self.retain_prompts, allow_empty=True):
-                raise ConfigError("retain_prompts must be a list of non-empty prompts (or None for the default set)")
-            self.retain_prompts = tuple(self.retain_prompts)
-            if not self.retain_prompts:
-                raise ConfigError("retain_prompts is empty; give prompts or None for the default set")
-        if self.layers is not None:
-            if isinstance(self.layers, int):
-                self.layers = (self.layers,)
-            self.layers = tuple(self.layers)
-            if not self.layers or not all(_is_int(i) and i >= 0 for i in self.layers):
-                raise ConfigError(f"layers must be encoder layer indices such as [0, 1] (or None for all), got "
-                                  f"{self.layers!r}")
-        if self.resolution is not None and (not _is_int(self.resolution) or self.resolution < 8):
-            raise ConfigError(f"resolution must be an integer of at least 8 pixels, got {self.resolution!r}")
-        self.erase_from = checked_erase_from(self.erase_from)
-        if not isinstance(self.toy_world, bool):
-            raise ConfigError(f"toy_world must be true or false, got {self.toy_world!r}")
-        if self.toy_world and self.retain_prompts is None:
-            from unsee import world
-
-            try:
-                world.concept_attribute(self.concept)
-            except ValueError:
-                raise ConfigError(f"toy_world=True takes AdvUnlearn's retain prompts from the toy shapes world, and "
-                                  f"{self.concept!r} is not one of its concepts; pass retain_prompts with "
-                                  "toy_world=False") from None
+        if self.retain_prompts == ():
+            raise ConfigError("retain_prompts is empty; give prompts or None for the default set")
 
 
 def _encoder_layers(text_encoder: nn.Module) -> nn.ModuleList:
@@ -234,6 +186,7 @@ def prefix_embedding(text_encoder: nn.Module, delta: torch.Tensor, start: int = 
         handle.remove()
 
 
+@register_method("advunlearn", summary="AdvUnlearn: adversarially trained text encoder, robust to prompt attacks")
 class AdvUnlearnTrainer(Trainer):
     """Adversarial unlearning of the text encoder; see the module docstring."""
 
@@ -249,11 +202,7 @@ class AdvUnlearnTrainer(Trainer):
     # -- setup -------------------------------------------------------------------------------------
 
     def default_retain_prompts(self) -> tuple[str, ...]:
-        """Toy-world prompts that do not name the concept (``toy_world``), else "a photo of a <COCO object>"."""
-        if self.config.toy_world:
-            from unsee import world
-
-            return tuple(world.other_prompts(self.config.concept, seed=self.config.seed, n=64))
+        """The retain set when ``retain_prompts`` is None: "a photo of a <COCO object>" (the official one)."""
         return tuple(f"a photo of a {name}" for name in COCO_OBJECTS)
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
@@ -269,13 +218,10 @@ class AdvUnlearnTrainer(Trainer):
         self.retain_prompts = (fill_concept(config.retain_prompts, config.concept) if config.retain_prompts
                                else list(self.default_retain_prompts()))
         # original conditioning (the encoder is untouched during setup): c, "", then each c_from
-        froms = list(erase_from_prompts(config.erase_from))
-        base = encode_prompts(pipe, [config.concept, ""] + froms, height, width)
-        self.cond_concept, self.cond_empty = base.rows([0]), base.rows([1])
-        self.cond_from = [base.rows([2 + i]) for i in range(len(froms))]
+        self.prompts = encode_concept(pipe, config.concept, config.erase_from, height, width)
         self.cond_retain = encode_prompts(pipe, self.retain_prompts, height, width)
         # the prompts the student erases from: the concept itself, or each c_from
-        self.concept_ids = self.tokenize(froms or [config.concept])
+        self.concept_ids = self.tokenize(self.prompts.student_prompts)
         self.adversarial_ids = prefixed_ids(self.concept_ids, config.prefix_tokens)
         self.retain_ids = self.tokenize(self.retain_prompts)
         self.latest_delta = state.get("latest_delta") if state else None
@@ -286,7 +232,7 @@ class AdvUnlearnTrainer(Trainer):
 
     def sample_latents(self, cond: Conditioning, k: int) -> torch.Tensor:
         noise = self.randn(cond.embeds.shape[0], *self.latent_shape[1:]) * self.scheduler.init_noise_sigma
-        uncond = self.cond_empty.repeat(cond.embeds.shape[0])
+        uncond = self.prompts.empty.repeat(cond.embeds.shape[0])
         return ddim_sample(self.unet, self.scheduler, noise, cond, uncond, self.config.start_guidance, stop_at=k)
 
     def encode(self, ids: torch.Tensor) -> Conditioning:
@@ -321,20 +267,20 @@ class AdvUnlearnTrainer(Trainer):
 
     def training_step(self, step: int) -> torch.Tensor:
         config = self.config
-        j = self.draw_index(len(self.cond_from)) if self.cond_from else 0  # the c_from drawn, if any
+        j, cond_student = self.prompts.draw(self.draw_index)  # a c_from drawn (in context), or the concept
+        in_context = bool(self.prompts.contexts)
         k = int(self.randint(0, config.ddim_steps))
         t = self.scheduler.timesteps[k]
         retain_rows = self.randint(0, len(self.retain_prompts), (config.retain_batch,))
         cond_retain = self.cond_retain.rows(retain_rows)
-        cond_student = self.cond_from[j] if self.cond_from else self.cond_concept
         # rows c, "" (and c_from): the paper's target anchors at "", in context at c_from's own prediction
-        parts = [self.cond_concept, self.cond_empty] + ([cond_student] if self.cond_from else [])
+        parts = [self.prompts.concept, self.prompts.empty] + ([cond_student] if in_context else [])
         with torch.no_grad():
             x_t = self.sample_latents(cond_student, k)
             x_r = self.sample_latents(cond_retain, k)
             eps = predict(self.unet, x_t.repeat(len(parts), 1, 1, 1), t, Conditioning.cat(parts)).chunk(len(parts))
             eps_c, eps_empty, eps_student = eps[0], eps[1], eps[-1]  # eps_student: c_from's, or c's
-            target = (eps_student if self.cond_from else eps_empty) - config.eta * (eps_c - eps_empty)
+            target = esd_target(eps_student if in_context else eps_empty, eps_c, eps_empty, config.eta)
             retain_target = predict(self.unet, x_r, t, cond_retain)
         if step >= config.warmup:
             adversarial_ids = self.adversarial_ids[j:j + 1]

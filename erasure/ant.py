@@ -25,8 +25,7 @@ Two kinds of adapter:
 
 - ``kind="delta"`` (the paper's single-concept recipe): full-weight training restricted by an
   **augmentation-enhanced saliency mask**: for every augmentation (each prompt of ``saliency_prompts``
-  -- by default the concept alone; with ``toy_world=True``, on the embedded toy model only, the concept and its
-  synonyms in the toy world -- under each seed of ``saliency_seeds``) the
+  -- by default the concept alone; e.g. the concept and its synonyms -- under each seed of ``saliency_seeds``) the
   gradient of the ANT loss is accumulated over ``saliency_iterations`` trajectories; per tensor the
   ``mask_fraction`` of entries with the **largest** ``|g|`` are kept; the mask is the intersection over all
   augmentations. Unmasked entries stay bit-identical.
@@ -57,46 +56,30 @@ and uses the paper's two targets with ``eps*(x, "")`` replaced by ``c_from``'s p
 direction, ``b = eps*(x, c_from) - (eps*(x, c) - eps*(x, ""))``: early ``b + eta * (eps*(x+, c) - eps*(x+, ""))``,
 late ``b - eta * (eps*(x-, c) - eps*(x-, ""))``. The rest of the prompt is kept; with ``c_from`` the concept
 itself, ``b = eps*(x, "")`` and the targets are the paper's; at the paper's eta 1 the early target is ``c_from``'s
-own prediction (kept, not enhanced). The saliency mask is still taken on the concept's own words. On the toy model
-neither the bare word nor ``erase_from`` erased a style ("striped"), though the stripes form in the mid steps that
-ANT erases: any early term, even the plain keep at eta 1 and of the first step alone, leaves 91-100% of the
-stripes, also with every UNet weight trained; without it (``enhance_weight=0``) 0-34% (see ``erasure/presets.py``).
-With the single-concept script's order (``keep_phase="late"``: the last steps kept, all before them erased) it
-erases the style, and the toy preset for styles uses that order."""
+own prediction (kept, not enhanced). The saliency mask is still taken on the concept's own words. What the two
+``keep_phase`` orders did to a style on the toy model: ``docs/erasure-notes.md``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Union
 
 import torch
 from torch import nn
 
-from unsee import world
-
-from .base import (
-    OUTPUT_KINDS,
-    ConfigError,
-    Conditioning,
-    TrainerConfig,
-    _is_int,
-    _is_number,
-    _is_prompt_list,
-    checked_erase_from,
-    ddim_sample,
-    encode_prompts,
-    erase_from_prompts,
-    fill_concept,
-    gaussian_lora_config,
-    mse,
-    predict,
-)
-from .esd import ESD_VARIANTS
-from .salun import SaliencyMaskedTrainer, pack_mask, top_fraction_mask, unpack_mask
+from .conditioning import Conditioning, encode_concept, encode_prompts
+from .config import TrainerConfig, fill_concept
+from .errors import ConfigError
+from .fields import (BATCH_SIZE, DDIM_STEPS, ERASE_FROM, FRACTION, GUIDANCE, LORA_ALPHA, OUTPUT_KIND, RANK,
+                     RESOLUTION, SEEDS, choice, integer, number, prompt_list, setting)
+from .registry import register_method
+from .saliency import PARAMETERS, SaliencyMaskedTrainer, pack_mask, top_fraction_mask, unpack_mask
+from .sampling import ddim_sample, esd_target, mse, predict
+from .selectors import linear_modules, lora_config
 
 __all__ = ["ANTConfig", "ANTTrainer", "ant_lora_modules", "augmentation_prompts"]
 
-PARAMETER_SETS = ("full", *ESD_VARIANTS)
 KEEP_PHASES = ("early", "late")
 
 
@@ -119,104 +102,57 @@ class ANTConfig(TrainerConfig):
         parameters: the weights the mask ranks: ``"full"`` (all, the paper) or an ESD variant.
         mask_fraction: share of each tensor's entries a single augmentation's mask keeps (0.5).
         saliency_prompts: the prompts of the augmentations (``{concept}`` is replaced by the concept); None: the
-            concept alone, or with ``toy_world`` the concept and its toy-world synonyms.
+            concept alone.
         saliency_seeds: the seeds of the augmentations (the official five).
         saliency_iterations: trajectories whose gradients are accumulated per augmentation (10).
         batch_size: trajectories per step (1). resolution: image size (None: the pipeline's default).
         erase_from: prompts that name the concept, to erase it from in context (one drawn per step; see the
             module docstring); None erases the concept's own words.
-        toy_world: take the augmentations the config does not give from the toy shapes world (the concept's
-            synonyms there); set by the ``toy`` preset for the embedded toy model, refused on any other model.
     """
 
     steps: int = 250
     lr: float = 5e-4
-    eta: float = 1.0
-    before_step: int = 7
-    keep_phase: str = "early"
-    ddim_steps: int = 50
-    start_guidance: float = 3.0
-    enhance_weight: float = 1.0
-    uncond_weight: float = 0.5
-    kind: str = "delta"
-    rank: int = 4
-    lora_alpha: Optional[float] = None
-    parameters: str = "full"
-    mask_fraction: float = 0.5
-    saliency_prompts: Optional[list[str]] = None
-    saliency_seeds: list[int] = field(default_factory=lambda: [24, 42, 98, 403, 3407])
-    saliency_iterations: int = 10
-    batch_size: int = 1
-    resolution: Optional[int] = None
-    erase_from: Union[str, tuple[str, ...], None] = None
-    toy_world: bool = False
+    eta: float = setting(1.0, number(low=0))
+    before_step: int = setting(7, integer(1, limits=(0, 1000)), says="an integer in [1, ddim_steps - 1]")
+    keep_phase: str = setting("early", choice(KEEP_PHASES))
+    ddim_steps: int = setting(50, DDIM_STEPS)
+    start_guidance: float = setting(3.0, GUIDANCE)
+    enhance_weight: float = setting(1.0, number(low=0))
+    uncond_weight: float = setting(0.5, number(low=0))
+    kind: str = setting("delta", OUTPUT_KIND)
+    rank: int = setting(4, RANK)
+    lora_alpha: Optional[float] = setting(None, LORA_ALPHA)
+    parameters: str = setting("full", PARAMETERS)
+    mask_fraction: float = setting(0.5, FRACTION)
+    saliency_prompts: Optional[list[str]] = setting(None, prompt_list(none=True))
+    saliency_seeds: list[int] = setting([24, 42, 98, 403, 3407], SEEDS)
+    saliency_iterations: int = setting(10, integer(1, limits=(1, 10_000)))
+    batch_size: int = setting(1, BATCH_SIZE)
+    resolution: Optional[int] = setting(None, RESOLUTION)
+    erase_from: Union[str, tuple[str, ...], None] = setting(None, ERASE_FROM)
 
     method: ClassVar[str] = "ant"
 
     def validate(self) -> None:
         super().validate()
-        for name in ("eta", "enhance_weight", "uncond_weight", "start_guidance"):
-            value = getattr(self, name)
-            if not _is_number(value) or value < 0:
-                raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
-        for name in ("ddim_steps", "saliency_iterations", "batch_size", "rank"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not _is_int(self.before_step) or not 1 <= self.before_step < self.ddim_steps:
+        if self.before_step >= self.ddim_steps:
             raise ConfigError(f"before_step must be an integer in [1, ddim_steps - 1] = [1, {self.ddim_steps - 1}] "
                               f"(both phases need steps), got {self.before_step!r}")
-        if self.keep_phase not in KEEP_PHASES:
-            raise ConfigError(f"keep_phase must be one of {', '.join(KEEP_PHASES)}, got {self.keep_phase!r}")
-        if self.kind not in OUTPUT_KINDS:
-            raise ConfigError(f"kind must be one of {', '.join(OUTPUT_KINDS)}, got {self.kind!r}")
-        if self.lora_alpha is not None and (not _is_number(self.lora_alpha) or self.lora_alpha == 0):
-            raise ConfigError(f"lora_alpha must be a non-zero number or None, got {self.lora_alpha!r}")
-        if self.parameters not in PARAMETER_SETS:
-            raise ConfigError(f"parameters must be one of {', '.join(PARAMETER_SETS)}, got {self.parameters!r}")
-        if not _is_number(self.mask_fraction) or not 0 < self.mask_fraction <= 1:
-            raise ConfigError(f"mask_fraction must be in (0, 1], got {self.mask_fraction!r}")
-        if self.saliency_prompts is not None and not _is_prompt_list(self.saliency_prompts):
-            raise ConfigError(f"saliency_prompts must be a non-empty list of non-empty prompts or None, "
-                              f"got {self.saliency_prompts!r}")
-        if (isinstance(self.saliency_seeds, (str, bytes)) or not isinstance(self.saliency_seeds, (list, tuple))
-                or not self.saliency_seeds or not all(_is_int(s) and s >= 0 for s in self.saliency_seeds)):
-            raise ConfigError(f"saliency_seeds must be a non-empty list of non-negative integers, "
-                              f"got {self.saliency_seeds!r}")
-        if self.resolution is not None and (not _is_int(self.resolution) or self.resolution < 8):
-            raise ConfigError(f"resolution must be an integer >= 8 or None, got {self.resolution!r}")
-        self.erase_from = checked_erase_from(self.erase_from)
-        if not isinstance(self.toy_world, bool):
-            raise ConfigError(f"toy_world must be true or false, got {self.toy_world!r}")
-        augmentation_prompts(self)  # raises ConfigError for toy_world with a concept outside the world
 
 
 def augmentation_prompts(config: ANTConfig) -> list[str]:
-    """The saliency augmentations' prompts: ``saliency_prompts`` (``{concept}`` filled in), else the concept
-    alone, or with ``toy_world`` the concept and its toy-world synonyms."""
+    """The saliency augmentations' prompts: ``saliency_prompts`` (``{concept}`` filled in), else the concept alone."""
     if config.saliency_prompts is not None:
         return fill_concept(config.saliency_prompts, config.concept)
-    prompts = [config.concept]
-    if not config.toy_world:
-        return prompts
-    try:
-        _, value = world.concept_attribute(config.concept)
-    except ValueError:
-        raise ConfigError(f"toy_world=True takes ANT's augmentations from the toy shapes world, and "
-                          f"{config.concept!r} is not one of its concepts; pass saliency_prompts with "
-                          "toy_world=False") from None
-    for word in world.SYNONYMS.get(value, (value,)):
-        if word != config.concept.strip().lower():
-            prompts.append(word)
-    return prompts
+    return [config.concept]
 
 
 def ant_lora_modules(unet: nn.Module) -> list[str]:
     """Every Linear/Conv2d inside the UNet's down, mid and up blocks (the multi-concept LoRA's targets)."""
-    return [name for name, module in unet.named_modules()
-            if isinstance(module, (nn.Linear, nn.Conv2d)) and name.split(".")[0] in ("down_blocks", "mid_block", "up_blocks")]
+    return linear_modules(unet, lambda name: name.split(".")[0] in ("down_blocks", "mid_block", "up_blocks"))
 
 
+@register_method("ant", summary="ANT: keep the early, layout-setting steps, steer the late ones away from the concept")
 class ANTTrainer(SaliencyMaskedTrainer):
     """Trains an ANT adapter. ``ANTTrainer(ANTConfig(concept="circle")).train(pipe)``.
 
@@ -227,17 +163,14 @@ class ANTTrainer(SaliencyMaskedTrainer):
     config: ANTConfig
 
     def lora_config(self, unet: nn.Module) -> Any:
-        return gaussian_lora_config(self.config.rank, self.config.lora_alpha, ant_lora_modules(unet))
+        return lora_config(self.config.rank, self.config.lora_alpha, ant_lora_modules(unet))
 
     def setup(self, pipe: Any, state: Optional[dict] = None) -> None:
         config = self.config
         height, width = self.image_size(pipe)
         self.latent_shape = (config.batch_size, *self.latent_size(pipe))
         self.scheduler = self.ddim_scheduler(config.ddim_steps)
-        froms = erase_from_prompts(config.erase_from)
-        conditioning = encode_prompts(pipe, ["", config.concept] + list(froms), height, width)
-        self.cond_empty, self.cond_concept = conditioning.rows([0]), conditioning.rows([1])
-        self.cond_from = [conditioning.rows([2 + i]) for i in range(len(froms))]
+        self.prompts = encode_concept(pipe, config.concept, config.erase_from, height, width)
         self.mask = None
         if config.kind == "delta":
             if state is not None:
@@ -261,7 +194,7 @@ class ANTTrainer(SaliencyMaskedTrainer):
             k_plus = int(torch.randint(split, config.ddim_steps, (), generator=generator))
         noise = torch.randn(self.latent_shape, generator=generator).to(self.device, self.unet.dtype)
         n = self.latent_shape[0]
-        cond, uncond = cond.repeat(n), self.cond_empty.repeat(n)
+        cond, uncond = cond.repeat(n), self.prompts.empty.repeat(n)
         first, second = sorted((k_plus, k_minus))
         x_first = ddim_sample(self.unet, self.scheduler, noise * self.scheduler.init_noise_sigma, cond, uncond,
                               config.start_guidance, stop_at=first)
@@ -280,7 +213,7 @@ class ANTTrainer(SaliencyMaskedTrainer):
         n = x_plus.shape[0]
         x = torch.cat([x_plus, x_minus, x_plus, x_minus])  # rows: [+ c, - c, + "", - ""]
         t = torch.cat([t_plus.expand(n), t_minus.expand(n)]).repeat(2)
-        rows = Conditioning.cat([cond.repeat(2 * n), self.cond_empty.repeat(2 * n)])
+        rows = Conditioning.cat([cond.repeat(2 * n), self.prompts.empty.repeat(2 * n)])
         teacher_x, teacher_t, teacher_rows = x, t, rows
         if concept is not None:  # in context, the teacher also sees the concept itself at x+ and x-
             teacher_x, teacher_t = torch.cat([x, x_plus, x_minus]), torch.cat([t, t[: 2 * n]])
@@ -289,20 +222,21 @@ class ANTTrainer(SaliencyMaskedTrainer):
             c_plus, c_minus, u_plus, u_minus, *concept_rows = predict(teacher, teacher_x, teacher_t,
                                                                       teacher_rows).split(n)
         s_plus, s_minus, su_plus, su_minus = predict(model, x, t, rows).chunk(4)
-        if concept is None:
-            enhance = mse(s_plus, u_plus + config.eta * (c_plus - u_plus))
-            erase = mse(s_minus, u_minus - config.eta * (c_minus - u_minus))
+        if concept is None:  # early: guided towards the concept (eta > 0 enhances it); late: away from it
+            enhance = mse(s_plus, esd_target(u_plus, c_plus, u_plus, -config.eta))
+            erase = mse(s_minus, esd_target(u_minus, c_minus, u_minus, config.eta))
         else:  # the paper's targets with c_from less the concept's direction in place of eps*("")
             concept_plus, concept_minus = concept_rows
-            enhance = mse(s_plus, c_plus + (config.eta - 1) * (concept_plus - u_plus))
-            erase = mse(s_minus, c_minus - (config.eta + 1) * (concept_minus - u_minus))
+            enhance = mse(s_plus, esd_target(c_plus, concept_plus, u_plus, 1 - config.eta))
+            erase = mse(s_minus, esd_target(c_minus, concept_minus, u_minus, config.eta + 1))
         a1, a2 = config.enhance_weight, config.uncond_weight
         return erase + a2 * mse(su_minus, u_minus) + a1 * (enhance + a2 * mse(su_plus, u_plus))
 
     def training_step(self, step: int) -> torch.Tensor:
-        if self.cond_from:
-            return self.loss(self.model, self.draw(self.cond_from), self.generator, concept=self.cond_concept)
-        return self.loss(self.model, self.cond_concept, self.generator)
+        _, cond = self.prompts.draw(self.draw_index)
+        if self.prompts.contexts:
+            return self.loss(self.model, cond, self.generator, concept=self.prompts.concept)
+        return self.loss(self.model, cond, self.generator)
 
     # -- the augmentation-enhanced saliency mask ------------------------------------------------
 

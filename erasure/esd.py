@@ -12,18 +12,16 @@ zero for ``eta = 0``); that rewrite's ``negative_guidance=2`` is the paper's ``e
 ``erase_from`` erases an attribute from one concept ("hat" from "cowboy"): the student and the anchor
 see ``c_from``, the guidance direction is the erased concept's. A list of ``erase_from`` prompts draws one
 per step: erasing "striped" from many prompts that contain it ("a striped green triangle", ...) reaches the
-concept in context, where a small text encoder's embedding of the bare word alone does not.
+concept in context, where a small text encoder's embedding of the bare word alone may not.
 
 ``x_t`` is sampled as in the paper: a DDIM run (``ddim_steps`` steps, classifier-free guidance
 ``start_guidance``, prompt ``c`` or ``c_from``) from fresh noise *with the model being trained*, stopped
 at a random step ``k``; the UNet is then queried at that step's timestep. ``sample_with="frozen"``
 samples with the original model instead (the official 2025 rewrite).
 
-Variants (which parameters are trained; Linear and Conv2d modules found with ``isinstance``, names as in
-diffusers' ``UNet2DConditionModel``; the official rewrite's rules, except ``esd-u``, which keeps the paper's
-code's rule (``noxattn``: the rewrite also trains ``conv_out`` and the time embedding, and on the toy model that
-turns every black background gray: presence 34% with the background right in 91% of other prompts under the
-paper's rule, against 34% / 56% with those layers trained, ``circle``, lr 1e-4, eta 2, in context)):
+Variants (which parameters are trained; Linear and Conv2d modules, names as in diffusers'
+``UNet2DConditionModel``; the official rewrite's rules, except ``esd-u``, which keeps the paper's code's rule
+``noxattn``, without the rewrite's ``conv_out`` and time embedding):
 
 =================  ============================================================================
 ``esd-x``          every Linear/Conv2d inside a cross-attention module (``attn2``): for styles
@@ -38,26 +36,14 @@ whose names do not contain ``emb`` (the official SDXL script's rule; it calls th
 Norm layers are never trained. ``kind="lora"`` trains a LoRA of rank ``rank`` on the same modules
 instead of the full weights (teacher: the adapter disabled).
 
-The loss space (v-prediction models). The paper writes the loss on noise predictions (epsilon). On a
-v-prediction model (the toy model, SD 2.x-v) the default, ``loss_space="output"``, takes it on the UNet's raw
-v outputs: student and target are v predictions, the target built from the teacher's v outputs by the same
-formula. With ``alpha_t^2 = alphas_cumprod[t]``, ``sigma_t^2 = 1 - alpha_t^2`` and ``v = alpha_t eps - sigma_t x0``,
-every prediction here is at the same ``x_t``, where ``eps = alpha_t v + sigma_t x_t``; the target's coefficients
-sum to one, so it maps the same way, and the v-space squared error is ``1 / alpha_t^2 = 1 + 1/SNR(t)`` times the
-epsilon-space one: equal at low noise, larger with the noise (on SD's scaled-linear schedule, the toy model's:
-1.12x at t = 100, 3.6x at t = 500, 18x at t = 750, 215x at t = 999). The target is the same either way; what
-changes is how much each sampled timestep weighs in the gradient: the v loss leans on the noisiest steps, the
-early, layout-setting part of the trajectory, far more than the paper's loss, and its values are larger (compare
-losses across models only in the same space). ``loss_space="epsilon"`` converts the predictions to noise
-predictions first (:func:`~unsee.erasure.base.epsilon_from_output`) and takes the paper's loss; on
-epsilon-prediction models (SD 1.x, SDXL) the two are identical. The default keeps the figures measured on the toy
-model (``BENCHMARKS.md``).
+The loss is taken on the UNet's raw outputs (v on v-prediction models) unless ``loss_space="epsilon"``: the
+paper's loss on noise predictions; :mod:`unsee.erasure.sampling` explains how the two weigh timesteps.
 
 Deliberate differences from the official code (each documented in the config):
 the query timestep is exactly the noise level the sampler stopped at (the CompVis code draws a timestep
 1-2 steps off); the paper's defaults (eta 1, lr 1e-5, 1000 iterations, fp32) rather than the rewrite's;
 the teacher is the same UNet with the original weights swapped in, not a second copy; its three (or two)
-predictions are one batched UNet call.
+predictions are one batched UNet call. Why ``esd-u`` keeps the paper's rule: ``docs/erasure-notes.md``.
 """
 
 from __future__ import annotations
@@ -69,28 +55,19 @@ from typing import Any, ClassVar, Optional, Union
 import torch
 from torch import nn
 
-from .base import (
-    LOSS_SPACES,
-    OUTPUT_KINDS,
-    ConfigError,
-    Conditioning,
-    Trainer,
-    TrainerConfig,
-    _is_int,
-    _is_number,
-    _is_prompt_list,
-    checked_erase_from,
-    ddim_sample,
-    encode_prompts,
-    erase_from_prompts,
-    gaussian_lora_config,
-    mse,
-    predict,
-)
+from .conditioning import Conditioning, encode_concept, encode_prompts
+from .config import TrainerConfig, erase_from_prompts
+from .fields import (BATCH_SIZE, DDIM_STEPS, ERASE_FROM, GUIDANCE, LORA_ALPHA, LOSS_SPACE, NUMBER, OUTPUT_KIND, RANK,
+                     RESOLUTION, choice, number, prompt_list, setting)
+from .registry import register_method
+from .sampling import ddim_sample, esd_target, mse, predict
+from .selectors import linear_modules, lora_config, module_parameters
+from .trainer import Trainer
 
 __all__ = ["ESD_VARIANTS", "ESDConfig", "ESDTrainer", "esd_modules", "esd_parameters"]
 
 ESD_VARIANTS = ("esd-x", "esd-u", "esd-all", "esd-x-strict")
+VARIANT = choice(ESD_VARIANTS, message="unknown ESD variant {value}; choose one of " + ", ".join(ESD_VARIANTS))
 ANCHORS = ("unconditional", "concept")
 SAMPLERS = ("trained", "frozen")
 
@@ -117,31 +94,30 @@ class ESDConfig(TrainerConfig):
         rank, lora_alpha: LoRA rank and alpha (alpha None: equal to the rank, i.e. scaling 1).
         preserve: prompts whose predictions are kept (not in the paper; empty by default): every step draws one,
             p, samples its own x_t' (same DDIM run and stop as x_t) and adds ``preserve_weight`` times
-            MSE(eps_theta(x_t', p, t), eps*(x_t', p, t)). Erasing "red" from a small model drags its neighbour
+            MSE(eps_theta(x_t', p, t), eps*(x_t', p, t)). Erasing "red" from a small model can drag its neighbour
             "orange" along; preserving orange prompts keeps it. The term is 0 at the first step.
         preserve_weight: weight of that term (1.0).
-        loss_space: ``"output"`` (the UNet's raw output: v on v-prediction models such as the toy model and
-            SD 2.x-v) or ``"epsilon"`` (noise predictions, the paper's loss); see the module docstring.
-            Identical on epsilon-prediction models.
+        loss_space: ``"output"`` (the UNet's raw output: v on v-prediction models such as SD 2.x-v) or
+            ``"epsilon"`` (noise predictions, the paper's loss); identical on epsilon-prediction models.
     """
 
-    variant: str = "esd-u"
-    erase_from: Union[str, tuple[str, ...], None] = None
-    eta: float = 1.0
-    anchor: str = "unconditional"
+    variant: str = setting("esd-u", VARIANT)
+    erase_from: Union[str, tuple[str, ...], None] = setting(None, ERASE_FROM)
+    eta: float = setting(1.0, NUMBER, label="negative guidance")
+    anchor: str = setting("unconditional", choice(ANCHORS))
     steps: int = 1000
     lr: float = 1e-5
-    start_guidance: float = 3.0
-    ddim_steps: int = 50
-    sample_with: str = "trained"
-    batch_size: int = 1
-    resolution: Optional[int] = None
-    kind: str = "delta"
-    rank: int = 4
-    lora_alpha: Optional[float] = None
-    preserve: tuple[str, ...] = ()
-    preserve_weight: float = 1.0
-    loss_space: str = "output"
+    start_guidance: float = setting(3.0, GUIDANCE)
+    ddim_steps: int = setting(50, DDIM_STEPS)
+    sample_with: str = setting("trained", choice(SAMPLERS))
+    batch_size: int = setting(1, BATCH_SIZE)
+    resolution: Optional[int] = setting(None, RESOLUTION)
+    kind: str = setting("delta", OUTPUT_KIND)
+    rank: int = setting(4, RANK)
+    lora_alpha: Optional[float] = setting(None, LORA_ALPHA)
+    preserve: tuple[str, ...] = setting((), prompt_list(allow_empty=True, as_tuple=True))
+    preserve_weight: float = setting(1.0, number(low=0))
+    loss_space: str = setting("output", LOSS_SPACE)
 
     @property
     def method(self) -> str:  # type: ignore[override]
@@ -152,72 +128,31 @@ class ESDConfig(TrainerConfig):
         """``erase_from`` as a tuple of prompts (empty: erase everywhere)."""
         return erase_from_prompts(self.erase_from)
 
-    def validate(self) -> None:
-        if self.variant not in ESD_VARIANTS:
-            raise ConfigError(f"unknown ESD variant {self.variant!r}; choose one of {', '.join(ESD_VARIANTS)}")
-        super().validate()
-        self.erase_from = checked_erase_from(self.erase_from)
-        if not _is_number(self.eta):
-            raise ConfigError(f"eta (negative guidance) must be a finite number, got {self.eta!r}")
-        if self.anchor not in ANCHORS:
-            raise ConfigError(f"anchor must be one of {', '.join(ANCHORS)}, got {self.anchor!r}")
-        if not _is_number(self.start_guidance) or self.start_guidance < 0:
-            raise ConfigError(f"start_guidance must be a number >= 0, got {self.start_guidance!r}")
-        if not _is_int(self.ddim_steps) or self.ddim_steps < 1:
-            raise ConfigError(f"ddim_steps must be a positive integer, got {self.ddim_steps!r}")
-        if self.sample_with not in SAMPLERS:
-            raise ConfigError(f"sample_with must be one of {', '.join(SAMPLERS)}, got {self.sample_with!r}")
-        if not _is_int(self.batch_size) or self.batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if self.resolution is not None and (not _is_int(self.resolution) or self.resolution < 8):
-            raise ConfigError(f"resolution must be an integer >= 8 or None, got {self.resolution!r}")
-        if self.kind not in OUTPUT_KINDS:
-            raise ConfigError(f"kind must be one of {', '.join(OUTPUT_KINDS)}, got {self.kind!r}")
-        if not _is_int(self.rank) or self.rank < 1:
-            raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
-        if self.lora_alpha is not None and (not _is_number(self.lora_alpha) or self.lora_alpha == 0):
-            raise ConfigError(f"lora_alpha must be a non-zero number or None, got {self.lora_alpha!r}")
-        if not _is_prompt_list(self.preserve, allow_empty=True):
-            raise ConfigError(f"preserve must be a list of non-empty prompts, got {self.preserve!r}")
-        self.preserve = tuple(self.preserve)
-        if not _is_number(self.preserve_weight) or self.preserve_weight < 0:
-            raise ConfigError(f"preserve_weight must be a number >= 0, got {self.preserve_weight!r}")
-        if self.loss_space not in LOSS_SPACES:
-            raise ConfigError(f"loss_space must be one of {', '.join(LOSS_SPACES)}, got {self.loss_space!r}")
-
 
 def esd_modules(unet: nn.Module, variant: str) -> list[str]:
     """Names of the Linear/Conv2d modules an ESD variant trains, in ``named_modules`` order."""
-    if variant not in ESD_VARIANTS:
-        raise ConfigError(f"unknown ESD variant {variant!r}; choose one of {', '.join(ESD_VARIANTS)}")
+    variant = VARIANT.check("variant", variant)
     sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
-    names = []
-    for name, module in unet.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            continue
+
+    def keep(name: str) -> bool:
         if variant == "esd-x":
-            keep = "attn2" in name
+            chosen = "attn2" in name
         elif variant == "esd-x-strict":
-            keep = "attn2.to_k" in name or "attn2.to_v" in name
+            chosen = "attn2.to_k" in name or "attn2.to_v" in name
         elif variant == "esd-u":  # the paper's code: neither the output conv nor the time embedding
-            keep = "attn2" not in name and not name.startswith(("conv_out", "time_embedding"))
+            chosen = "attn2" not in name and not name.startswith(("conv_out", "time_embedding"))
         else:  # esd-all
-            keep = True
+            chosen = True
         if sdxl and variant in ("esd-u", "esd-all"):
-            keep = keep and "block" in name and "emb" not in name
-        if keep:
-            names.append(name)
-    return names
+            chosen = chosen and "block" in name and "emb" not in name
+        return chosen
+
+    return linear_modules(unet, keep)
 
 
 def esd_parameters(unet: nn.Module, variant: str) -> dict[str, nn.Parameter]:
     """The parameters (weights and biases) of :func:`esd_modules`, full name -> parameter."""
-    modules = dict(unet.named_modules())
-    params = {}
-    for name in esd_modules(unet, variant):
-        for leaf, param in modules[name].named_parameters(recurse=False):
-            params[f"{name}.{leaf}"] = param
-    return params
+    return module_parameters(unet, esd_modules(unet, variant))
 
 
 class ESDTrainer(Trainer):
@@ -230,18 +165,13 @@ class ESDTrainer(Trainer):
         return esd_parameters(unet, self.config.variant)
 
     def lora_config(self, unet: nn.Module) -> Any:
-        return gaussian_lora_config(self.config.rank, self.config.lora_alpha, esd_modules(unet, self.config.variant))
+        return lora_config(self.config.rank, self.config.lora_alpha, esd_modules(unet, self.config.variant))
 
     def setup(self, pipe: Any, state: Optional[dict] = None) -> None:
         config = self.config
         height, width = self.image_size(pipe)
         self.latent_shape = (config.batch_size, *self.latent_size(pipe))
-        # rows: the erased concept c, the empty prompt, then each c_from when erasing from other prompts
-        froms = config.erase_from_prompts
-        conditioning = encode_prompts(pipe, [config.concept, ""] + list(froms), height, width)
-        self.cond_erase = conditioning.rows([0])
-        self.cond_empty = conditioning.rows([1])
-        self.cond_from = [conditioning.rows([2 + i]) for i in range(len(froms))]
+        self.prompts = encode_concept(pipe, config.concept, config.erase_from, height, width)
         kept = encode_prompts(pipe, config.preserve, height, width) if config.preserve else None
         self.cond_preserve = [kept.rows([i]) for i in range(len(config.preserve))] if kept is not None else []
         self.scheduler = self.ddim_scheduler(config.ddim_steps)
@@ -257,7 +187,7 @@ class ESDTrainer(Trainer):
         sampler = self.frozen_teacher() if self.config.sample_with == "frozen" else contextlib.nullcontext(self.unet)
         with sampler as unet:
             x = ddim_sample(unet, self.scheduler, noise, Conditioning.cat([c.repeat(batch) for c in rows]),
-                            self.cond_empty.repeat(len(noise)), self.config.start_guidance, stop_at=k)
+                            self.prompts.empty.repeat(len(noise)), self.config.start_guidance, stop_at=k)
         return x[:batch], (x[batch:] if cond_keep is not None else None), self.scheduler.timesteps[k]
 
     def loss(self, x_t: torch.Tensor, t: torch.Tensor, cond_student: Optional[Conditioning] = None,
@@ -266,9 +196,10 @@ class ESDTrainer(Trainer):
         teacher; with ``x_keep``, plus ``preserve_weight`` times the student's error on the preserved prompt."""
         config = self.config
         n = x_t.shape[0]
-        erasing_from = cond_student is not None and cond_student is not self.cond_erase
-        student_cond = cond_student if erasing_from else self.cond_erase
-        rows = Conditioning.cat([self.cond_erase, self.cond_empty] + ([student_cond] if erasing_from else []))
+        concept, empty = self.prompts.concept, self.prompts.empty
+        erasing_from = cond_student is not None and cond_student is not concept
+        student_cond = cond_student if erasing_from else concept
+        rows = Conditioning.cat([concept, empty] + ([student_cond] if erasing_from else []))
         teacher_x, teacher_cond = x_t.repeat(len(rows), 1, 1, 1), rows.repeat(n)
         student_x, student_cond = x_t, student_cond.repeat(n)
         if x_keep is not None:  # the preserved prompt's rows ride along in both batched calls
@@ -285,7 +216,7 @@ class ESDTrainer(Trainer):
                 anchor = outs[2]
             else:
                 anchor = eps_empty if config.anchor == "unconditional" else eps_c
-            target = anchor - config.eta * (eps_c - eps_empty)
+            target = esd_target(anchor, eps_c, eps_empty, config.eta)
             kept = out[n * len(rows):]
         student = self.loss_view(predict(self.model, student_x, t, student_cond), student_x, t, self.scheduler)
         loss = mse(student[:n], target)
@@ -294,7 +225,7 @@ class ESDTrainer(Trainer):
         return loss
 
     def training_step(self, step: int) -> torch.Tensor:
-        cond_student = self.draw(self.cond_from) if self.cond_from else self.cond_erase
+        _, cond_student = self.prompts.draw(self.draw_index)
         cond_keep = self.draw(self.cond_preserve) if self.cond_preserve else None
         x_t, x_keep, t = self.sample_xt(cond_student, cond_keep)
         return self.loss(x_t, t, cond_student, x_keep, cond_keep)
@@ -302,3 +233,12 @@ class ESDTrainer(Trainer):
     def training_summary(self) -> dict:
         return {"variant": self.config.variant, "erase_from": self.config.erase_from}
 
+
+_SUMMARIES = {
+    "esd-x": "ESD-x: fine-tune the cross-attention layers (the paper's choice for artistic styles)",
+    "esd-u": "ESD-u: fine-tune the layers outside cross-attention (the paper's choice for objects, nudity)",
+    "esd-all": "ESD on every Linear/Conv2d layer of the UNet",
+    "esd-x-strict": "ESD on the cross-attention keys and values only",
+}
+for _variant in ESD_VARIANTS:  # one name per variant, in this order; each fixes the config's variant
+    register_method(_variant, summary=_SUMMARIES[_variant], fixed={"variant": _variant})(ESDTrainer)

@@ -16,8 +16,7 @@ with probability ``1 - cos(c, a)`` (so directions close to the concept are rarel
 ``erase_from`` (not in the paper; None by default) erases the concept in context, as ESD's option of that name
 does: each step draws one of these prompts, ``c_from`` ("a red circle on black"), samples x_t from it, and trains
 ``eps_spm(x_t, c_from)`` towards ``eps*(x_t, c_from) - g * (eps*(x_t, c) - eps*(x_t, ""))``. A small text encoder
-can embed the bare word far from the prompts that use it; on the toy model the bare word alone left circles in 64%
-of the concept's prompts (see ``erasure/presets.py``).
+can embed the bare word far from the prompts that use it (``docs/erasure-notes.md``).
 
 At inference, Facilitated Transport (:func:`transport_strength`) scales each SPM by how much the prompt
 relates to its erased concept: ``m = max(cos(E(prompt), E(concept)), token overlap)`` in [0, 1], with
@@ -50,20 +49,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (
-    ConfigError,
-    Conditioning,
-    Trainer,
-    TrainerConfig,
-    _is_int,
-    _is_number,
-    checked_erase_from,
-    ddim_sample,
-    encode_prompts,
-    erase_from_prompts,
-    mse,
-    predict,
-)
+from unsee.pipelines.encoding import encode_text
+
+from .conditioning import Conditioning, encode_concept
+from .config import TrainerConfig
+from .errors import ConfigError
+from .fields import ERASE_FROM, FLAG, GUIDANCE, NUMBER, RANK, RESOLUTION, integer, number, setting
+from .registry import register_method
+from .sampling import ddim_sample, esd_target, mse, predict
+from .selectors import linear_modules, lora_config
+from .trainer import Trainer
 
 __all__ = ["SPMConfig", "SPMTrainer", "spm_modules", "transport_strength"]
 
@@ -77,7 +72,7 @@ class SPMConfig(TrainerConfig):
         steps: iterations (3000). lr: learning rate (1e-4).
         guidance: the erase term's negative guidance g (1.0).
         la_strength: weight of the Latent Anchoring term (1000).
-        anchors: random anchor embeddings per step (4).
+        anchors: random anchor embeddings per step (4; 0: no Latent Anchoring).
         start_guidance: CFG scale of the DDIM run that samples x_t (3).
         ddim_steps: DDIM steps of that run (30); it stops after k ~ U{1..ddim_steps-1} of them.
         resolution: image size of the sampled x_t (None: the pipeline's default).
@@ -88,54 +83,28 @@ class SPMConfig(TrainerConfig):
 
     steps: int = 3000
     lr: float = 1e-4
-    rank: int = 1
-    alpha: float = 1.0
-    guidance: float = 1.0
-    la_strength: float = 1000.0
-    anchors: int = 4
-    start_guidance: float = 3.0
-    ddim_steps: int = 30
-    resolution: Optional[int] = None
-    facilitated_transport: bool = True
-    erase_from: Union[str, tuple[str, ...], None] = None
+    rank: int = setting(1, RANK)
+    alpha: float = setting(1.0, number(nonzero=True))
+    guidance: float = setting(1.0, NUMBER)
+    la_strength: float = setting(1000.0, number(low=0))
+    anchors: int = setting(4, integer(0, limits=(0, 256)))
+    start_guidance: float = setting(3.0, GUIDANCE)
+    ddim_steps: int = setting(30, integer(2, limits=(2, 1000)))
+    resolution: Optional[int] = setting(None, RESOLUTION)
+    facilitated_transport: bool = setting(True, FLAG)
+    erase_from: Union[str, tuple[str, ...], None] = setting(None, ERASE_FROM)
 
     method: ClassVar[str] = "spm"
-
-    def validate(self) -> None:
-        super().validate()
-        if not _is_int(self.rank) or self.rank < 1:
-            raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
-        if not _is_number(self.alpha) or self.alpha == 0:
-            raise ConfigError(f"alpha must be a non-zero number, got {self.alpha!r}")
-        if not _is_number(self.guidance):
-            raise ConfigError(f"guidance must be a finite number, got {self.guidance!r}")
-        if not _is_number(self.la_strength) or self.la_strength < 0:
-            raise ConfigError(f"la_strength must be a number >= 0, got {self.la_strength!r}")
-        if not _is_int(self.anchors) or self.anchors < 0:
-            raise ConfigError(f"anchors must be an integer >= 0, got {self.anchors!r}")
-        if not _is_number(self.start_guidance) or self.start_guidance < 0:
-            raise ConfigError(f"start_guidance must be a number >= 0, got {self.start_guidance!r}")
-        if not _is_int(self.ddim_steps) or self.ddim_steps < 2:
-            raise ConfigError(f"ddim_steps must be an integer >= 2, got {self.ddim_steps!r}")
-        if self.resolution is not None and (not _is_int(self.resolution) or self.resolution < 8):
-            raise ConfigError(f"resolution must be an integer >= 8 or None, got {self.resolution!r}")
-        if not isinstance(self.facilitated_transport, bool):
-            raise ConfigError(f"facilitated_transport must be true or false, got {self.facilitated_transport!r}")
-        self.erase_from = checked_erase_from(self.erase_from)
 
 
 def spm_modules(unet: nn.Module) -> list[str]:
     """Names of every Linear and Conv2d inside the UNet's transformer blocks (``isinstance``, not class names)."""
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-    names = []
-    for name, module in unet.named_modules():
-        if isinstance(module, Transformer2DModel):
-            names.extend(f"{name}.{sub}" for sub, layer in module.named_modules()
-                         if isinstance(layer, (nn.Linear, nn.Conv2d)))
-    return names
+    return linear_modules(unet, inside=Transformer2DModel)
 
 
+@register_method("spm", summary="SPM: a rank-1 LoRA membrane trained with ESD's target and latent anchoring")
 class SPMTrainer(Trainer):
     """Trains an SPM adapter. ``SPMTrainer(SPMConfig(concept="circle")).train(pipe)``."""
 
@@ -151,27 +120,21 @@ class SPMTrainer(Trainer):
         return "lora"
 
     def lora_config(self, unet: nn.Module) -> Any:
-        from peft import LoraConfig
-
         modules = self.modules = spm_modules(unet)
         if not modules:
             raise ConfigError("this UNet has no transformer blocks for SPM to attach to")
         # peft's default init is SPM's: down Kaiming-uniform, up zero (the adapter starts as the identity)
-        return LoraConfig(r=self.config.rank, lora_alpha=self.config.alpha, init_lora_weights=True,
-                          target_modules=modules)
+        return lora_config(self.config.rank, self.config.alpha, modules, init=True)
 
     def setup(self, pipe: Any, state: Optional[dict] = None) -> None:
         height, width = self.image_size(pipe)
         self.latent_shape = (1, *self.latent_size(pipe))
-        froms = erase_from_prompts(self.config.erase_from)
-        conditioning = encode_prompts(pipe, [self.config.concept, ""] + list(froms), height, width)
-        self.cond_erase, self.cond_empty = conditioning.rows([0]), conditioning.rows([1])
-        self.cond_from = [conditioning.rows([2 + i]) for i in range(len(froms))]
+        self.prompts = encode_concept(pipe, self.config.concept, self.config.erase_from, height, width)
         self.scheduler = self.ddim_scheduler(self.config.ddim_steps)
 
     def sample_anchors(self, n: int) -> Conditioning:
         """``n`` random anchor embeddings (rejection-sampled away from the concept, scaled to its norm)."""
-        target = self.cond_erase.embeds[0].float().cpu()
+        target = self.prompts.concept.embeds[0].float().cpu()
         direction = target.flatten() / target.norm()
         anchors = []
         while len(anchors) < n:
@@ -181,22 +144,23 @@ class SPMTrainer(Trainer):
             if float(torch.rand((), generator=self.generator)) < keep_probability:
                 scale = float(torch.empty(()).uniform_(0.8, 1.2, generator=self.generator))
                 anchors.append((noise * target.norm() * scale).reshape(target.shape))
-        embeds = torch.stack(anchors).to(self.device, self.cond_erase.embeds.dtype)
-        empty = self.cond_empty.repeat(n)  # SDXL: the anchors replace the token embeddings only
+        embeds = torch.stack(anchors).to(self.device, self.prompts.concept.embeds.dtype)
+        empty = self.prompts.empty.repeat(n)  # SDXL: the anchors replace the token embeddings only
         return Conditioning(embeds, empty.pooled, empty.time_ids)
 
     def training_step(self, step: int) -> torch.Tensor:
         config = self.config
         # rows: (a drawn c_from when erasing in context), c, "", then the anchors; the student erases on row 0
-        cond_student = self.draw(self.cond_from) if self.cond_from else self.cond_erase
-        o = 1 if self.cond_from else 0  # the row of c
+        _, cond_student = self.prompts.draw(self.draw_index)
+        in_context = bool(self.prompts.contexts)
+        o = 1 if in_context else 0  # the row of c
         k = int(self.randint(1, config.ddim_steps))
         noise = self.randn(*self.latent_shape) * self.scheduler.init_noise_sigma
         with torch.no_grad():  # sampled with the adapter on: the model being trained
-            x_t = ddim_sample(self.unet, self.scheduler, noise, cond_student, self.cond_empty,
+            x_t = ddim_sample(self.unet, self.scheduler, noise, cond_student, self.prompts.empty,
                               config.start_guidance, stop_at=k)
         t = self.scheduler.timesteps[k]
-        parts = ([cond_student] if self.cond_from else []) + [self.cond_erase, self.cond_empty]
+        parts = ([cond_student] if in_context else []) + [self.prompts.concept, self.prompts.empty]
         if config.anchors:
             parts.append(self.sample_anchors(config.anchors))
         rows = Conditioning.cat(parts)
@@ -205,7 +169,7 @@ class SPMTrainer(Trainer):
             frozen = predict(teacher, x, t, rows)
         # the paper's target anchors at "" (in context: at c_from's own prediction)
         eps_c, eps_empty = frozen[o:o + 1], frozen[o + 1:o + 2]
-        target = (frozen[0:1] if self.cond_from else eps_empty) - config.guidance * (eps_c - eps_empty)
+        target = esd_target(frozen[0:1] if in_context else eps_empty, eps_c, eps_empty, config.guidance)
         # the student sees the teacher's exact batch, so at initialisation (up = 0) both agree bit for bit
         student = predict(self.model, x, t, rows)
         erase = mse(student[0:1], target)
@@ -224,11 +188,9 @@ class SPMTrainer(Trainer):
 
 def _hidden_states(pipe: Any, texts: Sequence[str]) -> torch.Tensor:
     """The text encoder's last hidden states for ``texts`` as the pipeline encodes prompts, flattened per text."""
-    device = pipe.unet.device if hasattr(pipe, "unet") else pipe.text_encoder.device
     with torch.no_grad():
-        encoded = pipe.encode_prompt(prompt=list(texts), device=device, num_images_per_prompt=1,
-                                     do_classifier_free_guidance=False)  # SD and SDXL alike
-    return encoded[0].float().flatten(1)
+        embeds, _ = encode_text(pipe, texts, pipe.unet.device)
+    return embeds.float().flatten(1)
 
 
 def _tokens(pipe: Any, text: str) -> set[int]:
@@ -256,3 +218,11 @@ def transport_strength(pipe: Any, prompts: Sequence[str], concepts: Sequence[str
             overlap = len(words & target) / len(target) if target else 0.0
             best = max(best, float(cos[i, j]), overlap)
     return min(1.0, max(0.0, best))
+
+
+# Facilitated Transport at inference: unsee pipelines scale an SPM adapter by this strength for each call's prompts
+# (an installed unsee also declares it as the "unsee.prompt_scales" entry point "spm", for users who never import
+# unsee.erasure).
+from unsee.pipelines.erasure import register_prompt_scale  # noqa: E402
+
+register_prompt_scale("spm", transport_strength)

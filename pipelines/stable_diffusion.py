@@ -13,8 +13,9 @@ from typing import Any, Optional
 import torch
 from diffusers import StableDiffusionPipeline
 
-from unsee.adapters import ErasureAdapterMixin
+from unsee.pipelines.erasure import ErasureAdapterMixin
 from unsee.pipelines.common import ErasureCallMixin, keep_dtype_from_pipe
+from unsee.pipelines.encoding import empty_embeddings, encode_text
 from unsee.pipelines.guided import GuidanceMixin
 
 
@@ -29,13 +30,11 @@ class UnseeStableDiffusionPipeline(ErasureCallMixin, GuidanceMixin, ErasureAdapt
 
     def _unsee_encode(self, texts: list[str], device, num_images_per_prompt: int,
                       clip_skip: Optional[int] = None) -> tuple[torch.Tensor, None]:
-        embeds, _ = self.encode_prompt(texts, device, num_images_per_prompt, False, clip_skip=clip_skip)
-        return embeds, None
+        return encode_text(self, texts, device, num_images_per_prompt, clip_skip)
 
     def _unsee_empty_embeddings(self, rows: int, device, clip_skip: Optional[int] = None) -> tuple[torch.Tensor, None]:
-        # diffusers' own unconditional rows for a call without a negative prompt (its clip_skip rule included)
-        _, empty = self.encode_prompt([""] * rows, device, 1, True, negative_prompt=None, clip_skip=clip_skip)
-        return empty, None
+        # diffusers' own unconditional rows for a call without a negative prompt (clip_skip does not apply to them)
+        return empty_embeddings(self, rows, device)
 
 
 @contextlib.contextmanager

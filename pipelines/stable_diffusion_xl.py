@@ -11,8 +11,9 @@ from typing import Optional
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from unsee.adapters import ErasureAdapterMixin
+from unsee.pipelines.erasure import ErasureAdapterMixin
 from unsee.pipelines.common import ErasureCallMixin, keep_dtype_from_pipe
+from unsee.pipelines.encoding import empty_embeddings, encode_text
 from unsee.pipelines.guided import GuidanceMixin
 
 
@@ -23,12 +24,9 @@ class UnseeStableDiffusionXLPipeline(ErasureCallMixin, GuidanceMixin, ErasureAda
 
     def _unsee_encode(self, texts: list[str], device, num_images_per_prompt: int,
                       clip_skip: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        embeds, _, pooled, _ = self.encode_prompt(texts, device=device, num_images_per_prompt=num_images_per_prompt,
-                                                  do_classifier_free_guidance=False, clip_skip=clip_skip)
-        return embeds, pooled
+        return encode_text(self, texts, device, num_images_per_prompt, clip_skip)
 
     def _unsee_empty_embeddings(self, rows: int, device, clip_skip: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        # diffusers' own unconditional rows for a call without a negative prompt (zeros when the model says so)
-        _, empty, _, empty_pooled = self.encode_prompt([""] * rows, device=device, num_images_per_prompt=1,
-                                                       do_classifier_free_guidance=True, clip_skip=clip_skip)
-        return empty, empty_pooled
+        # diffusers' own unconditional rows for a call without a negative prompt (zeros when the model says so;
+        # clip_skip does not apply to them)
+        return empty_embeddings(self, rows, device)

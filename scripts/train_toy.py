@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -31,8 +30,10 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from diffusers.training_utils import EMAModel
 from transformers import CLIPTextModel
 
-from unsee import toy, world
-from unsee.judge import Judge
+from unsee.files import atomic_write
+from unsee.toy import model as toy
+from unsee.toy import world
+from unsee.toy.judge import Judge
 
 STAGES = ("data", "vae", "judge", "unet", "export")
 
@@ -44,9 +45,7 @@ def seed_everything(seed: int) -> None:
 
 
 def atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def log(work: Path, **fields: object) -> None:
@@ -70,8 +69,7 @@ def stage_data(args: argparse.Namespace, work: Path) -> None:
     scenes = [world.sample_scene(rng) for _ in range(args.images)]
     images = np.stack([world.render(s) for s in scenes])
     fields = {f: np.array([getattr(s, f) for s in scenes]) for f in world.ATTRIBUTES}
-    np.savez(work / "data.tmp.npz", images=images, **fields)
-    os.replace(work / "data.tmp.npz", path)
+    atomic_write(path, lambda tmp: np.savez(tmp, images=images, **fields))  # tmp ends in .npz: savez keeps the name
     log(work, stage="data", done=True, seconds=round(time.time() - start, 1))
 
 

@@ -34,6 +34,21 @@ def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def snapshot(pipe) -> dict:
+    """Every parameter and buffer of every model component, cloned."""
+    out = {}
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            out.update({f"{name}.{k}": v.detach().clone() for k, v in module.state_dict().items()})
+    return out
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes: equal bits, not only equal values (-0.0 vs 0.0, NaN payloads)."""
+    return tensor.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -13,17 +13,17 @@ import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel  # noqa: E402
 
-from unsee import adapters as adapters_module  # noqa: E402
 from unsee.adapters import (  # noqa: E402
     Adapter,
     AdapterError,
     component_fingerprint,
-    delta_adapter_from_weights,
     fingerprint,
     load_adapter,
-    lora_adapter_from_peft,
     save_adapter,
 )
+from unsee.erasure.adapter_builders import delta_adapter_from_weights, lora_adapter_from_peft  # noqa: E402
+from conftest import bits, snapshot  # noqa: E402
+from unsee.pipelines import erasure as erasure_module  # noqa: E402
 from unsee.testing import tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
 
 SD_DELTA_PARAMS = [
@@ -54,20 +54,6 @@ SDXL_LORA_MODULES = [
 # ---------------------------------------------------------------------------------------------
 
 
-def snapshot(pipe):
-    """Every parameter and buffer of every model component, cloned."""
-    out = {}
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        module = getattr(pipe, name, None)
-        if module is not None:
-            out.update({f"{name}.{k}": v.detach().clone() for k, v in module.state_dict().items()})
-    return out
-
-
-def bits(tensor):
-    return tensor.detach().reshape(-1).contiguous().view(torch.uint8)
-
-
 def assert_bit_identical(before, pipe):
     after = snapshot(pipe)
     assert set(after) == set(before)
@@ -78,6 +64,28 @@ def assert_bit_identical(before, pipe):
 
 def param(pipe, component, name):
     return dict(getattr(pipe, component).named_parameters())[name]
+
+
+def effective(pipe, component, name):
+    """The value a module computes with: the parameter, plus the active unfused peft LoRA deltas when peft wraps
+    the module (LoRA erasure adapters are peft adapters; they change no weight)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    path, _, leaf = name.rpartition(".")
+    module = getattr(pipe, component).get_submodule(path)
+    if not isinstance(module, BaseTunerLayer):
+        return getattr(module, leaf)
+    value = getattr(module.get_base_layer(), leaf).detach().clone()
+    if leaf == "weight" and not module.disable_adapters:
+        for adapter in module.active_adapters:
+            if adapter in module.lora_A and adapter not in module.merged_adapters:
+                value += module.get_delta_weight(adapter)
+    return value
+
+
+def base_snapshot(pipe):
+    """snapshot() without peft's LoRA tensors and with peft's base_layer level removed from names."""
+    return {k.replace(".base_layer.", "."): v for k, v in snapshot(pipe).items() if ".lora_" not in k}
 
 
 def make_delta(pipe, entries=SD_DELTA_PARAMS, seed=0, kind="delta", scale=0.1):
@@ -251,12 +259,12 @@ def test_two_adapters_stack_with_their_scales(tmp_path, sd_base):
     # conv_in is touched by both adapters
     assert ("unet", "conv_in.weight") in dict.fromkeys(expected(1, 1))
     for (component, pname), value in expected(0.7, -0.5).items():
-        torch.testing.assert_close(param(pipe, component, pname), value, rtol=0, atol=1e-6)
+        torch.testing.assert_close(effective(pipe, component, pname), value, rtol=0, atol=1e-6)
 
     pipe.set_erasure_scale("d", 0.0)
     pipe.set_erasure_scale("lora", 2.0)
     for (component, pname), value in expected(0.0, 2.0).items():
-        torch.testing.assert_close(param(pipe, component, pname), value, rtol=0, atol=1e-6)
+        torch.testing.assert_close(effective(pipe, component, pname), value, rtol=0, atol=1e-6)
     pipe.unload_erasure("lora")
     assert pipe.active_erasures == {"d": 0.0}
     assert_bit_identical(sd_base, pipe)  # the remaining adapter has scale 0
@@ -283,10 +291,14 @@ def test_scale_changes_do_not_drift(sd_base):
 def test_scale_zero_equals_base_model(sd_base):
     pipe = tiny_sd_pipeline()
     before = unet_out(pipe)
-    pipe.load_erasure(make_lora(pipe), scale=0.0)
-    pipe.load_erasure(make_delta(pipe), scale=0)
-    assert_bit_identical(sd_base, pipe)
+    lora, delta = make_lora(pipe), make_delta(pipe)  # built before peft wraps conv_in
+    pipe.load_erasure(lora, scale=0.0)
+    pipe.load_erasure(delta, scale=0)
+    assert base_snapshot(pipe).keys() == sd_base.keys()  # the LoRA is a peft adapter: its layers wrap modules
+    assert all(torch.equal(bits(v), bits(sd_base[k])) for k, v in base_snapshot(pipe).items())
     assert torch.equal(unet_out(pipe), before)
+    pipe.unload_erasure()
+    assert_bit_identical(sd_base, pipe)
 
 
 def test_half_precision_parameters_keep_their_dtype():
@@ -323,7 +335,7 @@ def test_rollback_when_applying_fails_midway(monkeypatch, sd_base):
     pipe.load_erasure(make_delta(pipe, seed=3), scale=0.5, adapter_name="first")
     with_first = snapshot(pipe)
     calls = {"n": 0}
-    real = adapters_module._Term.value
+    real = erasure_module._Term.value
 
     def flaky(self, *args, **kwargs):
         calls["n"] += 1
@@ -331,13 +343,35 @@ def test_rollback_when_applying_fails_midway(monkeypatch, sd_base):
             raise RuntimeError("simulated failure while writing weights")
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(adapters_module._Term, "value", flaky)
-    with pytest.raises(RuntimeError, match="simulated"):
-        pipe.load_erasure(make_lora(pipe), adapter_name="second")
-    monkeypatch.setattr(adapters_module._Term, "value", real)
+    monkeypatch.setattr(erasure_module._Term, "value", flaky)
+    with pytest.raises(RuntimeError, match="simulated"):  # merged: the 4th call comes after a weight was written
+        pipe.load_erasure(make_delta(pipe, seed=5), adapter_name="second")
+    monkeypatch.setattr(erasure_module._Term, "value", real)
     assert calls["n"] >= 4
     assert pipe.active_erasures == {"first": 0.5}
     assert_bit_identical(with_first, pipe)
+    pipe.unload_erasure()
+    assert_bit_identical(sd_base, pipe)
+
+
+def test_rollback_when_loading_a_lora_fails_midway(monkeypatch, sd_base):
+    pipe = tiny_sd_pipeline()
+    pipe.load_erasure(make_delta(pipe, seed=3), scale=0.5, adapter_name="first")
+    with_first = snapshot(pipe)
+    real = type(pipe).load_lora_into_text_encoder
+
+    def fails(*args, **kwargs):  # after the UNet's LoRA layers are in
+        assert pipe.unet.peft_config
+        raise RuntimeError("simulated failure while loading the text encoder's LoRA")
+
+    monkeypatch.setattr(type(pipe), "load_lora_into_text_encoder", fails)
+    with pytest.raises(RuntimeError, match="simulated"):
+        pipe.load_erasure(make_lora(pipe), adapter_name="second")
+    monkeypatch.setattr(type(pipe), "load_lora_into_text_encoder", real)
+    assert pipe.active_erasures == {"first": 0.5}
+    assert not getattr(pipe.unet, "peft_config", None)
+    assert_bit_identical(with_first, pipe)
+    pipe.load_erasure(make_lora(pipe), adapter_name="second")  # the name is free again
     pipe.unload_erasure()
     assert_bit_identical(sd_base, pipe)
 

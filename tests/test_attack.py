@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unsee.attack import AttackConfig, attack, attack_prompt, project_to_simplex
+from unsee.attack import AttackConfig, attack_prompt, project_to_simplex
 from unsee.cli import main
 from unsee.erasure import make_trainer
 from unsee.testing import tiny_sd_pipeline
+from unsee.toy import attack
 
 
 @pytest.fixture(scope="module")

@@ -94,3 +94,23 @@ def test_demo_command_binds_to_localhost_by_default(capsys):
     except SystemExit as exit_:
         assert exit_.code == 0
     assert "--share" in capsys.readouterr().out
+
+
+def test_erase_help_lists_the_registered_methods(capsys):
+    from unsee.erasure import METHODS
+
+    try:
+        main(["erase", "--help"])
+    except SystemExit as exit_:
+        assert exit_.code == 0
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, at hyphens too
+    for name, method in METHODS.items():
+        assert "".join(f"{name} ({method.summary})".split()) in text
+
+
+def test_file_names_from_prompts_and_concepts():
+    from unsee.files import slug
+
+    assert slug("A red circle, on GRAY!") == "a-red-circle-on-gray"
+    assert slug("Van Gogh") == "van-gogh" and slug("***") == "concept" and slug("***", fallback="prompt") == "prompt"
+    assert len(slug("x" * 100)) == 40

@@ -306,7 +306,8 @@ def test_a_later_write_removes_what_a_killed_write_left(tmp_path):
 
 
 def test_resume_may_replace_only_the_report_of_the_run_it_resumes(tmp_path):
-    from unsee.erasure import ConfigError, plan_jobs
+    from unsee.erasure import ConfigError
+    from unsee.jobs import plan_jobs
 
     out, report = tmp_path / "important.safetensors", tmp_path / "important.json"
     job = {"method": "esd-x", "concept": "circle", "out": str(out), "grid": 0}

@@ -151,7 +151,7 @@ def test_invalid_config_fails_on_construction(field, value, message):
 
 
 def test_erase_job_with_method_advunlearn(pipe, tmp_path):
-    from unsee.erasure import run_jobs
+    from unsee.jobs import run_jobs
 
     out = tmp_path / "advunlearn-circle.safetensors"
     # preset paper: the tiny pipeline is not the toy model, and the toy preset's world prompts are for the toy model

@@ -5,7 +5,7 @@ import torch
 
 from unsee.erasure import ANTConfig, ANTTrainer, ConfigError, ant_lora_modules
 from unsee.erasure.ant import augmentation_prompts
-from unsee.erasure.salun import top_fraction_mask
+from unsee.erasure.saliency import top_fraction_mask
 from unsee.testing import train_on_tiny_pipeline
 
 TINY = dict(ddim_steps=4, before_step=2, saliency_iterations=1, saliency_seeds=[0], saliency_prompts=["circle"])
@@ -69,7 +69,7 @@ def test_keep_phase_picks_the_end_of_the_trajectory_that_is_kept(phase):
     generator = torch.Generator().manual_seed(0)
     plus, minus = set(), set()
     for _ in range(16):
-        _, t_plus, _, t_minus = trainer.sample_pair(trainer.cond_concept, generator)
+        _, t_plus, _, t_minus = trainer.sample_pair(trainer.prompts.concept, generator)
         plus.add(int(t_plus))
         minus.add(int(t_minus))
     assert plus == set(kept)
@@ -118,8 +118,12 @@ def test_lora_adapter_covers_the_blocks_and_loads_back():
 
 
 def test_augmentation_prompts_default_to_the_concept_and_its_synonyms():
-    # the toy world's synonyms only with toy_world (the toy preset, for the toy model); the concept alone otherwise
-    assert augmentation_prompts(ANTConfig(concept="circle", toy_world=True)) == ["circle", "ball", "disc"]
+    # the toy world's synonyms only as the toy preset's saliency_prompts (for the toy model); the concept alone otherwise
+    from unsee.toy.presets import preset_settings
+
+    toy = preset_settings("toy", "ant", model="toy", concept="circle")
+    assert augmentation_prompts(ANTConfig(concept="circle", saliency_prompts=toy["saliency_prompts"])) == [
+        "circle", "ball", "disc"]
     assert augmentation_prompts(ANTConfig(concept="circle")) == ["circle"]
     assert augmentation_prompts(ANTConfig(concept="Van Gogh")) == ["Van Gogh"]
     assert augmentation_prompts(ANTConfig(concept="circle", saliency_prompts=["a"])) == ["a"]
@@ -139,7 +143,7 @@ def test_invalid_config_fails_before_any_work(settings, field):
 
 
 def test_jobs_keep_the_mask_next_to_masked_adapters_only(tmp_path):
-    from unsee.erasure import plan_jobs
+    from unsee.jobs import plan_jobs
 
     jobs, _ = plan_jobs({"out_dir": str(tmp_path), "jobs": [
         {"method": ["ant", "salun"], "concept": "circle"},

@@ -24,9 +24,8 @@ from unsee.erasure import (
     esd_parameters,
     load_checkpoint,
     make_trainer,
-    plan_jobs,
-    run_jobs,
 )
+from unsee.jobs import plan_jobs, run_jobs
 from unsee.testing import tiny_sd_pipeline
 
 
@@ -95,7 +94,7 @@ def test_job_plans_are_validated_before_loading_anything(tmp_path):
 
 
 def test_job_presets_toy_for_the_toy_model_paper_otherwise_and_flags_win(tmp_path):
-    from unsee.erasure import TOY_PRESETS, ESDConfig
+    from unsee.toy.presets import TOY_PRESETS
 
     (toy_job,), _ = plan_jobs({"method": "esd-u", "concept": "circle", "out_dir": str(tmp_path)})
     assert toy_job.config.steps == TOY_PRESETS["esd-u"]["steps"] and toy_job.config.lr == TOY_PRESETS["esd-u"]["lr"]
@@ -110,8 +109,8 @@ def test_job_presets_toy_for_the_toy_model_paper_otherwise_and_flags_win(tmp_pat
 
 
 def test_toy_preset_puts_esd_in_the_worlds_context(tmp_path):
-    from unsee import world
-    from unsee.erasure import preset_settings
+    from unsee.toy import world
+    from unsee.toy.presets import preset_settings
 
     settings = preset_settings("toy", "esd-x", concept="striped")
     assert len(settings["erase_from"]) == 16 and len(settings["preserve"]) == 10
@@ -198,7 +197,7 @@ def test_resume_refuses_a_checkpoint_with_other_settings(tmp_path):
 _KILLED_RUN = textwrap.dedent("""
     import sys, time, torch
     torch.set_num_threads(1)
-    from unsee.erasure import run_jobs
+    from unsee.jobs import run_jobs
     folder, out, checkpoints = sys.argv[1:4]
     def slow(job, event):  # leaves time to kill the run between checkpoints
         if event.phase == "train":

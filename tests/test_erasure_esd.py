@@ -209,8 +209,16 @@ def test_lora_output_trains_only_lora_layers_and_loads(tmp_path):
     after = pipe.unet.state_dict()
     assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
     assert not getattr(pipe.unet, "peft_config", None)
-    pipe.load_erasure(adapter.save(tmp_path / "lora.safetensors"))
-    assert any(not torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+    # loaded (merged or as peft layers, as the pipeline applies LoRAs), it changes the UNet; unloaded, it is gone
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    emb, _ = pipe.encode_prompt(["circle"], "cpu", 1, False)
+    with torch.no_grad():
+        plain = pipe.unet(x, 500, encoder_hidden_states=emb).sample
+        name = pipe.load_erasure(adapter.save(tmp_path / "lora.safetensors"))
+        erased = pipe.unet(x, 500, encoder_hidden_states=emb).sample
+        pipe.unload_erasure(name)
+        again = pipe.unet(x, 500, encoder_hidden_states=emb).sample
+    assert not torch.equal(erased, plain) and torch.equal(again, plain)
 
 
 def test_sdxl_esd_u_trains_and_loads(tiny_sdxl):

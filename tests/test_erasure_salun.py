@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from unsee.erasure import ConfigError, SalUnConfig, SalUnTrainer, load_mask, pack_mask, save_mask, unpack_mask
-from unsee.erasure.salun import relabel_prompt, saliency_prompts
+from unsee.erasure.salun import saliency_prompts
 from unsee.testing import train_on_tiny_pipeline
+
+from unsee.toy import world
 
 
 # the tiny pipeline is not the toy model: its prompt sets are given (toy-world prompts are for the toy model only)
@@ -67,10 +69,16 @@ def test_mask_is_stored_as_bits(tmp_path):
 
 
 def test_toy_world_prompts_and_relabelling():
+    from unsee.toy.presets import relabel_prompt
+
     assert relabel_prompt("a red circle on a gray background", "circle") == "a red square on a gray background"
     assert relabel_prompt("a heart on a white background", "white") == "a heart on a black background"
-    config = SalUnConfig(concept="red", num_forget=6, num_retain=5, toy_world=True)  # the toy preset's setting
+    world_forget = world.concept_prompts("red", 0, 6)  # the lists the toy preset gives
+    config = SalUnConfig(concept="red", num_forget=6, num_retain=5, forget_prompts=world_forget,
+                         relabel_prompts=[relabel_prompt(p, "red") for p in world_forget],
+                         retain_prompts=world.other_prompts("red", 1, 5))
     forget, relabel, retain = saliency_prompts(config)
+    assert forget == world_forget
     assert len(forget) == len(relabel) == 6 and len(retain) == 5
     assert all("red" in p for p in forget) and not any("red" in p for p in relabel + retain)
 

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 
 import unsee
+from unsee import toy
 from unsee.cli import main
-from unsee.evaluation import score
+from unsee.toy.evaluation import score
 
 
 def test_score_counts_only_named_attributes():
@@ -25,11 +26,11 @@ def test_evaluate_with_a_custom_judge(tiny_sd):
         seen.extend(images)
         return [{"shape": "circle", "color": "red"} for _ in images]
 
-    result = unsee.evaluate(tiny_sd, concept="circle", judge=judge, n=5, num_inference_steps=2, batch_size=2)
+    result = toy.evaluate(tiny_sd, concept="circle", judge=judge, n=5, num_inference_steps=2, batch_size=2)
     assert len(seen) == 5 and seen[0].size == (32, 32)
     assert result.presence == 1.0 and result.accuracy["shape"] == 1.0
     assert all("circle" in p for p in result.prompts)
-    again = unsee.evaluate(tiny_sd, ["a red star", "a blue star"], judge=judge, n=3, num_inference_steps=2, keep_images=True)
+    again = toy.evaluate(tiny_sd, ["a red star", "a blue star"], judge=judge, n=3, num_inference_steps=2, keep_images=True)
     assert again.prompts == ["a red star", "a blue star", "a red star"]
     assert again.accuracy == {"color": pytest.approx(2 / 3), "shape": 0.0} and again.presence is None
     assert len(again.images) == 3
@@ -40,11 +41,11 @@ def test_evaluate_rejects_bad_input_before_generating(tiny_sd):
         raise AssertionError("should not be reached")
 
     with pytest.raises(ValueError, match="not a concept"):
-        unsee.evaluate(tiny_sd, concept="zebra", judge=judge)
+        toy.evaluate(tiny_sd, concept="zebra", judge=judge)
     with pytest.raises(ValueError, match="non-empty"):
-        unsee.evaluate(tiny_sd, [""], judge=judge)
+        toy.evaluate(tiny_sd, [""], judge=judge)
     with pytest.raises(ValueError, match="at least 1"):
-        unsee.evaluate(tiny_sd, "a star", judge=judge, n=0)
+        toy.evaluate(tiny_sd, "a star", judge=judge, n=0)
 
 
 def test_eval_cli_rejects_unknown_concepts(tmp_path, capsys):
@@ -65,3 +66,22 @@ def test_generate_images_broadcasts_a_negative_prompt_text(tiny_sd):
     same = [np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(as_text, as_list)]
     assert all(same)
     assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(as_text, without))
+
+
+def test_the_core_evaluation_takes_its_prompts_parser_and_judge_from_the_caller(tiny_sd):
+    """unsee.evaluate knows no prompt set or judge (issue 23): a real model's caller gives its own."""
+    def judge(images):
+        return [{"object": "cat"} for _ in images]
+
+    def expected(prompt):
+        return {"object": prompt.split()[-1]}
+
+    result = unsee.evaluate(tiny_sd, ["a photo of a cat", "a photo of a dog"], judge, parse_prompt=expected,
+                            concept="cat", concept_attribute=lambda concept: ("object", concept),
+                            num_inference_steps=2)
+    assert result.n == 2 and result.accuracy == {"object": 0.5} and result.presence == 1.0
+    assert unsee.evaluate(tiny_sd, "a photo of a cat", judge, n=2, num_inference_steps=2).accuracy == {}
+    with pytest.raises(ValueError, match="concept_attribute"):
+        unsee.evaluate(tiny_sd, "a photo of a cat", judge, concept="cat")
+    with pytest.raises(TypeError):
+        unsee.evaluate(tiny_sd, concept="circle")  # no prompts, no judge: nothing is taken from the toy world

@@ -55,6 +55,8 @@ def test_wheel_uses_the_unsee_namespace_only(wheel_files):
     assert top_level == {"unsee"}
     for package in SUBPACKAGES:
         assert f"unsee/{package}/__init__.py" in wheel_files
+    for module in ("toy/__init__.py", "toy/world.py", "toy/presets.py", "jobs.py"):  # the toy world, the job runner
+        assert f"unsee/{module}" in wheel_files
 
 
 def test_wheel_ships_the_weights(wheel_files):

@@ -6,9 +6,10 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 import unsee
-from unsee import world
-from unsee.judge import Judge
-from unsee.toy import JUDGE_PATH, TOY_MODEL_DIR
+from unsee import toy
+from unsee.toy import world
+from unsee.toy.judge import Judge
+from unsee.toy.model import JUDGE_PATH, TOY_MODEL_DIR
 
 # The shipped weights are built by scripts/train_toy.py (issue 3); until they are in weights/, these tests
 # cannot run. They switch on by themselves once weights/toy and weights/judge.safetensors exist.
@@ -58,7 +59,7 @@ def test_judge_is_at_least_99_percent_accurate_on_fresh_renders(judge):
 def test_quick_quality_check(toy_pipe, judge):
     """32 samples, 25 DDIM steps, CFG 5: thresholds a little under the 90% bar of BENCHMARKS.md."""
     prompts = world.attribute_prompts(seed=2024, n=32)
-    result = unsee.evaluate(toy_pipe, prompts, judge=judge.predict, n=32, seed=0)
+    result = toy.evaluate(toy_pipe, prompts, judge=judge.predict, n=32, seed=0)
     for name in ("shape", "color", "background"):
         assert result.accuracy[name] >= 0.8, result.accuracy
 
@@ -66,16 +67,16 @@ def test_quick_quality_check(toy_pipe, judge):
 def test_example_adapters_load_erase_their_concept_and_the_demo_lists_them(toy_pipe, judge, tmp_path):
     from unsee.adapters import load_adapter
     from unsee.apps.demo import DemoApp
-    from unsee.toy import EXAMPLE_ADAPTERS_DIR
+    from unsee.toy.model import EXAMPLE_ADAPTERS_DIR
 
     files = sorted(EXAMPLE_ADAPTERS_DIR.glob("*.safetensors"))
     assert [f.name for f in files] == ["esd-x-circle.safetensors", "esd-x-red.safetensors", "esd-x-striped.safetensors",
                                     "spm-circle.safetensors"]
     for path in files[:3]:  # the ESD-x ones; the SPM has its own test below
         (concept,) = load_adapter(path).concepts
-        before = unsee.evaluate(toy_pipe, concept=concept, n=16, seed=5, judge=judge.predict)
+        before = toy.evaluate(toy_pipe, concept=concept, n=16, seed=5, judge=judge.predict)
         name = toy_pipe.load_erasure(path)
-        after = unsee.evaluate(toy_pipe, concept=concept, n=16, seed=5, judge=judge.predict)
+        after = toy.evaluate(toy_pipe, concept=concept, n=16, seed=5, judge=judge.predict)
         toy_pipe.unload_erasure(name)
         assert before.presence >= 0.9 and after.presence <= 0.3, (concept, before.presence, after.presence)
     app = DemoApp(pipe=toy_pipe, model="toy", workdir=tmp_path)
@@ -84,7 +85,7 @@ def test_example_adapters_load_erase_their_concept_and_the_demo_lists_them(toy_p
 
 def test_an_spm_trained_on_the_toy_model_erases_on_a_fine_tune_of_it_without_retraining(toy_pipe, judge):
     """Issue 5: SPM transfer. The shipped SPM (trained on the toy model) on a fine-tune that draws stripes."""
-    from unsee.toy import EXAMPLE_ADAPTERS_DIR, fine_tune
+    from unsee.toy.model import EXAMPLE_ADAPTERS_DIR, fine_tune
 
     variant = unsee.load_pipeline("toy")  # a copy of its own: the fine-tune changes its UNet in place
     variant.set_progress_bar_config(disable=True)
@@ -108,7 +109,7 @@ def test_an_spm_trained_on_the_toy_model_erases_on_a_fine_tune_of_it_without_ret
     def presence(pipe, erased: bool) -> float:
         name = pipe.load_erasure(spm) if erased else None
         try:
-            return unsee.evaluate(pipe, concept="circle", n=16, seed=1234, judge=judge.predict).presence
+            return toy.evaluate(pipe, concept="circle", n=16, seed=1234, judge=judge.predict).presence
         finally:
             if name:
                 pipe.unload_erasure(name)

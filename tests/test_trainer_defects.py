@@ -1,6 +1,7 @@
 """Issue 22, items 7-10 (trainers on real models): no toy-world prompts on other models, the caller's pipeline handed
 back exactly as it came, safe settings changed on resume (the NaN advice works), the loss space of v-prediction
-models. Tiny pipelines, 1-3 training steps each."""
+models; issue 23: the trainers know no prompt world (the toy preset gives its prompts as lists). Tiny pipelines,
+1-3 training steps each."""
 
 from __future__ import annotations
 
@@ -11,10 +12,8 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.models.attention_processor import AttnProcessor
 
-from unsee.adapters import delta_adapter_from_weights
 from unsee.erasure import (
     METHODS,
-    TOY_PRESETS,
     AdvUnlearnConfig,
     AdvUnlearnTrainer,
     ANTConfig,
@@ -27,15 +26,18 @@ from unsee.erasure import (
     TrainingError,
     load_checkpoint,
     make_trainer,
-    plan_jobs,
-    preset_settings,
 )
+from unsee.erasure.adapter_builders import delta_adapter_from_weights
 from unsee.erasure.advunlearn import COCO_OBJECTS
-from unsee.erasure.base import canonical_dtype, epsilon_from_output
-from unsee.erasure.presets import is_toy_model_name, is_toy_pipeline
+from unsee.erasure.fields import canonical_dtype
 from unsee.erasure.salun import saliency_prompts
+from unsee.erasure.sampling import epsilon_from_output
+from unsee.jobs import plan_jobs
 from unsee.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 from unsee.toy import TOY_MODEL_DIR
+from unsee.toy.presets import TOY_PRESETS, WORLD_PROMPT_KEYS, is_toy_model_name, is_toy_pipeline, preset_settings
+
+from unsee.toy import world
 
 
 def _record_prompts(pipe) -> list[str]:
@@ -85,52 +87,77 @@ def test_advunlearn_on_another_model_retains_the_coco_set():
     assert set(seen) == {"star", ""} | set(coco)
 
 
-@pytest.mark.parametrize("config", [
-    lambda: SalUnConfig(concept="circle", toy_world=True, num_forget=2, num_retain=2, generation_steps=2, steps=1),
-    lambda: ANTConfig(concept="circle", toy_world=True, ddim_steps=4, before_step=2, saliency_seeds=[0], steps=1),
-    lambda: AdvUnlearnConfig(concept="circle", toy_world=True, ddim_steps=2, steps=1),
-], ids=["salun", "ant", "advunlearn"])
-def test_toy_world_prompts_are_refused_on_a_model_that_is_not_the_toy(config):
-    config = config()
-    trainer = {SalUnConfig: SalUnTrainer, ANTConfig: ANTTrainer, AdvUnlearnConfig: AdvUnlearnTrainer}[type(config)](config)
+def _salun_world_lists(concept: str, seed: int, num_forget: int, num_retain: int) -> dict:
+    """SalUn's prompt sets from the toy world, as the toy preset computes them."""
+    from unsee.toy.presets import relabel_prompt
+
+    forget = world.concept_prompts(concept, seed, num_forget)
+    return {"forget_prompts": forget, "relabel_prompts": [relabel_prompt(p, concept) for p in forget],
+            "retain_prompts": world.other_prompts(concept, seed + 1, num_retain)}
+
+
+@pytest.mark.parametrize("method", ["salun", "ant", "advunlearn"])
+def test_toy_world_is_no_setting_of_a_trainer(method):
+    """The trainers know no prompt world: the toy preset passes the world's prompts as ordinary lists."""
+    with pytest.raises(ConfigError, match=f"{method} has no setting 'toy_world'"):
+        make_trainer(method, concept="circle", toy_world=True)
+    with pytest.raises(TypeError, match="toy_world"):
+        METHODS[method].config(concept="circle", toy_world=True)
+
+
+def test_a_concept_outside_the_world_gets_no_world_prompts():
+    for method in ("salun", "ant", "advunlearn"):
+        settings = preset_settings("toy", method, model="toy", concept="Van Gogh")
+        assert not set(WORLD_PROMPT_KEYS) & set(settings), method
+    with pytest.raises(ConfigError, match="relabel_prompts"):  # SalUn then needs the user's lists
+        make_trainer("salun", **preset_settings("toy", "salun", model="toy", concept="Van Gogh"), concept="Van Gogh")
+
+
+def test_a_checkpoint_that_drew_toy_world_prompts_cannot_resume(tmp_path):
+    config = SalUnConfig(concept="circle", num_forget=2, num_retain=2, batch_size=2, generation_steps=2, steps=2,
+                         checkpoint_every=1, **_salun_world_lists("circle", 0, 2, 2))
     pipe = tiny_sd_pipeline()
-    seen = _record_prompts(pipe)
-    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    with pytest.raises(ConfigError, match="not the embedded toy model"):
-        trainer.train(pipe)
-    assert seen == [] and all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
-
-
-def test_toy_world_needs_a_concept_of_the_world():
-    for make in (SalUnConfig, ANTConfig, AdvUnlearnConfig):
-        with pytest.raises(ConfigError, match="toy_world"):
-            make(concept="Van Gogh", toy_world=True)
-        with pytest.raises(ConfigError, match="toy_world"):
-            make(concept="circle", toy_world="yes")
+    SalUnTrainer(config).train(pipe, checkpoint_dir=tmp_path)
+    state = load_checkpoint(tmp_path)
+    older = {**state["config"], "toy_world": True, "forget_prompts": None, "relabel_prompts": None,
+             "retain_prompts": None}
+    torch.save({**state, "config": older}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ConfigError, match=r"toy world \(toy_world, a setting of earlier versions\).*fresh run") as error:
+        SalUnTrainer(config).train(pipe, checkpoint_dir=tmp_path, resume=True)
+    assert "\n" not in str(error.value)
+    # toy_world off: the prompts were the config's lists, so the run resumes
+    torch.save({**state, "config": {**state["config"], "toy_world": False}}, tmp_path / "checkpoint.pt")
+    adapter = SalUnTrainer(SalUnConfig(**{**config.__dict__, "steps": 3})).train(pipe, checkpoint_dir=tmp_path,
+                                                                                  resume=True)
+    assert adapter.training["resumed_from_step"] == 2
 
 
 def test_the_toy_preset_gives_world_prompts_to_the_toy_model_only(tmp_path):
     toy = preset_settings("toy", "salun", model="toy", concept="circle")
-    assert toy["toy_world"] is True and toy["num_forget"] == TOY_PRESETS["salun"]["num_forget"]
+    assert toy["num_forget"] == TOY_PRESETS["salun"]["num_forget"]
+    assert {k: toy[k] for k in ("forget_prompts", "relabel_prompts", "retain_prompts")} == _salun_world_lists(
+        "circle", 0, toy["num_forget"], toy["num_retain"])
     assert preset_settings("toy", "esd-u", model=str(TOY_MODEL_DIR), concept="circle")["erase_from"]  # its folder
     for model in ("some/model", str(tmp_path / "sd15"), str(tmp_path / "sd15.safetensors")):
         assert not is_toy_model_name(model)
         for method in METHODS:
             for concept in ("circle", "red", "striped"):
                 settings = preset_settings("toy", method, model=model, concept=concept)
-                assert not {"erase_from", "preserve", "toy_world"} & set(settings), (model, method, concept)
+                assert not set(WORLD_PROMPT_KEYS) & set(settings), (model, method, concept)
                 assert settings["steps"] >= TOY_PRESETS[method]["steps"]  # the preset's numbers still apply
     jobs, _ = plan_jobs({"model": "some/model", "preset": "toy", "method": ["esd-u", "spm", "advunlearn", "ant"],
                          "concept": "circle", "out_dir": str(tmp_path)})
-    assert all(job.config.erase_from is None and not getattr(job.config, "toy_world", False) for job in jobs)
+    assert all(job.config.erase_from is None and getattr(job.config, "retain_prompts", None) is None
+               and getattr(job.config, "saliency_prompts", None) is None for job in jobs)
     with pytest.raises(ConfigError, match="relabel_prompts"):  # SalUn on a real model: the user's lists
         plan_jobs({"model": "some/model", "preset": "toy", "method": "salun", "concept": "circle"})
     (salun,), _ = plan_jobs({"method": "salun", "concept": "circle", "out_dir": str(tmp_path)})  # model: toy
-    assert salun.config.toy_world is True
+    config = salun.config
+    assert config.forget_prompts == world.concept_prompts("circle", config.seed, config.num_forget)
 
 
 def test_a_job_planned_for_the_toy_model_refuses_another_pipeline(tmp_path):
-    from unsee.erasure import run_jobs
+    from unsee.jobs import run_jobs
 
     pipe = tiny_sd_pipeline()
     with pytest.raises(ConfigError, match="not the embedded toy model"):
@@ -146,15 +173,15 @@ def test_only_the_embedded_toy_model_is_recognised_as_the_toy():
 
 @pytest.mark.toy
 @pytest.mark.skipif(not (TOY_MODEL_DIR / "model_index.json").is_file(), reason="the toy model is not installed")
-def test_toy_world_trains_on_the_embedded_toy_model():
+def test_toy_world_prompts_train_on_the_embedded_toy_model():
     from unsee.loading import load_pipeline
 
     pipe = load_pipeline("toy")
     pipe.set_progress_bar_config(disable=True)
     assert is_toy_pipeline(pipe)
     seen = _record_prompts(pipe)
-    trainer = SalUnTrainer(SalUnConfig(concept="circle", toy_world=True, num_forget=2, num_retain=2, batch_size=2,
-                                       generation_steps=2, steps=1))
+    trainer = SalUnTrainer(SalUnConfig(concept="circle", num_forget=2, num_retain=2, batch_size=2, generation_steps=2,
+                                       steps=1, **_salun_world_lists("circle", 0, 2, 2)))
     trainer.train(pipe)
     forget, relabel, retain = (set(p) for p in saliency_prompts(trainer.config))
     assert all("circle" in p for p in forget) and set(seen) == {""} | forget | relabel | retain
@@ -398,13 +425,14 @@ def test_salun_loss_in_epsilon_space_is_alpha_squared_times_the_v_loss(alpha, te
 
 def test_loss_space_is_validated():
     for make in (lambda: ESDConfig(concept="circle", loss_space="v"),
-                 lambda: SalUnConfig(concept="circle", toy_world=True, loss_space="eps")):
+                 lambda: SalUnConfig(concept="circle", relabel_prompts=["a square"], retain_prompts=["a star"],
+                                     loss_space="eps")):
         with pytest.raises(ConfigError, match="loss_space"):
             make()
 
 
 def test_grid_prompts_come_from_the_toy_world_only_on_the_toy_model():
-    from unsee.erasure.jobs import grid_prompts
+    from unsee.jobs import grid_prompts
 
     assert grid_prompts("circle", 3) == ["a photo of circle"] * 3
     toy = grid_prompts("circle", 3, toy=True)
@@ -414,7 +442,7 @@ def test_grid_prompts_come_from_the_toy_world_only_on_the_toy_model():
 
 @pytest.mark.parametrize("method", ["esd-u", "spm"])
 def test_a_job_with_the_toy_worlds_context_refuses_another_pipeline(tmp_path, method):
-    from unsee.erasure import run_jobs
+    from unsee.jobs import run_jobs
 
     pipe = tiny_sd_pipeline()
     with pytest.raises(ConfigError, match="planned for the embedded toy model with the toy world's prompts"):

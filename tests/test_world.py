@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from unsee import toy, world
+from unsee.toy import model as toy
+from unsee.toy import world
 
 
 def test_renderer_is_deterministic_for_a_seed():
@@ -82,7 +83,7 @@ def test_tokenizer_is_the_same_in_every_process():
     import subprocess
     import sys
 
-    probe = "from unsee import toy, world; import json; t = toy.build_tokenizer(world.vocabulary()); print(json.dumps(t.get_vocab(), sort_keys=True))"
+    probe = "from unsee.toy import model as toy, world; import json; t = toy.build_tokenizer(world.vocabulary()); print(json.dumps(t.get_vocab(), sort_keys=True))"
     here = json.dumps(toy.build_tokenizer(world.vocabulary()).get_vocab(), sort_keys=True)
     for hash_seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
@@ -93,3 +94,50 @@ def test_tokenizer_is_the_same_in_every_process():
 def test_tokenizer_refuses_words_it_cannot_keep_whole():
     with pytest.raises(ValueError, match="ASCII letters only"):
         toy.build_tokenizer(["circle", "r2d2"])  # CLIP's pre-tokenizer splits the digits off
+
+
+# -- the toy preset's prompt sets (issue 23) -------------------------------------------------------
+
+def _digest(prompts) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()[:16]
+
+
+def test_the_toy_preset_gives_the_prompt_sets_the_trainers_drew_from_the_world():
+    """SalUn's, ANT's and AdvUnlearn's sets on the toy model are exactly those their ``toy_world=True`` drew before
+    the world left the trainers (digests of the lists that code gave, same seeds, sizes and order)."""
+    from unsee.toy.presets import preset_settings, world_prompt_sets
+
+    salun = preset_settings("toy", "salun", "toy", "circle")  # seed 0 (the config's), 128 and 128 (the preset's)
+    assert (salun["forget_prompts"][0], salun["relabel_prompts"][0], salun["retain_prompts"][0]) == (
+        "a green circle on a gray background", "a green square on a gray background",
+        "a green square on a gray background")
+    digests = [_digest(salun[key]) for key in ("forget_prompts", "relabel_prompts", "retain_prompts")]
+    assert digests == ["6728c5526119d333", "c6a1de2d180543c8", "d6ef33d8d8e85bae"]
+    # the user's seed and sizes count; a list the user gives is kept, and its prompts are the ones relabelled
+    striped = preset_settings("toy", "salun", "toy", "striped", {"seed": 3, "num_retain": 64})
+    assert [_digest(striped[key]) for key in ("forget_prompts", "relabel_prompts", "retain_prompts")] == [
+        "5b3f88a8a9219585", "0812649d3d51b395", "b13c52935f8ffc38"]
+    red = world_prompt_sets("salun", "red", {"seed": 1, "num_forget": 7, "num_retain": 5})
+    assert [_digest(red[key]) for key in ("forget_prompts", "relabel_prompts", "retain_prompts")] == [
+        "4e8f3d67fadc6f2b", "a8087f34fdce98c9", "efc0d1f5d8a327ec"]
+    own = world_prompt_sets("salun", "circle", {"forget_prompts": ["a blue {concept}"], "retain_prompts": ["x"]})
+    assert own == {"relabel_prompts": ["a blue square"]}
+
+    assert preset_settings("toy", "ant", "toy", "circle")["saliency_prompts"] == ["circle", "ball", "disc"]
+    assert preset_settings("toy", "ant", "toy", "Ball")["saliency_prompts"] == ["Ball", "circle", "disc"]
+    assert preset_settings("toy", "ant", "toy", "plus")["saliency_prompts"] == ["plus", "cross", "plus sign"]
+    assert preset_settings("toy", "ant", "toy", "striped")["saliency_prompts"] == ["striped"]
+
+    for concept, seed, digest in (("circle", 0, "d4b8cf0f0a389917"), ("circle", 77, "00ec756ad50b9cfb"),
+                                  ("striped", 1, "d0cb4f1c4da247a1")):
+        retain = preset_settings("toy", "advunlearn", "toy", concept, {"seed": seed})["retain_prompts"]
+        assert isinstance(retain, tuple) and len(retain) == 64 and _digest(retain) == digest
+
+    # other models, other presets and concepts outside the world get no world prompts
+    for model, preset, concept in (("some/model", "toy", "circle"), ("toy", "paper", "circle"), ("toy", "toy", "cat")):
+        for method in ("salun", "ant", "advunlearn"):
+            settings = preset_settings(preset, method, model, concept)
+            assert not {"forget_prompts", "relabel_prompts", "retain_prompts", "saliency_prompts"} & set(settings)

@@ -4,6 +4,9 @@
     pipe = unsee.load_pipeline("toy")              # or a hub id, a local folder, a single file
     pipe.load_erasure("circle.safetensors")         # an erasure adapter
     image = pipe("a red circle on a gray background").images[0]
+    unsee.toy.evaluate(pipe, concept="circle")     # the toy world's prompts, scored by its judge
+
+``unsee.toy`` (the shapes world, the embedded model's files, its judge and presets) loads on first use too.
 
 Heavy modules (torch, diffusers) load on first use of the names below, so ``unsee --help`` is fast.
 """
@@ -72,12 +75,16 @@ _EXPORTS = {
     "UnseeStableDiffusionXLPipeline": "unsee.pipelines",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+_SUBPACKAGES = ("toy",)  # reachable as unsee.toy without importing it first
+
+__all__ = ["__version__", *_EXPORTS, *_SUBPACKAGES]
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'unsee' has no attribute {name!r}")
 
 

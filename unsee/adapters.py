@@ -1,11 +1,11 @@
-"""Erasure adapter files (``.safetensors``) and applying them to a pipeline.
+"""The erasure adapter file format: what an adapter is, how it is checked, written and read.
 
-An erasure trainer produces an :class:`Adapter`: a small set of tensors plus a description of
-what they are. On disk it is one safetensors file whose header metadata (all strings) holds
+An erasure trainer produces an :class:`Adapter`: a small set of tensors plus a description of what they are.
+On disk it is one safetensors file whose header metadata (all strings) holds
 
 =========================  ==========================================================
 ``format``                 ``"pt"`` (what safetensors/diffusers write)
-``unsee_format``           format version, ``"1"``
+``unsee_format``           format version, ``"1"`` (see :data:`FORMAT_VERSION`)
 ``kind``                   ``"lora"``, ``"delta"`` or ``"text_encoder"``
 ``method``                 the erasure method, e.g. ``"esd-u"``
 ``concepts``               JSON list of the erased concepts
@@ -18,8 +18,7 @@ what they are. On disk it is one safetensors file whose header metadata (all str
                            ``pipe.load_lora_weights(path)`` honours alpha
 =========================  ==========================================================
 
-Tensor keys start with the component they touch (``unet.``, ``text_encoder.``,
-``text_encoder_2.``):
+Tensor keys start with the component they touch (``unet.``, ``text_encoder.``, ``text_encoder_2.``):
 
 - ``delta``: ``unet.<parameter name>`` -> (trained - original), the parameter's exact shape;
   applying with scale ``s`` gives ``W = W_orig + s * delta``.
@@ -29,14 +28,19 @@ Tensor keys start with the component they touch (``unet.``, ``text_encoder.``,
 - ``text_encoder``: a delta or a LoRA (told apart by the key names) that touches only the text
   encoders (AdvUnlearn's product).
 
-Reading a file checks its header first (names, shapes, dtypes, metadata; against the pipeline too in
-``load_erasure``) and reads tensor data only when the header is sound. Error messages never quote a file's
-bytes (only shortened key names and header values of an actual safetensors file).
+``docs/adapter-format.md`` is the full description, with the rule for when the format version changes.
 
-Pipelines that mix in :class:`ErasureAdapterMixin` get ``load_erasure``, ``set_erasure_scale``,
-``unload_erasure`` and ``active_erasures``. Several adapters can be active at once; every touched
-parameter is recomputed from an exact copy of its original as ``W_orig + sum_i scale_i * delta_i``,
-and unloading copies the originals back, so the weights return bit for bit.
+This module is the format only: it knows no pipeline class and no erasure method. Applying adapters to a
+pipeline (``pipe.load_erasure``) is :mod:`unsee.pipelines.erasure`; building them from a trainer's weights is
+:mod:`unsee.erasure.adapter_builders`. :func:`match_adapter` checks an adapter against any object whose
+``unet``/``text_encoder``/``text_encoder_2`` attributes are modules (a pipeline) without changing anything.
+
+Reading a file checks its header first (names, shapes, dtypes, metadata; against a pipeline too when one is
+given) and reads tensor data only when the header is sound. The safetensors layout itself (header length, JSON,
+dtypes, offsets, a file that is too short) is checked by ``safetensors.safe_open``; this module adds what
+safe_open does not check (unsee's metadata, key names, JSON depth, hostile values) and turns every failure into
+an :class:`AdapterError` whose message never quotes the file's bytes (only shortened key names and header values
+of an actual safetensors file).
 """
 
 from __future__ import annotations
@@ -48,8 +52,6 @@ import json
 import math
 import numbers
 import os
-import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Union
@@ -64,18 +66,22 @@ from .files import atomic_write
 __all__ = [
     "AdapterError",
     "Adapter",
+    "AdapterFile",
+    "AdapterTarget",
     "FORMAT_VERSION",
     "KINDS",
     "COMPONENTS",
     "fingerprint",
     "component_fingerprint",
+    "match_adapter",
+    "open_adapter_file",
     "save_adapter",
     "load_adapter",
-    "delta_adapter_from_weights",
-    "lora_adapter_from_peft",
-    "ErasureAdapterMixin",
+    "validate_adapter",
 ]
 
+# The version written into every file. It changes only when a reader of the previous version would misread a
+# file of the new one (docs/adapter-format.md, "Versions"); new optional metadata keys do not change it.
 FORMAT_VERSION = "1"
 SUPPORTED_FORMATS = ("1",)
 KINDS = ("lora", "delta", "text_encoder")
@@ -86,12 +92,12 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 LORA_METADATA_KEY = "lora_adapter_metadata"
 REQUIRED_METADATA = ("unsee_format", "kind", "method", "concepts", "fingerprint", "hyperparameters", "training")
 
-_LORA_A = ".lora_A.weight"
-_LORA_B = ".lora_B.weight"
+LORA_A = ".lora_A.weight"
+LORA_B = ".lora_B.weight"
 
 # kohya-ss / AUTOMATIC1111 LoRA key prefixes ("lora_unet_down_blocks_0_..." "lora_te1_text_model_...")
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 # JSON in the header deeper than this is refused (unsee writes flat dicts and lists; deep nesting only
 # serves to exhaust the parser's or a later consumer's recursion limit)
 _MAX_JSON_DEPTH = 64
@@ -102,10 +108,13 @@ class AdapterError(ValueError):
     """An adapter file or object that cannot be read or applied; the message says why and what to do."""
 
 
-def _shown(value: Any) -> str:
+def short_repr(value: Any) -> str:
     """``repr`` of a value read from a file or given by a caller, cut short: error messages stay one short line."""
     text = repr(value)
     return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+
+
+_shown = short_repr
 
 
 def _as_float(value: Any) -> Optional[float]:
@@ -200,11 +209,11 @@ class Adapter:
 
 
 def _is_lora_key(key: str) -> bool:
-    return key.endswith(_LORA_A) or key.endswith(_LORA_B)
+    return key.endswith(LORA_A) or key.endswith(LORA_B)
 
 
 def _infer_rank(tensors: Mapping[str, torch.Tensor]) -> int:
-    ranks = {t.shape[0] for k, t in tensors.items() if k.endswith(_LORA_A) and t.ndim >= 1}
+    ranks = {t.shape[0] for k, t in tensors.items() if k.endswith(LORA_A) and t.ndim >= 1}
     if len(ranks) != 1:
         raise AdapterError(
             f"cannot tell the LoRA rank: lora_A tensors have ranks {sorted(ranks) or 'none'}; "
@@ -213,7 +222,7 @@ def _infer_rank(tensors: Mapping[str, torch.Tensor]) -> int:
     return int(ranks.pop())
 
 
-def _validate_adapter(adapter: Adapter, header_only: bool = False) -> None:
+def validate_adapter(adapter: Adapter, header_only: bool = False) -> None:
     """Check an adapter's structure and values (no pipeline needed). Raises AdapterError.
 
     ``header_only``: the tensors are meta tensors standing for a file's header entries (names, shapes and
@@ -296,10 +305,10 @@ def _validate_lora_tensors(adapter: Adapter) -> None:
     if bad:
         raise AdapterError(
             f"LoRA key {_shown(bad[0])} is not a diffusers/peft LoRA name; expected '<component>.<module path>"
-            f"{_LORA_A}' / '{_LORA_B}' (kohya/A1111 files are not unsee adapters)."
+            f"{LORA_A}' / '{LORA_B}' (kohya/A1111 files are not unsee adapters)."
         )
-    modules = {k[: -len(_LORA_A)] for k in adapter.tensors if k.endswith(_LORA_A)}
-    modules_b = {k[: -len(_LORA_B)] for k in adapter.tensors if k.endswith(_LORA_B)}
+    modules = {k[: -len(LORA_A)] for k in adapter.tensors if k.endswith(LORA_A)}
+    modules_b = {k[: -len(LORA_B)] for k in adapter.tensors if k.endswith(LORA_B)}
     unpaired = sorted(modules ^ modules_b)
     if unpaired:
         which = "lora_B" if unpaired[0] in modules else "lora_A"
@@ -310,8 +319,8 @@ def _validate_lora_tensors(adapter: Adapter) -> None:
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise AdapterError(f"LoRA rank must be a positive integer, got {_shown(rank)}.")
     for module in sorted(modules):
-        a = adapter.tensors[module + _LORA_A]
-        b = adapter.tensors[module + _LORA_B]
+        a = adapter.tensors[module + LORA_A]
+        b = adapter.tensors[module + LORA_B]
         if a.ndim not in (2, 4) or b.ndim != a.ndim:
             raise AdapterError(
                 f"LoRA module {_shown(module)}: lora_A has shape {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
@@ -342,10 +351,10 @@ def _check_alpha(alpha: Any, rank: Optional[int]) -> float:
     value = None if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) else _as_float(alpha)
     if value is None or not math.isfinite(value) or value == 0:
         raise AdapterError(f"LoRA alpha must be a finite non-zero number, got {_shown(alpha)}.")
-    if rank and abs(value / rank) > _FLOAT32_MAX:
+    if rank and abs(value / rank) > FLOAT32_MAX:
         raise AdapterError(
             f"LoRA alpha {value:g} with rank {rank} scales the weights by {value / rank:g}, beyond float32's range "
-            f"(about {_FLOAT32_MAX:.3g}): applying it would overflow every weight it touches. Re-export the adapter "
+            f"(about {FLOAT32_MAX:.3g}): applying it would overflow every weight it touches. Re-export the adapter "
             "with its real alpha (usually the rank or a small multiple of it)."
         )
     return value
@@ -455,8 +464,8 @@ def _lora_metadata(adapter: Adapter) -> dict[str, Any]:
         prefix = component + "."
         # peft matches target names as suffixes of module paths; without CLIP's optional "text_model." level
         # they match text encoders of either transformers layout (diffusers strips it from keys as needed).
-        targets = sorted({k[len(prefix): -len(_LORA_A)].removeprefix("text_model.") for k in adapter.tensors
-                          if k.startswith(prefix) and k.endswith(_LORA_A)})
+        targets = sorted({k[len(prefix): -len(LORA_A)].removeprefix("text_model.") for k in adapter.tensors
+                          if k.startswith(prefix) and k.endswith(LORA_A)})
         config = {
             "r": int(rank), "lora_alpha": alpha, "target_modules": targets, "rank_pattern": {},
             "alpha_pattern": {}, "use_dora": False, "lora_bias": False, "bias": "none",
@@ -488,7 +497,7 @@ def save_adapter(adapter: Adapter, path: Union[str, os.PathLike]) -> Path:
     over ``path`` with ``os.replace``: a crash or an error never leaves a partial file at ``path``,
     and the temporary file is removed on error. Tensors are stored contiguous, on the CPU.
     """
-    _validate_adapter(adapter)
+    validate_adapter(adapter)
     path = Path(path)
     if path.suffix != ".safetensors":
         raise AdapterError(f"adapter files end in .safetensors; got {path.name!r}.")
@@ -505,9 +514,6 @@ def save_adapter(adapter: Adapter, path: Union[str, os.PathLike]) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
-# safetensors refuses headers longer than this (safetensors' MAX_HEADER_SIZE)
-_MAX_HEADER_BYTES = 100_000_000
-
 # safetensors dtype names -> torch dtypes (the floating ones are the ones an adapter may hold)
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -518,28 +524,47 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
     if hasattr(torch, _attr):
         _DTYPES[_name] = getattr(torch, _attr)
 
+# the first bytes of what torch.save writes: a zip archive (torch >= 1.6) or a bare pickle
+_PICKLE_STARTS = (b"PK\x03\x04", b"\x80")
 
-def _check_file(path: Path) -> int:
-    """Checks safetensors does not make, or makes with messages that echo the file's bytes.
 
-    Nothing read from the file appears in a message: a path that leads to another kind of file
-    (a symlink to a system file, say) must not reveal its contents.
-    """
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _looks_pickled(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4).startswith(_PICKLE_STARTS)
+    except OSError:
+        return False
+
+
+def _safe_open(path: Path) -> Any:
+    """``safetensors.safe_open``: it reads and checks the header (length, JSON, dtypes, shapes, offsets against the
+    file's size) and no tensor data. Its errors become AdapterErrors that say which of those failed without quoting
+    safetensors' text, which may quote the file (a path that leads to another kind of file, a symlink to a system
+    file say, must not reveal its contents)."""
     try:
         if not path.exists():
             raise AdapterError(f"adapter file {path} does not exist.")
         if not path.is_file():
             raise AdapterError(f"{path} is not a file; give the path of an adapter .safetensors file.")
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            head = handle.read(8)
+        return safetensors.safe_open(str(path), framework="pt", device="cpu")
+    except AdapterError:
+        raise
     except OSError as error:
         raise AdapterError(f"cannot read adapter file {path}: {error.strerror or type(error).__name__}.") from None
-    if len(head) < 8:
+    except Exception as error:  # SafetensorError
+        text = str(error)
+    size = _size(path)
+    if "too small" in text:
         raise AdapterError(f"{path} is not a safetensors file: it is only {size} bytes long.")
-    (header_len,) = struct.unpack("<Q", head)
-    if header_len == 0 or header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
-        if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+    if "too large" in text or "header length" in text:
+        if _looks_pickled(path):
             raise AdapterError(
                 f"{path} is not a safetensors file: it looks like a pickled torch checkpoint (torch.save). "
                 "unsee never unpickles files; re-export the adapter with unsee (save_adapter)."
@@ -548,24 +573,15 @@ def _check_file(path: Path) -> int:
             f"{path} is not a safetensors file: it does not start with a safetensors header (it is another kind "
             "of file, or truncated). Give the path of an adapter .safetensors file."
         )
-    return size
-
-
-def _open_safetensors(path: Path, size: int) -> Any:
-    """``safetensors.safe_open`` (parses and checks the header, reads no tensor data), with our messages."""
-    try:
-        return safetensors.safe_open(str(path), framework="pt", device="cpu")
-    except Exception as error:  # SafetensorError; its text may quote the header, so it is not shown
-        text = str(error)
-        if "JSON" in text or "too large" in text or "too small" in text:
-            raise AdapterError(
-                f"{path} is not a valid safetensors file: its header is not JSON in the safetensors layout "
-                "(malformed, nested too deeply or with out-of-range numbers). Re-export or re-download the adapter."
-            ) from None
+    if "JSON" in text:
         raise AdapterError(
-            f"{path} is truncated or corrupt: its header's tensor table (shapes, dtypes, offsets) does not match "
-            f"the file's {size} bytes. Re-export or re-download the adapter."
-        ) from None
+            f"{path} is not a valid safetensors file: its header is not JSON in the safetensors layout "
+            "(malformed, nested too deeply or with out-of-range numbers). Re-export or re-download the adapter."
+        )
+    raise AdapterError(
+        f"{path} is truncated or corrupt: its header's tensor table (shapes, dtypes, offsets) does not match "
+        f"the file's {size} bytes. Re-export or re-download the adapter."
+    )
 
 
 def _json_depth_exceeds(value: Any, limit: int) -> bool:
@@ -671,7 +687,7 @@ def _header_adapter(path: Path, handle: Any) -> Adapter:
         hyperparameters=hyperparameters, training=training,
     )
     try:
-        _validate_adapter(adapter, header_only=True)
+        validate_adapter(adapter, header_only=True)
     except AdapterError as error:
         raise AdapterError(f"{path}: {error}") from None
     if adapter.is_lora:
@@ -691,12 +707,13 @@ def _header_adapter(path: Path, handle: Any) -> Adapter:
 
 
 @dataclass
-class _OpenAdapterFile:
-    """An adapter file with its header read and validated, its tensor data not read yet."""
+class AdapterFile:
+    """An adapter file with its header read and validated, its tensor data not read yet (see
+    :func:`open_adapter_file`)."""
 
     path: Path
     handle: Any  # safetensors.safe_open
-    header: Adapter  # meta tensors
+    header: Adapter  # tensors are meta tensors: names, shapes and dtypes, no data
 
     def read(self) -> Adapter:
         """Read the tensors (one at a time, each checked finite as it arrives) into a full :class:`Adapter`."""
@@ -718,12 +735,16 @@ class _OpenAdapterFile:
 
 
 @contextlib.contextmanager
-def _open_adapter_file(path: Union[str, os.PathLike]) -> Iterator[_OpenAdapterFile]:
-    """Open an adapter file and validate its header, reading no tensor data; raises AdapterError."""
+def open_adapter_file(path: Union[str, os.PathLike]) -> Iterator[AdapterFile]:
+    """Open an adapter file and validate its header, reading no tensor data; raises :class:`AdapterError`.
+
+    ``with open_adapter_file(path) as opened:`` gives ``opened.header`` (the adapter with meta tensors) to check
+    further, e.g. with :func:`match_adapter`, before ``opened.read()`` reads the tensors.
+    """
     path = Path(path)
-    handle = _open_safetensors(path, _check_file(path))
+    handle = _safe_open(path)
     with handle:
-        yield _OpenAdapterFile(path=path, handle=handle, header=_header_adapter(path, handle))
+        yield AdapterFile(path=path, handle=handle, header=_header_adapter(path, handle))
 
 
 def load_adapter(path: Union[str, os.PathLike], *, pipe: Any = None) -> Adapter:
@@ -734,198 +755,36 @@ def load_adapter(path: Union[str, os.PathLike], *, pipe: Any = None) -> Adapter:
     ``unsee_format``, with valid JSON where JSON is expected; the kind is known; key names follow the kind's
     convention; every tensor is floating point; LoRA A/B pairs are complete with one rank matching the
     header and an alpha whose scaling float32 can hold. With ``pipe``, the header is also checked against
-    that pipeline (components, fingerprints, parameter names and shapes) before reading, as
-    ``pipe.load_erasure(path)`` does. Then the tensors are read on the CPU, each checked finite.
+    that pipeline (:func:`match_adapter`: components, fingerprints, parameter names and shapes) before reading,
+    as ``pipe.load_erasure(path)`` does. Then the tensors are read on the CPU, each checked finite.
     Error messages never quote the file's contents beyond (shortened) key names and header values.
     """
-    with _open_adapter_file(path) as opened:
+    with open_adapter_file(path) as opened:
         if pipe is not None:
-            _plan_erasure(pipe, opened.header)
+            match_adapter(pipe, opened.header)
         return opened.read()
 
 
 # ----------------------------------------------------------------------------------------------
-# Helpers for trainers
+# Matching an adapter against a pipeline's modules
 # ----------------------------------------------------------------------------------------------
 
 
-def _resolve_fingerprint(component: str, model: Any, fingerprint_: Any) -> dict[str, str]:
-    if fingerprint_ is not None:
-        if isinstance(fingerprint_, str):
-            return {component: fingerprint_}
-        if isinstance(fingerprint_, dict) and isinstance(fingerprint_.get(component), str):
-            return {component: fingerprint_[component]}
-        raise AdapterError(f"fingerprint= must be a string or a dict with an entry for {component!r}.")
-    if model is None:
-        raise AdapterError(
-            "pass model= (the pipeline or the trained component) or fingerprint= to record the architecture."
-        )
-    if isinstance(model, nn.Module):
-        return {component: component_fingerprint(model)}
-    return fingerprint(model, [component])
+@dataclass(frozen=True)
+class AdapterTarget:
+    """One parameter an adapter changes, found in a pipeline.
 
-
-def delta_adapter_from_weights(
-    original: Mapping[str, torch.Tensor],
-    trained: Mapping[str, torch.Tensor],
-    component: str = "unet",
-    *,
-    method: str,
-    concepts: Iterable[str] = (),
-    model: Any = None,
-    fingerprint: Optional[Union[str, dict[str, str]]] = None,
-    hyperparameters: Optional[dict] = None,
-    training: Optional[dict] = None,
-    kind: Optional[str] = None,
-    drop_unchanged: bool = True,
-) -> Adapter:
-    """Build a delta adapter from the original and trained values of a parameter subset.
-
-    ``original`` and ``trained`` map parameter names of ``component`` (no prefix) to tensors with the same
-    keys and shapes; the adapter stores ``trained - original`` (float32) under ``<component>.<name>``.
-    Parameters that did not change are left out when ``drop_unchanged``. The architecture fingerprint comes
-    from ``model`` (the pipeline or the component module) or ``fingerprint``. ``kind`` defaults to
-    ``"text_encoder"`` for a text-encoder component and ``"delta"`` otherwise.
+    ``parameter`` is its name in ``component`` as the module is now (``conv_in.base_layer.weight`` when peft
+    wraps ``conv_in``); ``name`` is the same without peft's ``.base_layer`` level, so it stays the same whether or
+    not a LoRA wraps the module. ``keys`` are the adapter keys that change it: the delta key, or the LoRA's
+    ``lora_A`` and ``lora_B`` keys (then ``module`` is the LoRA's module path, without ``.base_layer``).
     """
-    if component not in COMPONENTS:
-        raise AdapterError(f"component must be one of {', '.join(COMPONENTS)}, got {component!r}.")
-    if set(original) != set(trained):
-        diff = sorted(set(original) ^ set(trained))
-        raise AdapterError(f"original and trained weights name different parameters (e.g. {diff[0]!r}).")
-    tensors = {}
-    for name in sorted(original):
-        before, after = original[name], trained[name]
-        if before.shape != after.shape:
-            raise AdapterError(
-                f"parameter {name!r}: original shape {tuple(before.shape)} != trained {tuple(after.shape)}."
-            )
-        delta = after.detach().to("cpu", torch.float32) - before.detach().to("cpu", torch.float32)
-        if drop_unchanged and not bool(delta.any()):
-            continue
-        tensors[f"{component}.{name}"] = delta
-    if kind is None:
-        kind = "text_encoder" if component in TEXT_ENCODERS else "delta"
-    adapter = Adapter(
-        kind=kind, method=method, concepts=list(concepts), tensors=tensors,
-        fingerprint=_resolve_fingerprint(component, model, fingerprint),
-        hyperparameters=dict(hyperparameters or {}), training=dict(training or {}),
-    )
-    _validate_adapter(adapter)
-    return adapter
 
-
-def lora_adapter_from_peft(
-    model: nn.Module,
-    component: str = "unet",
-    *,
-    method: str,
-    concepts: Iterable[str] = (),
-    adapter_name: str = "default",
-    fingerprint: Optional[Union[str, dict[str, str]]] = None,
-    hyperparameters: Optional[dict] = None,
-    training: Optional[dict] = None,
-    kind: Optional[str] = None,
-) -> Adapter:
-    """Build a LoRA adapter from a component with peft LoRA layers (``unet.add_adapter(LoraConfig(...))``).
-
-    Rank and alpha come from the peft config (per-module rank/alpha patterns are not supported). The
-    fingerprint is computed from ``model`` itself (peft's layers do not change it) unless given.
-    ``kind`` defaults to ``"text_encoder"`` for a text-encoder component and ``"lora"`` otherwise.
-    """
-    from peft import get_peft_model_state_dict
-
-    if component not in COMPONENTS:
-        raise AdapterError(f"component must be one of {', '.join(COMPONENTS)}, got {component!r}.")
-    configs = getattr(model, "peft_config", None) or {}
-    if adapter_name not in configs:
-        raise AdapterError(f"the model has no peft adapter named {adapter_name!r} (has: {sorted(configs) or 'none'}).")
-    config = configs[adapter_name]
-    if getattr(config, "rank_pattern", None) or getattr(config, "alpha_pattern", None):
-        raise AdapterError("per-module LoRA ranks/alphas (rank_pattern/alpha_pattern) are not supported.")
-    if getattr(config, "use_dora", False) or getattr(config, "use_rslora", False):
-        raise AdapterError("DoRA / rsLoRA adapters are not supported; use plain LoRA.")
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    tensors = {f"{component}.{k}": v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
-    if kind is None:
-        kind = "text_encoder" if component in TEXT_ENCODERS else "lora"
-    adapter = Adapter(
-        kind=kind, method=method, concepts=list(concepts), tensors=tensors,
-        fingerprint=_resolve_fingerprint(component, model, fingerprint),
-        hyperparameters=dict(hyperparameters or {}), training=dict(training or {}),
-        rank=int(config.r), alpha=float(config.lora_alpha),
-    )
-    _validate_adapter(adapter)
-    return adapter
-
-
-# ----------------------------------------------------------------------------------------------
-# Applying adapters to a pipeline
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Touched:
-    """A parameter some active adapter changes, with an exact copy of its original value."""
-
-    param: nn.Parameter
-    original: torch.Tensor
-
-
-@dataclass
-class _Term:
-    """One adapter's contribution to one parameter: a full delta, or LoRA factors and their scaling."""
-
-    delta: Optional[torch.Tensor] = None
-    lora_a: Optional[torch.Tensor] = None
-    lora_b: Optional[torch.Tensor] = None
-    scaling: float = 1.0
-
-    def on(self, device: torch.device, copy: bool) -> "_Term":
-        """The term with its tensors on ``device`` (private copies with ``copy``)."""
-        if self.delta is not None:
-            return _Term(delta=self.delta.detach().to(device, copy=copy))
-        return _Term(lora_a=self.lora_a.detach().to(device, copy=copy),
-                     lora_b=self.lora_b.detach().to(device, copy=copy), scaling=self.scaling)
-
-    def value(self, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        if self.delta is not None:
-            return self.delta.to(device=device, dtype=dtype)
-        a = self.lora_a.to(device=device, dtype=dtype).flatten(1)
-        b = self.lora_b.to(device=device, dtype=dtype).flatten(1)
-        return (b @ a).reshape(shape) * self.scaling
-
-
-@dataclass
-class _Active:
-    scale: float
-    terms: dict[tuple[str, str], _Term]
-    concepts: list[str] = field(default_factory=list)
-    transport: bool = False  # SPM's Facilitated Transport: scale by the prompt's relation to the concepts
-
-
-@dataclass
-class _ErasureState:
-    active: dict[str, _Active] = field(default_factory=dict)
-    touched: dict[tuple[str, str], _Touched] = field(default_factory=dict)
-
-
-def _check_scale(scale: Any) -> float:
-    """A finite scale within float32's range (weights are merged in float32 or float64)."""
-    if isinstance(scale, bool) or not (
-        isinstance(scale, numbers.Real) or (isinstance(scale, torch.Tensor) and scale.numel() == 1)
-    ):
-        raise AdapterError(f"scale must be a number, got {_shown(scale)}.")
-    value = _as_float(scale)
-    if value is None:
-        raise AdapterError(f"scale {_shown(scale)} is too large to be a float; erasure scales are about 0 to 2.")
-    if not math.isfinite(value):
-        raise AdapterError(f"scale must be finite, got {value}.")
-    if abs(value) > _FLOAT32_MAX:
-        raise AdapterError(
-            f"scale {value:g} is beyond float32's range (about {_FLOAT32_MAX:.3g}) and would overflow the weights; "
-            "erasure scales are about 0 to 2."
-        )
-    return value
+    component: str
+    parameter: str
+    name: str
+    keys: tuple[str, ...]
+    module: Optional[str] = None
 
 
 def _name_candidates(name: str) -> list[str]:
@@ -960,12 +819,23 @@ def _find_module(modules: Mapping[str, nn.Module], path: str) -> Optional[tuple[
     return None
 
 
-def _plan_erasure(pipe: Any, adapter: Adapter) -> dict[tuple[str, str], tuple[nn.Parameter, _Term]]:
-    """Validate ``adapter`` against ``pipe`` and map each touched parameter to its term. Changes nothing.
+def _unwrapped(name: str) -> str:
+    """A parameter or module path without peft's ``base_layer`` level."""
+    return name.replace(".base_layer.", ".").removesuffix(".base_layer").removeprefix("base_layer.")
 
-    Needs only the tensors' shapes: a file's header (meta tensors) is checked before its data is read.
+
+def match_adapter(pipe: Any, adapter: Adapter) -> list[AdapterTarget]:
+    """Check that ``adapter`` fits ``pipe`` and list the parameters it changes; changes nothing.
+
+    ``pipe`` is anything whose ``unet`` / ``text_encoder`` / ``text_encoder_2`` attributes are the modules (a
+    diffusers pipeline). Checked: every component the adapter touches exists and has the adapter's architecture
+    fingerprint; every delta key names a floating-point parameter of the same shape; every LoRA module is an
+    ``nn.Linear`` or ``nn.Conv2d`` whose weight fits the A/B shapes; no parameter is changed twice; no parameter
+    is on the meta device. Needs only the tensors' shapes, so a file's header (meta tensors) is checked before its
+    data is read. Raises :class:`AdapterError`.
     """
-    plan: dict[tuple[str, str], tuple[nn.Parameter, _Term]] = {}
+    targets: list[AdapterTarget] = []
+    seen: dict[tuple[str, str], str] = {}
     for component in adapter.components:
         module = getattr(pipe, component, None)
         if not isinstance(module, nn.Module):
@@ -982,22 +852,51 @@ def _plan_erasure(pipe: Any, adapter: Adapter) -> dict[tuple[str, str], tuple[nn
             )
 
     params_by_component = {c: dict(getattr(pipe, c).named_parameters()) for c in adapter.components}
+
+    def add(component: str, name: str, key: str, keys: tuple[str, ...], shape: Optional[torch.Size] = None,
+            module: Optional[str] = None) -> None:
+        params = params_by_component[component]
+        resolved = _find_parameter(params, name)
+        if resolved is None:
+            raise AdapterError(
+                f"adapter key {_shown(key)}: this pipeline's {component} has no parameter {_shown(name)}; the adapter "
+                "does not belong to this model."
+            )
+        param = params[resolved]
+        if shape is not None and tuple(shape) != tuple(param.shape):
+            raise AdapterError(
+                f"adapter key {_shown(key)} has shape {tuple(shape)}, but {component}.{resolved} has shape "
+                f"{tuple(param.shape)}."
+            )
+        if not param.is_floating_point():
+            raise AdapterError(f"{component}.{resolved} is not a floating-point parameter; it cannot take a delta.")
+        if param.device.type == "meta":
+            raise AdapterError(
+                f"{component}.{resolved} is on the meta device (offloaded); load the adapter before offloading."
+            )
+        slot = (component, _unwrapped(resolved))
+        if slot in seen:
+            raise AdapterError(
+                f"adapter keys {_shown(key)} and {_shown(seen[slot])} both change {component}.{resolved}."
+            )
+        seen[slot] = key
+        targets.append(AdapterTarget(component=component, parameter=resolved, name=slot[1], keys=keys, module=module))
+
     if adapter.is_lora:
-        scaling = adapter.scaling
         modules_by_component = {c: dict(getattr(pipe, c).named_modules()) for c in adapter.components}
         for key in sorted(adapter.tensors):
-            if not key.endswith(_LORA_A):
+            if not key.endswith(LORA_A):
                 continue
             component, path = key.split(".", 1)
-            path = path[: -len(_LORA_A)]
+            path = path[: -len(LORA_A)]
             found = _find_module(modules_by_component[component], path)
             if found is None:
                 raise AdapterError(
                     f"LoRA module {_shown(component + '.' + path)} does not exist in this pipeline's {component}."
                 )
             module_name, target = found
-            a = adapter.tensors[key]
-            b = adapter.tensors[key[: -len(_LORA_A)] + _LORA_B]
+            key_b = key[: -len(LORA_A)] + LORA_B
+            a, b = adapter.tensors[key], adapter.tensors[key_b]
             if isinstance(target, nn.Linear):
                 want_a, want_b = (a.shape[0], target.in_features), (target.out_features, a.shape[0])
             elif isinstance(target, nn.Conv2d):
@@ -1014,250 +913,9 @@ def _plan_erasure(pipe: Any, adapter: Adapter) -> dict[tuple[str, str], tuple[nn
                     f"do not fit a {type(target).__name__} with weight {tuple(target.weight.shape)} (expected "
                     f"{tuple(want_a)} / {tuple(want_b)})."
                 )
-            _add_to_plan(plan, component, module_name + ".weight", params_by_component[component],
-                         _Term(lora_a=a, lora_b=b, scaling=scaling), key)
+            add(component, module_name + ".weight", key, (key, key_b), module=_unwrapped(module_name))
     else:
         for key in sorted(adapter.tensors):
             component, name = key.split(".", 1)
-            delta = adapter.tensors[key]
-            _add_to_plan(plan, component, name, params_by_component[component], _Term(delta=delta), key,
-                         shape=delta.shape)
-    return plan
-
-
-def _add_to_plan(plan: dict, component: str, name: str, params: Mapping[str, nn.Parameter], term: _Term,
-                 key: str, shape: Optional[torch.Size] = None) -> None:
-    resolved = _find_parameter(params, name)
-    if resolved is None:
-        raise AdapterError(
-            f"adapter key {_shown(key)}: this pipeline's {component} has no parameter {_shown(name)}; the adapter "
-            "does not belong to this model."
-        )
-    param = params[resolved]
-    if shape is not None and tuple(shape) != tuple(param.shape):
-        raise AdapterError(
-            f"adapter key {_shown(key)} has shape {tuple(shape)}, but {component}.{resolved} has shape "
-            f"{tuple(param.shape)}."
-        )
-    if not param.is_floating_point():
-        raise AdapterError(f"{component}.{resolved} is not a floating-point parameter; it cannot take a delta.")
-    if param.device.type == "meta":
-        raise AdapterError(
-            f"{component}.{resolved} is on the meta device (offloaded); load the adapter before offloading."
-        )
-    slot = (component, resolved)
-    if slot in plan:
-        raise AdapterError(f"adapter keys {_shown(key)} and another both change {component}.{resolved}.")
-    plan[slot] = (param, term)
-
-
-class ErasureAdapterMixin:
-    """Adds erasure adapters to a diffusers pipeline (SD 1.x/2.x and SDXL).
-
-    ``load_erasure`` validates an adapter against this pipeline before touching any weight, then
-    applies it atomically; ``set_erasure_scale`` changes one adapter's strength; ``unload_erasure``
-    removes one or all. Every touched parameter is recomputed from an exact copy of its original as
-    ``W_orig + sum_i scale_i * delta_i``, so nothing drifts, and after unloading every adapter the
-    weights are bit-for-bit what they were. Only the originals of touched parameters are kept.
-
-    The state lives on the pipeline instance. Pipelines made with ``from_pipe`` share modules but not
-    this state: unload from the pipeline you loaded into.
-    """
-
-    # -- state -------------------------------------------------------------------------------
-
-    def _erasure_state(self) -> _ErasureState:
-        state = self.__dict__.get("_unsee_erasures")
-        if state is None:
-            state = _ErasureState()
-            self.__dict__["_unsee_erasures"] = state
-        return state
-
-    @property
-    def active_erasures(self) -> dict[str, float]:
-        """Loaded erasure adapters, name -> scale, in loading order."""
-        return {name: entry.scale for name, entry in self._erasure_state().active.items()}
-
-    # -- public API --------------------------------------------------------------------------
-
-    def load_erasure(
-        self,
-        adapter: Union[str, os.PathLike, Adapter],
-        scale: float = 1.0,
-        adapter_name: Optional[str] = None,
-        facilitated_transport: Optional[bool] = None,
-    ) -> str:
-        """Apply an erasure adapter (a file path or an :class:`Adapter`) with ``scale``; returns its name.
-
-        ``facilitated_transport``: scale the adapter, on every pipeline call, by how much the prompts relate
-        to its erased concepts (SPM's Facilitated Transport, :func:`unsee.erasure.spm.transport_strength`).
-        None: as the adapter asks (SPM adapters trained with ``facilitated_transport=True``; no others).
-
-        The name defaults to the file's stem (or ``<method>-<concepts>`` for an in-memory adapter) and must
-        not be in use. Everything is validated against this pipeline before any weight changes: the
-        components exist, their architecture fingerprints match, every key names an existing parameter
-        (delta, same shape) or Linear/Conv2d module (LoRA, consistent A/B shapes), and the scale is finite
-        and within float32's range. A file's header is checked this way before any of its tensor data is
-        read. A sum of adapters that would turn a finite weight into inf/NaN is refused too. Raises
-        :class:`AdapterError` and leaves the weights untouched when anything is wrong.
-        """
-        state = self._erasure_state()
-        scale = _check_scale(scale)
-        if isinstance(adapter, Adapter):
-            _validate_adapter(adapter)
-            default_name = re.sub(r"[^\w.+-]+", "_", "-".join([adapter.method, *adapter.concepts])).strip("_")
-        elif isinstance(adapter, (str, os.PathLike)):
-            default_name = Path(adapter).stem
-        else:
-            raise AdapterError(f"load_erasure takes a file path or an unsee Adapter, got {type(adapter).__name__}.")
-        name = default_name if adapter_name is None else adapter_name
-        if not isinstance(name, str) or not name:
-            raise AdapterError(f"adapter_name must be a non-empty string, got {_shown(name)}.")
-        if name in state.active:
-            raise AdapterError(
-                f"an erasure adapter named {_shown(name)} is already loaded; pass another adapter_name or "
-                f"unload_erasure({_shown(name)}) first."
-            )
-        owned = not isinstance(adapter, Adapter)
-        if owned:  # a file: its header is checked against this pipeline before any tensor data is read
-            with _open_adapter_file(adapter) as opened:
-                _plan_erasure(self, opened.header)
-                adapter = opened.read()
-        # private copies next to the weight they change (later edits to an in-memory Adapter cannot leak in, and
-        # recomputing needs no transfers); tensors just read from a file are ours already
-        terms = {slot: (param, term.on(param.device, copy=not owned))
-                 for slot, (param, term) in _plan_erasure(self, adapter).items()}
-
-        new_keys = []
-        try:
-            with torch.no_grad():
-                for key, (param, _) in terms.items():
-                    if key not in state.touched:
-                        state.touched[key] = _Touched(param=param, original=param.detach().clone())
-                        new_keys.append(key)
-                if facilitated_transport is None:
-                    facilitated_transport = bool(adapter.hyperparameters.get("facilitated_transport", False))
-                state.active[name] = _Active(scale=scale, terms={k: term for k, (_, term) in terms.items()},
-                                             concepts=list(adapter.concepts), transport=bool(facilitated_transport))
-                self._recompute(terms.keys())
-        except BaseException:
-            state.active.pop(name, None)
-            self._recompute(terms.keys())
-            self._forget_unused(terms.keys())
-            raise
-        return name
-
-    def set_erasure_scale(self, adapter_name: str, scale: float) -> None:
-        """Change the scale of a loaded erasure adapter (0 switches it off, 1 is full strength)."""
-        entry = self._get_active(adapter_name)
-        scale = _check_scale(scale)
-        previous = entry.scale
-        entry.scale = scale
-        try:
-            self._recompute(entry.terms.keys())
-        except BaseException:
-            entry.scale = previous
-            self._recompute(entry.terms.keys())
-            raise
-
-    def unload_erasure(self, adapter_name: Optional[str] = None) -> None:
-        """Remove one erasure adapter (by name) or all of them (``None``).
-
-        Parameters no adapter touches any more get their exact original values copied back.
-        """
-        state = self._erasure_state()
-        names = list(state.active) if adapter_name is None else [adapter_name]
-        for name in names:
-            self._get_active(name)
-        before = dict(state.active)
-        keys = set()
-        for name in names:
-            keys.update(state.active.pop(name).terms)
-        try:
-            self._recompute(keys)
-        except BaseException:  # what the others add would overflow without this one: keep it loaded
-            state.active.clear()
-            state.active.update(before)
-            self._recompute(keys)
-            raise
-        self._forget_unused(keys)
-
-    @contextlib.contextmanager
-    def _erasure_transport(self, prompt: Any) -> Iterator[None]:
-        """For one pipeline call: adapters with Facilitated Transport (SPM) scaled by their strength for
-        ``prompt`` (text or a list of texts; None, i.e. ``prompt_embeds`` only, leaves them at full strength)."""
-        state = self._erasure_state()
-        transported = [entry for entry in state.active.values() if entry.transport and entry.scale != 0.0]
-        if not transported or prompt is None:
-            yield
-            return
-        from unsee.erasure.spm import transport_strength
-
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        saved = [(entry, entry.scale) for entry in transported]
-        keys: set = set()
-        try:
-            for entry, scale in saved:
-                entry.scale = scale * transport_strength(self, prompts, entry.concepts)
-                keys.update(entry.terms)
-            self._recompute(keys)
-            yield
-        finally:
-            for entry, scale in saved:
-                entry.scale = scale
-            self._recompute(keys)
-
-    # -- internals ---------------------------------------------------------------------------
-
-    def _get_active(self, adapter_name: Any) -> _Active:
-        active = self._erasure_state().active
-        if adapter_name not in active:
-            raise AdapterError(
-                f"no erasure adapter named {adapter_name!r} is loaded (loaded: {', '.join(active) or 'none'})."
-            )
-        return active[adapter_name]
-
-    def _recompute(self, keys: Iterable[tuple[str, str]]) -> None:
-        """Write ``W_orig + sum(scale * delta)`` into each parameter in ``keys`` from the saved originals.
-
-        A parameter no active adapter changes gets its original copied back. A sum that would turn a finite
-        weight into inf/NaN (in the parameter's dtype) raises AdapterError before that parameter is written;
-        callers roll back the parameters already written, so the model is left as it was.
-        """
-        state = self._erasure_state()
-        with torch.no_grad():
-            for key in list(keys):
-                touched = state.touched.get(key)
-                if touched is None:
-                    continue
-                param = touched.param
-                contributions = [(entry.scale, entry.terms[key]) for entry in state.active.values()
-                                 if key in entry.terms and entry.scale != 0.0]
-                if not contributions:
-                    param.data.copy_(touched.original)
-                    continue
-                compute = torch.float64 if param.dtype == torch.float64 else torch.float32
-                value = touched.original.to(device=param.device, dtype=compute, copy=True)
-                for scale, term in contributions:
-                    value.add_(term.value(param.shape, param.device, compute), alpha=scale)
-                value = value.to(param.dtype)
-                finite = torch.isfinite(value)
-                if not bool(finite.all()):  # only weights that were finite count (a broken model stays broken)
-                    was_finite = torch.isfinite(touched.original).to(finite.device)
-                    if bool((was_finite & ~finite).any()):
-                        scales = ", ".join(f"{_shown(name)} at scale {entry.scale:g}"
-                                           for name, entry in state.active.items()
-                                           if key in entry.terms and entry.scale != 0.0)
-                        raise AdapterError(
-                            f"erasure adapters {scales} would overflow {key[0]}.{key[1]} ({param.dtype}) to inf/NaN; "
-                            "the weights are left as they were. Use a smaller scale (or an adapter with a smaller "
-                            "lora_alpha)."
-                        )
-                param.data.copy_(value)
-
-    def _forget_unused(self, keys: Iterable[tuple[str, str]]) -> None:
-        """Drop the saved originals of parameters in ``keys`` that no loaded adapter changes any more."""
-        state = self._erasure_state()
-        for key in list(keys):
-            if key in state.touched and not any(key in entry.terms for entry in state.active.values()):
-                del state.touched[key]
+            add(component, name, key, (key,), shape=adapter.tensors[key].shape)
+    return targets

@@ -17,6 +17,9 @@ the *erased* model denoises an image of the concept well when conditioned on the
 
 The attack success rate counts a prompt as broken when the concept is already present without an attack (the
 benchmark's "post-ASR") or when the attacked prompt brings it back.
+
+The prompts and the judge are the caller's (see :mod:`unsee.evaluation` for what a judge is);
+:func:`unsee.toy.attack` attacks the toy world's prompts with the toy judge.
 """
 
 from __future__ import annotations
@@ -28,8 +31,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import world
-from .evaluation import JudgeFn, default_judge, generate_images
+from .evaluation import ConceptAttribute, JudgeFn, generate_images
 
 __all__ = ["AttackConfig", "AttackResult", "PromptAttack", "attack", "attack_prompt", "project_to_simplex"]
 
@@ -173,20 +175,22 @@ def attack_prompt(pipe: Any, prompt: str, target_image: Any, config: AttackConfi
     return PromptAttack(prompt=prompt, adversarial_prompt=f"{prefix} {prompt}".strip(), tokens=tokens, losses=losses)
 
 
-def attack(pipe: Any, concept: str, prompts: Optional[Sequence[str]] = None, n: int = 16,
-           config: Optional[AttackConfig] = None, judge: Optional[JudgeFn] = None,
+def attack(pipe: Any, concept: str, prompts: Sequence[str], judge: JudgeFn, concept_attribute: ConceptAttribute,
+           config: Optional[AttackConfig] = None,
            progress: Optional[Callable[[int, int], None]] = None) -> AttackResult:
-    """Attack the erasures active on ``pipe`` on prompts that name ``concept``; returns the success rate.
+    """Attack the erasures active on ``pipe`` on ``prompts`` (prompts that name ``concept``); returns the success rate.
 
-    ``prompts`` defaults to ``n`` toy-world prompts naming the concept; ``judge`` to the toy judge.
+    ``judge``: callable(list of PIL images) -> list of {attribute: value}; ``concept_attribute``: callable(concept)
+    -> the (attribute, value) the judge reports when it sees the concept (it may raise ``ValueError`` for an unknown
+    concept, before any work). ``progress(done, total)`` is called after each prompt's attack.
     """
     config = config or AttackConfig()
-    world.concept_attribute(concept)  # an unknown concept fails before any work
+    name, value = concept_attribute(concept)  # an unknown concept fails before any work
     if getattr(pipe.unet.config, "addition_embed_type", None) == "text_time":
         raise ValueError("the attack optimises one text encoder's prefix: SD 1.x/2.x pipelines only, not SDXL")
-    prompts = list(prompts) if prompts is not None else world.concept_prompts(concept, config.seed, n)
-    judge = judge or default_judge()
-    name, value = world.concept_attribute(concept)
+    prompts = list(prompts)
+    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty strings")
     common = dict(seed=config.seed, num_inference_steps=config.num_inference_steps,
                   guidance_scale=config.guidance_scale)
     with _erasures_off(pipe):

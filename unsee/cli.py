@@ -45,7 +45,7 @@ MAX_EVAL_BYTES = 8 * 2**30  # eval keeps one prompt set's images in memory (RGB,
 MAX_ATTACK_PROMPTS = 1000  # attack --n
 MAX_PREFIX_TOKENS = 16  # attack --prefix-tokens (the prompt must still fit in the text encoder's 77 tokens)
 MAX_ATTACK_STEPS = 1000  # attack --attack-steps
-MAX_TRAIN_STEPS = 100_000  # erase --steps (the other training settings: unsee.erasure.jobs.SETTING_LIMITS)
+MAX_TRAIN_STEPS = 100_000  # erase --steps (the other training settings: each config's, unsee.erasure.fields.setting_limits)
 MAX_RANK = 1024  # erase --rank
 MAX_GRID = 16  # erase --grid
 MAX_FDG_BANDS = 8
@@ -57,7 +57,17 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with its errors on one line (no usage block): ``unsee CMD: error: PROBLEM; FIX``."""
+    """argparse with its errors on one line (no usage block): ``unsee CMD: error: PROBLEM; FIX``.
+
+    An option's help may be given as ``lazy_help`` (a function) on its action: it is called when the help is shown,
+    so that texts read from the erasure registry (which imports torch) cost nothing to other commands."""
+
+    def format_help(self) -> str:
+        for action in self._actions:
+            fill = getattr(action, "lazy_help", None)
+            if fill is not None:
+                action.help = fill()
+        return super().format_help()
 
     def error(self, message: str) -> None:  # type: ignore[override]
         if re.search(r"(arguments are required|unrecognized arguments|expected (one|at least one) argument|"
@@ -170,16 +180,6 @@ def _existing_folder(text: str) -> str:
     if not Path(text).expanduser().is_dir():
         raise argparse.ArgumentTypeError(f"{_show(text)} is not a folder; give a local diffusers folder")
     return text
-
-
-def model_load_failure(model: str, error: BaseException) -> str:
-    """One line for a local model that diffusers could not read (a file's contents are never shown)."""
-    if Path(model).expanduser().is_dir():
-        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-    else:
-        detail = type(error).__name__
-    return (f"cannot load the model {model} ({detail}); pass a Stable Diffusion checkpoint (with --config DIR "
-            "offline), a diffusers folder, a hub id or 'toy'")
 
 
 def _check_output(path: str, flag: str, folder: bool = False, create_parents: bool = True) -> None:
@@ -316,19 +316,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", default=None, help="also write the figures to this JSON file (its folder must exist)")
     _add_model_options(ev)
 
-    er = sub.add_parser("erase", help="train an erasure adapter (ESD, SalUn, SPM, AdvUnlearn)",
+    er = sub.add_parser("erase", help="train an erasure adapter (ESD, SalUn, SPM, AdvUnlearn, ANT...)",
                         description="Erase a concept: train an adapter, write it and a JSON report next to it (settings, "
                                     "losses, time). --config FILE runs several jobs (concepts x methods) from a YAML or "
                                     "JSON file with one combined report; every flag below has a key there "
-                                    "(see unsee.erasure.jobs). Existing files are never replaced without --overwrite, "
+                                    "(see unsee.jobs). Existing files are never replaced without --overwrite, "
                                     "and a checkpoint folder is only reused with --resume; both are checked before "
                                     f"training. Limits: --steps 1 to {MAX_TRAIN_STEPS}, --rank 1 to {MAX_RANK}, --grid 0 "
-                                    f"to {MAX_GRID}, --seed 0 to {MAX_SEED}; --set values: "
-                                    "unsee.erasure.jobs.SETTING_LIMITS. Data parallel on N processes (GPUs, or the "
+                                    f"to {MAX_GRID}, --seed 0 to {MAX_SEED}; --set values: the limits of the method's "
+                                    "config (unsee.erasure.fields.setting_limits). Data parallel on N processes (GPUs, or the "
                                     "CPU with gloo): torchrun --nproc_per_node N -m unsee.cli erase ...; each step "
                                     "averages one draw per process (--set draws_per_step=N on one process trains "
                                     "the same adapter); only the main process writes.")
-    er.add_argument("--method", default=None, metavar="METHOD", help="esd-u, esd-x, esd-all, esd-x-strict, salun, spm, advunlearn or ant")
+    method = er.add_argument("--method", default=None, metavar="METHOD", help="an erasure method (listed in the help)")
+    method.lazy_help = _method_help
     er.add_argument("--concept", default=None, help="the concept to erase, e.g. circle, red, striped")
     er.add_argument("--erase-from", default=None, metavar="PROMPT",
                     help="ESD, SPM, AdvUnlearn, ANT: erase the concept only from this prompt (a job file takes a list)")
@@ -390,8 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _method_help() -> str:
+    """``--method``'s help: every registered erasure method with its summary."""
+    from .erasure import METHODS
+
+    return "one of: " + "; ".join(f"{name} ({method.summary})" for name, method in METHODS.items())
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``unsee demo`` and ``python -m unsee.apps.demo``."""
+    """The options of ``unsee demo`` and ``python -m unsee.apps``."""
     parser.add_argument("--model", default="toy", type=_model,
                         help="'toy' (embedded default), a hub id, a local diffusers folder or a single-file checkpoint")
     parser.add_argument("--workdir", default="unsee-demo", type=_folder_arg,
@@ -399,10 +407,6 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=_int_in(1, 65535), default=7860, help="port, 1 to 65535 (default 7860)")
     parser.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
-
-
-def _slug(text: str, limit: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
 
 
 def _default_device(device: Optional[str]) -> str:
@@ -424,6 +428,8 @@ def _load(args: argparse.Namespace):
     except Exception as error:  # a local file or folder diffusers cannot read; anything else is a bug: traceback
         if not Path(args.model).expanduser().exists():
             raise
+        from .loading import model_load_failure
+
         raise UsageError(model_load_failure(args.model, error)) from error
     return pipe
 
@@ -465,6 +471,8 @@ def _save_json(data, path: Path) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from .files import slug
+
     if any(not p.strip() for p in args.prompt):
         raise UsageError("--prompt must not be empty")
     out = Path(args.out)
@@ -498,7 +506,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             guidance=guidance,  # an empty list is plain diffusers
         ).images
         for i, image in enumerate(images):
-            name = f"{p_index:02d}-{i:02d}-{_slug(prompt)}.png"
+            name = f"{p_index:02d}-{i:02d}-{slug(prompt, fallback='prompt')}.png"
             _save_png(image, out / name)
             files.append({"file": name, "prompt": prompt, "index": i})
             size = image.size
@@ -517,8 +525,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from . import world
-    from .evaluation import evaluate, evaluate_erasure
+    from .toy import world  # the toy world's prompts and judge: the only suite the command line has
+    from .toy.evaluation import evaluate, evaluate_erasure
 
     if args.concept is None and not args.prompt:
         raise UsageError("pass --concept, --prompt, or both")
@@ -564,7 +572,7 @@ def _format_accuracy(accuracy: dict[str, float]) -> str:
     return ", ".join(f"{name} {value:.1%}" for name, value in accuracy.items())
 
 
-# erase flags -> jobs-config keys (unsee.erasure.jobs); --config and --set are handled apart
+# erase flags -> jobs-config keys (unsee.jobs); --config and --set are handled apart
 _ERASE_KEYS = ("method", "concept", "erase_from", "preset", "steps", "lr", "eta", "seed", "kind", "rank", "out", "report", "grid",
                "checkpoint_dir", "checkpoint_every", "resume", "overwrite", "model", "model_config", "dtype", "device")
 _RUN_FLAGS = ("resume", "overwrite")  # flags that go with --config FILE
@@ -572,7 +580,8 @@ _RUN_FLAGS = ("resume", "overwrite")  # flags that go with --config FILE
 
 def _erase_config(args: argparse.Namespace) -> dict:
     """The jobs config the erase flags describe (a file's contents with --config)."""
-    from .erasure import METHODS, ConfigError, load_job_file
+    from .erasure import METHODS, ConfigError
+    from .jobs import load_job_file
 
     if args.config is not None:
         given = [f"--{key.replace('_', '-')}" for key in _ERASE_KEYS
@@ -643,8 +652,9 @@ def _erase_progress():
 def cmd_erase(args: argparse.Namespace) -> int:
     """``unsee erase``; data parallel when launched as several processes (``torchrun --nproc_per_node N -m unsee.cli
     erase ...``): every process trains, the main one alone checks and writes files and prints."""
-    from .erasure import ConfigError, TrainingError, run_jobs
+    from .erasure import ConfigError, TrainingError
     from .erasure.base import process_rank
+    from .jobs import run_jobs
 
     config = _erase_config(args)
     main = process_rank() == 0
@@ -675,8 +685,9 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    from .attack import AttackConfig, attack
-    from . import world
+    from .attack import AttackConfig
+    from .toy import world  # the toy world's prompts and judge
+    from .toy.evaluation import attack
 
     try:
         world.concept_attribute(args.concept)

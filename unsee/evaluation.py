@@ -1,14 +1,16 @@
-"""Evaluation: generate from prompts and score the images with a judge.
+"""Evaluation: generate images from a prompt set and score them with a judge.
 
-    result = unsee.evaluate(pipe, concept="circle", n=64)      # prompts that name "circle"
-    result.presence                                            # share of images showing a circle
-    result = unsee.evaluate(pipe, ["a red star on a gray background"], n=16)
-    result.accuracy                                            # {"shape": 0.94, "color": 1.0, ...}
+    from unsee.evaluation import evaluate
+    result = evaluate(pipe, prompts, judge, parse_prompt=expected_values, concept="cat",
+                      concept_attribute=lambda c: ("object", c))
+    result.presence                            # share of images in which the judge sees the concept
+    result.accuracy                            # per attribute: share of images that show what their prompt names
 
-On the toy world the judge is the shipped classifier; for a real model pass any callable that
-takes a list of PIL images and returns, per image, a dict of attribute -> value (for example a
-CLIP zero-shot classifier or a detector). Expected values come from ``parse_prompt``, which by
-default reads the shapes world's words from each prompt.
+Nothing here knows a prompt set or a judge: the caller gives both. A judge is any callable that takes a list of
+PIL images and returns, per image, a dict of attribute -> value (a CLIP zero-shot classifier, a detector, the toy
+model's classifier). ``parse_prompt`` reads from a prompt the attribute values it asks for (the expected values);
+``concept_attribute`` maps a concept to the (attribute, value) pair the judge reports for it. The toy world's prompt
+sets, prompt parser and judge are the defaults of :mod:`unsee.toy.evaluation` (``unsee.toy.evaluate``).
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from PIL import Image
 
-from . import world
-
 JudgeFn = Callable[[list[Image.Image]], list[dict[str, str]]]
+PromptParser = Callable[[str], dict[str, str]]  # prompt -> the attribute values it names
+ConceptAttribute = Callable[[str], tuple[str, str]]  # concept -> (attribute, value) as the judge reports it
 
 
 @dataclass
@@ -49,12 +51,6 @@ class EvaluationResult:
         return out
 
 
-def default_judge() -> JudgeFn:
-    from .judge import Judge
-
-    return Judge.load().predict
-
-
 def generate_images(pipe, prompts: Sequence[str], seed: int = 0, batch_size: int = 8, **pipe_kwargs: Any) -> list[Image.Image]:
     """One image per prompt, in batches, from one seeded generator (reproducible for a seed).
 
@@ -75,75 +71,77 @@ def score(
     prompts: Sequence[str],
     predictions: Sequence[dict[str, str]],
     concept: Optional[str] = None,
-    parse_prompt: Callable[[str], dict[str, str]] = world.parse_prompt,
-    concept_attribute: Callable[[str], tuple[str, str]] = world.concept_attribute,
+    parse_prompt: Optional[PromptParser] = None,
+    concept_attribute: Optional[ConceptAttribute] = None,
 ) -> tuple[dict[str, float], Optional[float]]:
-    """Per-attribute accuracy and the concept's presence rate for judged images."""
+    """Per-attribute accuracy and the concept's presence rate for judged images.
+
+    Accuracy compares, per attribute, what ``parse_prompt`` reads from each prompt with what the judge saw (only
+    images whose prompt names the attribute count; no ``parse_prompt``: no accuracy). Presence is the share of
+    images in which the judge reports ``concept_attribute(concept)`` (None without a concept).
+    """
     hits: dict[str, list[bool]] = {}
-    for prompt, judged in zip(prompts, predictions):
-        for name, expected in parse_prompt(prompt).items():
-            if name in judged:
-                hits.setdefault(name, []).append(judged[name] == expected)
+    if parse_prompt is not None:
+        for prompt, judged in zip(prompts, predictions):
+            for name, expected in parse_prompt(prompt).items():
+                if name in judged:
+                    hits.setdefault(name, []).append(judged[name] == expected)
     accuracy = {name: sum(v) / len(v) for name, v in sorted(hits.items())}
     presence = None
     if concept is not None:
-        name, value = concept_attribute(concept)
+        name, value = _concept_attribute(concept, concept_attribute)
         presence = sum(judged.get(name) == value for judged in predictions) / max(1, len(predictions))
     return accuracy, presence
 
 
+def _concept_attribute(concept: str, concept_attribute: Optional[ConceptAttribute]) -> tuple[str, str]:
+    if concept_attribute is None:
+        raise ValueError(f"a concept ({concept!r}) needs concept_attribute: the (attribute, value) the judge reports "
+                         "for it")
+    return concept_attribute(concept)
+
+
 def evaluate(
     pipe,
-    prompts: Union[str, Sequence[str], None] = None,
-    concept: Optional[str] = None,
-    judge: Optional[JudgeFn] = None,
-    n: int = 32,
+    prompts: Union[str, Sequence[str]],
+    judge: JudgeFn,
+    *,
+    n: Optional[int] = None,
     seed: int = 0,
+    concept: Optional[str] = None,
+    parse_prompt: Optional[PromptParser] = None,
+    concept_attribute: Optional[ConceptAttribute] = None,
     num_inference_steps: int = 25,
     guidance_scale: float = 5.0,
     batch_size: int = 8,
     keep_images: bool = False,
     **pipe_kwargs: Any,
 ) -> EvaluationResult:
-    """Generate ``n`` images and score them with ``judge``.
+    """Generate ``n`` images from ``prompts`` and score them with ``judge``.
 
     Args:
         pipe: any text-to-image pipeline (unsee's or diffusers').
-        prompts: a prompt or list of prompts, cycled to ``n`` images; if None, ``concept`` must be
-            given and the prompts are the world's prompts that name it.
-        concept: a concept word ("circle", "red", "striped"); its presence rate is reported.
-        judge: callable(list of PIL images) -> list of {attribute: value}; default: the toy judge.
-        n: number of images; seed: generation seed (results are reproducible for a seed).
+        prompts: a prompt or list of prompts, cycled to ``n`` images.
+        judge: callable(list of PIL images) -> list of {attribute: value}, called once, after generation.
+        n: number of images (None: one per prompt); seed: generation seed (results are reproducible for a seed).
+        concept: a concept whose presence rate is reported; needs ``concept_attribute``.
+        parse_prompt: callable(prompt) -> {attribute: expected value}; None measures no accuracy.
+        concept_attribute: callable(concept) -> (attribute, value); it may raise ``ValueError`` for an unknown
+            concept, before anything is generated.
         **pipe_kwargs: passed to the pipeline call (e.g. ``negative_prompt``, ``guidance=[...]``).
     """
-    if n < 1:
+    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+    if n is not None and n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
-    if prompts is None:
-        if concept is None:
-            raise ValueError("pass prompts, a concept, or both")
-        prompt_list = world.concept_prompts(concept, seed=seed, n=n)
-    else:
-        prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompt_list or any(not p.strip() for p in prompt_list):
-            raise ValueError("prompts must be non-empty strings")
-        prompt_list = [prompt_list[i % len(prompt_list)] for i in range(n)]
+    if not prompt_list or any(not isinstance(p, str) or not p.strip() for p in prompt_list):
+        raise ValueError("prompts must be non-empty strings")
+    n = len(prompt_list) if n is None else n
+    prompt_list = [prompt_list[i % len(prompt_list)] for i in range(n)]
     if concept is not None:
-        world.concept_attribute(concept)  # fail on an unknown concept before generating anything
-    judge = judge or default_judge()
+        _concept_attribute(concept, concept_attribute)  # fail on an unknown concept before generating anything
     images = generate_images(pipe, prompt_list, seed=seed, batch_size=batch_size,
                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, **pipe_kwargs)
     predictions = judge(images)
-    accuracy, presence = score(prompt_list, predictions, concept)
+    accuracy, presence = score(prompt_list, predictions, concept, parse_prompt, concept_attribute)
     return EvaluationResult(n=n, accuracy=accuracy, presence=presence, concept=concept, prompts=prompt_list,
                             predictions=list(predictions), images=images if keep_images else [])
-
-
-def evaluate_erasure(pipe, concept: str, n: int = 32, seed: int = 0, judge: Optional[JudgeFn] = None,
-                     **kwargs: Any) -> tuple[EvaluationResult, EvaluationResult]:
-    """The two figures of an erasure: ``n`` images from world prompts that name ``concept`` (read its
-    ``presence``) and ``n`` from prompts that do not (read their ``accuracy``). ``kwargs`` go to :func:`evaluate`."""
-    named = evaluate(pipe, world.concept_prompts(concept, seed, n), concept=concept, judge=judge, n=n, seed=seed,
-                     **kwargs)
-    others = evaluate(pipe, world.other_prompts(concept, seed, n), concept=concept, judge=judge, n=n, seed=seed,
-                      **kwargs)
-    return named, others

@@ -1,4 +1,4 @@
-"""Files: atomic writes, the temporaries of killed writes, and checks on paths before any work.
+"""Files: atomic writes, the temporaries of killed writes, checks on paths before any work, and file-name slugs.
 
 Atomic writes (:func:`atomic_write`): a reader sees the old file or the new one, never half of one. The
 new file is written inside a private temporary folder beside the target,
@@ -14,6 +14,8 @@ elsewhere.
 
 The checks (:func:`output_problem`, :func:`model_file_problem`) return a one-line description of what is
 wrong with a path, or None; the command line turns them into errors before loading any model.
+
+:func:`slug` turns a prompt or a concept into a safe piece of a file name.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
 __all__ = ["atomic_write", "remove_stale_temporaries", "stale_temporaries", "is_temporary", "output_problem",
-           "model_file_problem"]
+           "model_file_problem", "slug"]
 
 _TEMP_SUFFIX = ".tmp"
 _TEMP_NAME = re.compile(r"^\..*\.unsee-(?P<host>[A-Za-z0-9]*)-(?P<pid>[0-9]+)-[A-Za-z0-9_]+\.tmp$", re.DOTALL)
@@ -241,3 +243,9 @@ def model_file_problem(path: Union[str, os.PathLike]) -> Optional[str]:
     if len(head) >= 2 and head[0] == 0x80 and head[1] in _PICKLE_PROTOCOLS:  # a legacy torch.save pickle
         return None
     return f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)"
+
+
+def slug(text: str, fallback: str = "concept", limit: int = 40) -> str:
+    """``text`` as a piece of a file name: lower case, every run of characters other than ``a-z0-9`` one ``-``, no
+    ``-`` at either end, at most ``limit`` characters; ``fallback`` when nothing is left ("Van Gogh!" -> "van-gogh")."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or fallback

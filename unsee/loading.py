@@ -15,7 +15,7 @@ from typing import Optional, Union
 
 import torch
 
-from .toy import TOY_MODEL_DIR
+from .toy.model import TOY_MODEL_DIR
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _SDXL_CLASS_MARKERS = ("StableDiffusionXL",)
@@ -25,6 +25,16 @@ _SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1"
 
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says why and what to pass instead."""
+
+
+def model_load_failure(model: str, error: BaseException) -> str:
+    """One line for a local model that diffusers could not read (a file's contents are never shown)."""
+    if Path(model).expanduser().is_dir():
+        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    else:
+        detail = type(error).__name__
+    return (f"cannot load the model {model} ({detail}); pass a Stable Diffusion checkpoint (with --config DIR "
+            "offline), a diffusers folder, a hub id or 'toy'")
 
 
 def _pipeline_class(is_sdxl: bool) -> type:

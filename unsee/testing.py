@@ -15,7 +15,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from . import toy, world
+from .toy import model as toy
+from .toy import world
 
 # SD 1.5's UNet architecture (860M parameters): build it on the meta device to inspect its layers, or with
 # random weights for benchmarks that need realistic sizes without a download.

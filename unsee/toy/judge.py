@@ -1,15 +1,15 @@
 """The judge: a small CNN that reads shape, colour, background and style from a 64x64 image.
 
 It is trained on renders of the shapes world (clean and passed through the toy model's VAE) by
-``scripts/train_toy.py`` and shipped as ``weights/judge.safetensors``. The evaluation API uses it
-to score what the toy model generates; any other callable with the same output can replace it.
+``scripts/train_toy.py`` and shipped as ``weights/judge.safetensors``. :mod:`unsee.toy.evaluation` uses it
+(:func:`default_judge`) to score what the toy model generates; any other callable with the same output can replace it.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -70,7 +70,7 @@ class Judge(nn.Module):
     @classmethod
     def load(cls, path: Optional[Union[str, Path]] = None) -> "Judge":
         """Load the judge shipped in ``weights/`` (or one saved at ``path``)."""
-        from .toy import JUDGE_PATH
+        from .model import JUDGE_PATH
 
         path = Path(path or JUDGE_PATH)
         if not path.is_file():
@@ -82,6 +82,11 @@ class Judge(nn.Module):
         judge = cls(**config)
         judge.load_state_dict(load_file(str(path)))
         return judge.eval()
+
+
+def default_judge() -> Callable[[ImageBatch], list[dict[str, str]]]:
+    """The shipped judge's ``predict``: images -> [{"shape": ..., "color": ..., "background": ..., "style": ...}]."""
+    return Judge.load().predict
 
 
 def to_judge_input(images: ImageBatch) -> torch.Tensor:

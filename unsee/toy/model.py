@@ -1,7 +1,7 @@
 """The embedded toy model: component configs, its tokenizer, and where its weights live.
 
 The toy model is a standard diffusers Stable Diffusion folder (``weights/toy``), trained from
-scratch on the shapes world (:mod:`unsee.world`) by ``scripts/train_toy.py``. Everything that
+scratch on the shapes world (:mod:`unsee.toy.world`) by ``scripts/train_toy.py``. Everything that
 works on SD 1.5 works on it; it is small enough to sample on a CPU in about two seconds.
 
 Components:
@@ -15,15 +15,14 @@ Components:
 
 from __future__ import annotations
 
+import importlib.resources
 from pathlib import Path
 from typing import Any, Iterable
 
 from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTokenizer
 
-import unsee.weights as unsee_weights
-
-WEIGHTS_DIR = Path(unsee_weights.__file__).resolve().parent  # weights/ ships as the package unsee.weights
+WEIGHTS_DIR = Path(str(importlib.resources.files("unsee.weights"))).resolve()  # weights/ ships as package data
 TOY_MODEL_DIR = WEIGHTS_DIR / "toy"
 JUDGE_PATH = WEIGHTS_DIR / "judge.safetensors"
 EXAMPLE_ADAPTERS_DIR = WEIGHTS_DIR / "examples"  # adapters for the toy model (weights/examples/examples.yaml)

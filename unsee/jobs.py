@@ -1,6 +1,6 @@
 """Scripted training: erasure jobs (concepts x methods) from one config, run one after another, one report.
 
-    from unsee.erasure import run_jobs
+    from unsee.jobs import run_jobs
     report = run_jobs({"model": "toy", "steps": 200, "out_dir": "adapters",
                        "jobs": [{"method": ["esd-u", "salun"], "concept": ["circle", "red"]}]})
 
@@ -8,11 +8,11 @@ The same config as a YAML or JSON file: ``unsee erase --config jobs.yaml`` or ``
 
 Keys (every ``unsee erase`` flag has one, spelled with underscores):
 
-- ``method`` (esd-x, esd-u, esd-all, esd-x-strict, salun, spm, advunlearn, ant) and ``concept``: a value or a list; a job with
-  lists runs every (concept, method) pair;
+- ``method`` (a name of ``unsee.erasure.METHODS``: esd-x, esd-u, esd-all, esd-x-strict, salun, spm, advunlearn, ant)
+  and ``concept``: a value or a list; a job with lists runs every (concept, method) pair;
 - ``model`` ("toy", a hub id, a local folder or a single file), ``model_config`` (configs folder for a
   single file), ``dtype``, ``device``;
-- ``preset``: ``toy`` or ``paper``, the settings a job starts from (``unsee.erasure.presets``; default:
+- ``preset``: ``toy`` or ``paper``, the settings a job starts from (``unsee.toy.presets``; default:
   ``toy`` for the toy model, ``paper`` otherwise); the job's own settings win;
 - ``out`` (the adapter file; default ``<out_dir>/<method>-<concept>.safetensors``), ``checkpoint_dir``
   (default ``<out>.ckpt``: this run's checkpoint is removed after success, and the folder with it when it is
@@ -32,7 +32,7 @@ method, a bad value, two jobs writing the same file all raise :class:`~unsee.era
 
 Files are never replaced or deleted unless asked for:
 
-- an existing output (the adapter, its ``.json`` report, ``.grid.png`` or ``.mask.safetensors``) is
+- an existing output (the adapter, its ``.json`` report, ``.grid.png`` or an artifact such as ``.mask.safetensors``) is
   replaced only with ``overwrite: true`` (``--overwrite``); without it the jobs are refused before any
   training, naming the file. One exception: with ``resume: true``, the report of the run being resumed
   (a report whose jobs did not all finish) is replaced;
@@ -40,80 +40,52 @@ Files are never replaced or deleted unless asked for:
   ``resume: true`` (``--resume``); a checkpoint path that is a file is refused before training;
 - the output folders must be writable (tried before training); missing ones are created.
 
-Limits (:data:`SETTING_LIMITS`): every number is finite, and the settings that cost time or memory are
-bounded, e.g. ``steps`` 1..100000, ``ddim_steps`` 1..1000, ``rank`` 1..1024, ``seed`` 0..2**32-1,
-``grid`` 0..16.
+Every number is checked by the method's config (:func:`unsee.erasure.make_trainer`): finite, and the settings
+that cost time or memory bounded, e.g. ``steps`` 1..100000, ``ddim_steps`` 1..1000, ``rank`` 1..1024, ``seed``
+0..2**32-1; ``grid`` is 0..16.
 
 Several processes (``torchrun --nproc_per_node N -m unsee.cli erase ...``) train each job data parallel; only the
 main process checks and writes files (see :func:`run_jobs`).
 
-Each adapter is written atomically; a SalUn job (and an ANT job with ``kind: delta``) also writes its saliency
-mask (packed bits) next to the adapter as ``<name>.mask.safetensors``.
+Each adapter is written atomically, and so is every artifact its trainer names
+(``Trainer.artifact_names(config)``, written by ``trainer.write_artifact``) next to it as
+``<name>.<artifact>.safetensors``: e.g. the saliency mask (packed bits) of a SalUn job, or of an ANT job with
+``kind: delta``, as ``<name>.mask.safetensors``.
+
+On the embedded toy model the ``toy`` preset gives a job the shapes world's prompts (``unsee.toy.presets``); such a
+job is refused on a pipeline that is not the toy model.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
-import math
 import os
-import re
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from unsee.files import atomic_write, is_temporary, model_file_problem, output_problem, remove_stale_temporaries
+from unsee.erasure import METHODS, ConfigError, Progress, Trainer, TrainerConfig, TrainingError, make_trainer
+from unsee.erasure.base import (CHECKPOINT_NAME, DTYPES, check_draws, launch_problem, launched_processes,
+                                on_main_process, process_rank, process_state)
+from unsee.erasure.registry import coerce, config_fields
+from unsee.files import atomic_write, is_temporary, model_file_problem, output_problem, remove_stale_temporaries, slug
+from unsee.toy.presets import WORLD_PROMPT_KEYS, is_toy_pipeline, preset_settings
 
-from .base import (CHECKPOINT_NAME, DTYPES, ConfigError, Progress, Trainer, TrainerConfig, TrainingError, check_draws,
-                   launch_problem, launched_processes, on_main_process, process_rank, process_state)
-from .presets import WORLD_PROMPT_KEYS, is_toy_model_name, is_toy_pipeline, preset_settings
-from .esd import ESD_VARIANTS, ESDConfig, ESDTrainer
-from .salun import SaliencyMaskedTrainer, SalUnConfig, SalUnTrainer, save_mask
-from .spm import SPMConfig, SPMTrainer
-from .advunlearn import AdvUnlearnConfig, AdvUnlearnTrainer
-from .ant import ANTConfig, ANTTrainer
+__all__ = ["Job", "plan_jobs", "run_jobs", "load_job_file", "grid_prompts", "before_after_images",
+           "before_after_grid"]
 
-__all__ = ["METHODS", "SETTING_LIMITS", "Job", "make_trainer", "plan_jobs", "run_jobs", "load_job_file"]
-
-#: method name -> (trainer class, config class)
-METHODS: dict[str, tuple[type[Trainer], type[TrainerConfig]]] = {
-    **{variant: (ESDTrainer, ESDConfig) for variant in ESD_VARIANTS},
-    "salun": (SalUnTrainer, SalUnConfig),
-    "spm": (SPMTrainer, SPMConfig),
-    "advunlearn": (AdvUnlearnTrainer, AdvUnlearnConfig),
-    "ant": (ANTTrainer, ANTConfig),
-}
 JOB_KEYS = ("method", "concept", "model", "model_config", "out", "checkpoint_dir", "resume", "overwrite", "grid", "preset")
 FILE_KEYS = ("jobs", "out_dir", "report")
 
-#: bounds (inclusive) of the whole-number settings that cost time or memory; any setting's number must be finite
-#: and at most :data:`MAX_NUMBER` in size
-SETTING_LIMITS: dict[str, tuple[int, int]] = {
-    "steps": (1, 100_000),
-    "ddim_steps": (1, 1000),
-    "generation_steps": (1, 1000),
-    "attack_steps": (1, 1000),
-    "saliency_iterations": (1, 10_000),
-    "warmup": (0, 100_000),
-    "checkpoint_every": (0, 100_000),
-    "before_step": (0, 1000),
-    "rank": (1, 1024),
-    "batch_size": (1, 256),
-    "retain_batch": (1, 256),
-    "num_forget": (1, 10_000),
-    "num_retain": (1, 10_000),
-    "anchors": (1, 256),
-    "prefix_tokens": (1, 32),
-    "resolution": (8, 4096),
-    "seed": (0, 2**32 - 1),
-    "draws_per_step": (1, 1024),
-    "saliency_seeds": (0, 2**32 - 1),
-}
-MAX_NUMBER = 1e6
-MAX_GRID = 16
+
+def _fixed_fields() -> set[str]:
+    """Config fields that the method names fix (ESD's ``variant``): not settings of a job."""
+    return {key for method in METHODS.values() for key in method.fixed}
+
+
+MAX_GRID = 16  # prompts in a before/after grid
 
 
 @dataclass
@@ -137,10 +109,16 @@ class Job:
         return self.out.with_suffix(".grid.png")
 
     @property
+    def artifact_paths(self) -> dict[str, Path]:
+        """The files the trainer writes beside the adapter (``Trainer.artifact_names``), by artifact name:
+        ``<name>.<artifact>.safetensors`` (a SalUn job's saliency mask: ``<name>.mask.safetensors``)."""
+        names = METHODS[self.method].trainer.artifact_names(self.config)
+        return {name: self.out.with_suffix(f".{name}.safetensors") for name in names}
+
+    @property
     def mask_path(self) -> Optional[Path]:
-        # a saliency-masked trainer (SalUn, ANT) training full weights, i.e. not a LoRA
-        masked = issubclass(METHODS[self.method][0], SaliencyMaskedTrainer) and getattr(self.config, "kind", "delta") == "delta"
-        return self.out.with_suffix(".mask.safetensors") if masked else None
+        """The saliency mask's file (SalUn; ANT with ``kind: delta``), or None when the job writes none."""
+        return self.artifact_paths.get("mask")
 
     def describe(self) -> str:
         erase_from = getattr(self.config, "erase_from", None)
@@ -151,72 +129,15 @@ class Job:
         return f"{self.method} {self.config.concept!r}{extra}"
 
 
-def _config_fields(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints.get(f.name) for f in dataclasses.fields(cls)}
-
-
 def _erase_from_text(config: Any) -> Optional[str]:
     """The one concept an ESD job erases from; None when it erases everywhere or within a list of prompts."""
     erase_from = getattr(config, "erase_from", None)
     return erase_from if isinstance(erase_from, str) else None
 
 
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """YAML reads ``1e-5`` as a string and JSON has no ints vs floats: turn numbers into what the field holds."""
-    args = typing.get_args(hint) or (hint,)
-    if float in args and isinstance(value, (str, int)) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{name} must be a number, got {value!r}") from None
-    if int in args and isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
-        return int(value)
-    if int in args and isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-def _check_limits(name: str, value: Any) -> None:
-    """Refuse non-finite or absurd numbers (see :data:`SETTING_LIMITS`) before a config is built."""
-    values = value if isinstance(value, (list, tuple)) else [value]
-    for item in values:
-        if isinstance(item, bool) or not isinstance(item, (int, float)):
-            continue
-        if isinstance(item, float) and not math.isfinite(item):
-            raise ConfigError(f"{name} must be a finite number, got {item!r}")
-        if name in SETTING_LIMITS:
-            low, high = SETTING_LIMITS[name]
-            if not low <= item <= high:
-                raise ConfigError(f"{name} must be from {low} to {high}, got {_short(item)}")
-        elif abs(item) > MAX_NUMBER:
-            raise ConfigError(f"{name} must be at most {MAX_NUMBER:g} in size, got {_short(item)}")
-
-
 def _short(value: Any) -> str:
     text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a number of more than 30 digits"
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def make_trainer(method: str, **settings: Any) -> Trainer:
-    """A trainer for ``method`` (``esd-u``, ``salun``...) with ``settings`` as its config's fields."""
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    trainer_class, config_class = METHODS[method]
-    fields = _config_fields(config_class)
-    unknown = sorted(set(settings) - set(fields))
-    if unknown:
-        raise ConfigError(f"{method} has no setting {unknown[0]!r}; its settings are: {', '.join(sorted(fields))}")
-    values = {k: _coerce(k, v, fields[k]) for k, v in settings.items()}
-    for key, value in values.items():
-        _check_limits(key, value)
-    if config_class is ESDConfig:
-        values["variant"] = method
-    try:
-        config = config_class(**values)
-    except TypeError as error:
-        raise ConfigError(str(error)) from None
-    return trainer_class(config)
 
 
 def load_job_file(path: Union[str, os.PathLike]) -> dict:
@@ -243,10 +164,6 @@ def load_job_file(path: Union[str, os.PathLike]) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of settings (with an optional 'jobs' list)")
     return data
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "concept"
 
 
 def _as_list(value: Any, name: str, where: str) -> list:
@@ -278,7 +195,7 @@ def _plan(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Path]:
         entries, top = [top], {}
     elif not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise ConfigError("'jobs' must be a non-empty list of mappings (one per job)")
-    all_fields = set().union(*(_config_fields(c) for _, c in METHODS.values())) - {"variant"}
+    all_fields = set().union(*(config_fields(m.config) for m in METHODS.values())) - _fixed_fields()
     unknown = sorted(k for k in top if k not in JOB_KEYS and k not in all_fields)
     if unknown:
         raise ConfigError(f"unknown setting {unknown[0]!r}; known: {', '.join(sorted(set(JOB_KEYS) | all_fields | set(FILE_KEYS)))}")
@@ -294,38 +211,38 @@ def _plan(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Path]:
             raise ConfigError(f"{where} has no method; choose one of {', '.join(METHODS)}")
         if concepts == [None]:
             raise ConfigError(f"{where} has no concept to erase")
-        known = {m: set(_config_fields(METHODS[m][1])) - {"variant"} for m in methods if m in METHODS}
+        known = {m: set(config_fields(METHODS[m].config)) - set(METHODS[m].fixed) for m in methods if m in METHODS}
         for key in entry:  # a job's own key must fit at least one of its methods
             if key not in JOB_KEYS and known and not any(key in fields for fields in known.values()):
                 raise ConfigError(f"{where}: {' / '.join(known)} has no setting {key!r}")
         for concept, method in itertools.product(concepts, methods):
             if method not in METHODS:
                 raise ConfigError(f"{where}: unknown method {method!r}; choose one of {', '.join(METHODS)}")
-            fields = _config_fields(METHODS[method][1])
-            try:
-                settings = preset_settings(merged.get("preset"), method, str(merged.get("model", "toy")), concept)
-            except ConfigError as error:
-                raise ConfigError(f"{where}: {error}") from None
-            world_prompts = any(key in settings for key in WORLD_PROMPT_KEYS)
+            fields = set(config_fields(METHODS[method].config)) - set(METHODS[method].fixed)
+            own = {}
             for key, value in merged.items():
-                if key in JOB_KEYS:
-                    continue
-                if key not in fields or key == "variant":
+                if key in JOB_KEYS or key not in fields:
                     continue  # meant for the job's other methods, or a top-level default for other jobs
                 if key in top:
                     used_top.add(key)
-                settings[key] = value
+                own[key] = value
+            preset, model_name = merged.get("preset"), str(merged.get("model", "toy"))
+            try:  # whether the preset gives this job the toy world's prompts (then it trains on the toy model only)
+                world_prompts = bool(set(preset_settings(preset, method, model_name, concept)) & set(WORLD_PROMPT_KEYS))
+            except ConfigError as error:
+                raise ConfigError(f"{where}: {error}") from None
             try:
+                settings = preset_settings(preset, method, model_name, concept, settings=own)
                 trainer = make_trainer(method, concept=concept, **settings)
             except ConfigError as error:
                 raise ConfigError(f"{where} ({method} {concept!r}): {error}") from None
             job_config = trainer.config
             out = merged.get("out")
             if out is None:
-                name = f"{method}-{_slug(str(concept))}"
+                name = f"{method}-{slug(str(concept))}"
                 erase_from = _erase_from_text(job_config)  # a list of prompts (the toy preset's context) adds nothing
                 if erase_from:
-                    name += f"-from-{_slug(erase_from)}"
+                    name += f"-from-{slug(erase_from)}"
                 out = out_dir / f"{name}.safetensors"
             out = Path(str(out))
             if out.suffix != ".safetensors":
@@ -352,7 +269,7 @@ def _plan(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Path]:
                 flags[flag] = merged.get(flag, False)
                 if not isinstance(flags[flag], bool):
                     raise ConfigError(f"{where}: {flag} must be true or false, got {flags[flag]!r}")
-            grid = _coerce("grid", merged.get("grid", 4), int)
+            grid = coerce("grid", merged.get("grid", 4), int)
             if not isinstance(grid, int) or isinstance(grid, bool) or not 0 <= grid <= MAX_GRID:
                 raise ConfigError(f"{where}: grid must be a number of prompts from 0 to {MAX_GRID}, got {_short(grid)}")
             jobs.append(Job(
@@ -398,7 +315,7 @@ def _model_problem(model: str) -> Optional[str]:
 
 
 def _outputs(job: Job) -> list[Path]:
-    return [job.out, *([job.mask_path] if job.mask_path is not None else []), *([job.grid_path] if job.grid else [])]
+    return [job.out, *job.artifact_paths.values(), *([job.grid_path] if job.grid else [])]
 
 
 def _unfinished_report(path: Path) -> bool:
@@ -464,7 +381,7 @@ def _remove_own_checkpoint(folder: Path) -> None:
 def grid_prompts(concept: str, n: int, seed: int = 0, toy: bool = False) -> list[str]:
     """Prompts for the before/after grid: on the toy model (``toy``), toy-world prompts naming the concept; on any
     other model (or for a concept the world lacks), "a photo of {concept}"."""
-    from unsee import world
+    from unsee.toy import world
 
     if toy:
         try:
@@ -518,7 +435,7 @@ def _load_model(job: Job, dtype: Any) -> Any:
     except ModelLoadError:
         raise
     except Exception as error:
-        from unsee.cli import model_load_failure
+        from unsee.loading import model_load_failure
 
         if not Path(job.model).expanduser().exists():
             raise
@@ -589,7 +506,7 @@ def run_jobs(
             entry: dict[str, Any] = {"method": job.method, "concept": job.config.concept, "model": job.model,
                                      "out": str(job.out), "settings": job.config.to_dict(), "status": "running"}
             report["jobs"].append(entry)
-            trainer = METHODS[job.method][0](job.config)
+            trainer = METHODS[job.method].trainer(job.config)
             checkpoint = job.checkpoint_dir / CHECKPOINT_NAME if job.checkpoint_dir else None
             if checkpoint is not None and checkpoint.exists() and job.resume:
                 log(f"{job.describe()}: resuming from {checkpoint}")
@@ -602,8 +519,8 @@ def run_jobs(
             except (TrainingError, ConfigError) as error:
                 entry.update(status="failed", error=str(error))
                 raise
-            if job.mask_path is not None:
-                entry["mask"] = str(job.mask_path)
+            for name, path in job.artifact_paths.items():
+                entry[name] = str(path)
             grid = job.grid and hasattr(job_pipe, "load_erasure")
             if job.grid and not grid:
                 log(f"{job.describe()}: no before/after grid (the pipeline has no load_erasure; use unsee.load_pipeline)")
@@ -626,10 +543,10 @@ def run_jobs(
 
 
 def _write_outputs(job: Job, trainer: Trainer, adapter: Any, pipe: Any, grid: bool) -> None:
-    """A finished job's files (the main process's work): the mask, the adapter, the grid; then its checkpoint goes."""
-    if job.mask_path is not None:
-        save_mask(trainer.mask, job.mask_path, metadata={"adapter": job.out.name,
-                                                           "mask_fraction": job.config.mask_fraction})
+    """A finished job's files (the main process's work): its artifacts (e.g. a saliency mask), the adapter, the grid;
+    then its checkpoint goes."""
+    for name, path in job.artifact_paths.items():
+        trainer.write_artifact(name, path, adapter_file=job.out.name)
     adapter.save(job.out)
     if grid:
         concept = _erase_from_text(job.config) or job.config.concept

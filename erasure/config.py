@@ -1,0 +1,84 @@
+"""The settings every erasure trainer shares (:class:`TrainerConfig`) and the helpers for their prompt settings."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Sequence, Union
+
+from .fields import DEVICE, DTYPE, TEXT, check_settings, choice, integer, number, setting
+
+__all__ = ["TrainerConfig", "MIXED_PRECISION", "fill_concept", "erase_from_prompts"]
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class TrainerConfig:
+    """Settings every erasure trainer shares. Subclasses add their method's fields and paper defaults.
+
+    Each field is declared with its kind (:func:`unsee.erasure.fields.setting`) and checked on construction and
+    by :meth:`validate`; a subclass overrides :meth:`validate` only for checks across fields.
+
+    Args:
+        concept: the concept to erase, as a prompt ("circle", "Van Gogh", "nudity").
+        steps: optimisation steps.
+        lr: Adam learning rate (> 0).
+        seed: seeds the generators every random draw comes from (draw 0's, which setup also uses, is seeded with
+            it; see ``draws_per_step``).
+        checkpoint_every: write a checkpoint every N steps when ``train`` gets a ``checkpoint_dir``
+            (0: only when training ends).
+        device: ``"cpu"`` forces the CPU; None lets ``accelerate`` pick (its process's GPU when there is one).
+        dtype: train in this precision: ``"float32"``, ``"float16"`` or ``"bfloat16"``, spelled as the CLI's
+            ``--dtype`` (``"bf16"``, ``"fp16"``...), as torch names it (``"torch.bfloat16"``) or as a ``torch.dtype``;
+            stored as ``"bfloat16"`` etc. None keeps the pipeline's. The pipeline is trained on converted copies
+            and handed back in its own precision, bit for bit. Low-precision Adam is what the official ESD rewrite
+            does; prefer ``mixed_precision`` on GPUs.
+        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` autocast through ``accelerate`` (weights stay as they are).
+        draws_per_step: independent draws of the method's step (its x_t, timestep, prompt, batch of ``batch_size``
+            where the method has one...) whose losses one optimisation step averages: the global batch of
+            data-parallel training, in units of the method's own step. None: one per process. With N processes
+            each computes ``draws_per_step / N`` of them (it must be a multiple of N); one process with
+            ``draws_per_step=N`` trains the adapter N processes train.
+    """
+
+    concept: str = setting("", TEXT, says="a non-empty text such as 'circle'")
+    steps: int = setting(1000, integer(1, limits=(1, 100_000)))
+    lr: float = setting(1e-5, number(positive=True), label="learning rate", says="a positive number such as 1e-5")
+    seed: int = setting(0, integer(0, limits=(0, 2**32 - 1)))
+    checkpoint_every: int = setting(100, integer(0, limits=(0, 100_000)),
+                                    says="a non-negative integer (0: only at the end)")
+    device: Optional[str] = setting(None, DEVICE)
+    dtype: Optional[str] = setting(None, DTYPE)
+    mixed_precision: str = setting("no", choice(MIXED_PRECISION))
+    draws_per_step: Optional[int] = setting(
+        None, integer(1, none=True, limits=(1, 1024)),
+        says="a positive integer (the draws averaged per step; a multiple of the number of processes) or None "
+             "(one per process)")
+
+    method: ClassVar[str] = "base"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`~unsee.erasure.ConfigError` naming the first invalid field (each field is checked with its
+        declared kind, in declaration order). Subclasses extend it with checks across fields."""
+        check_settings(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-serialisable dict (stored in the adapter and the report)."""
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+
+def fill_concept(prompts: Sequence[str], concept: str) -> list[str]:
+    """Prompt templates with ``{concept}`` replaced by the concept ("a photo of {concept}" -> "a photo of Van Gogh");
+    prompts without the placeholder are kept as they are."""
+    return [p.replace("{concept}", concept) for p in prompts]
+
+
+def erase_from_prompts(value: Union[str, Sequence[str], None]) -> tuple[str, ...]:
+    """An ``erase_from`` setting as a tuple of prompts (empty: erase the concept wherever it is named)."""
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
