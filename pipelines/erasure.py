@@ -329,7 +329,9 @@ class ErasureAdapterMixin:
         Everything is validated against this pipeline before anything changes: the components exist, their
         architecture fingerprints match, every key names an existing parameter (delta, same shape) or
         Linear/Conv2d module (LoRA, consistent A/B shapes), and the scale is finite and within float32's range.
-        A file's header is checked this way before any of its tensor data is read. A sum of merged adapters that
+        A file's header is checked this way before any of its tensor data is read. A kohya/A1111 LoRA file is read
+        as a ``lora`` adapter (module names resolved against this pipeline, alpha per module kept; method "unknown"
+        unless unsee exported it). A sum of merged adapters that
         would turn a finite weight into inf/NaN is refused too. Raises :class:`~unsee.adapters.AdapterError` and
         leaves the pipeline untouched when anything is wrong.
         """
@@ -354,7 +356,7 @@ class ErasureAdapterMixin:
         owned = not isinstance(adapter, Adapter)
         with contextlib.ExitStack() as stack:
             # a file: its header is checked against this pipeline before any tensor data is read
-            opened = stack.enter_context(open_adapter_file(adapter)) if owned else None
+            opened = stack.enter_context(open_adapter_file(adapter, pipe=self)) if owned else None
             header = opened.header if opened is not None else adapter
             targets = match_adapter(self, header)
             through_peft = header.kind == "lora"

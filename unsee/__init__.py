@@ -68,6 +68,7 @@ _EXPORTS = {
     "AdapterError": "unsee.adapters",
     "load_adapter": "unsee.adapters",
     "save_adapter": "unsee.adapters",
+    "export_adapter": "unsee.adapter_export",
     "save_single_file": "unsee.convert",
     "evaluate": "unsee.evaluation",
     "EvaluationResult": "unsee.evaluation",

@@ -61,6 +61,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from . import lora_formats
 from .files import atomic_write
 
 __all__ = [
@@ -95,8 +96,8 @@ REQUIRED_METADATA = ("unsee_format", "kind", "method", "concepts", "fingerprint"
 LORA_A = ".lora_A.weight"
 LORA_B = ".lora_B.weight"
 
-# kohya-ss / AUTOMATIC1111 LoRA key prefixes ("lora_unet_down_blocks_0_..." "lora_te1_text_model_...")
-_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
+# a fingerprint that is not known (a kohya file made elsewhere): the adapter is matched by module names and shapes
+UNKNOWN = "unknown"
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 # JSON in the header deeper than this is refused (unsee writes flat dicts and lists; deep nesting only
 # serves to exhaust the parser's or a later consumer's recursion limit)
@@ -126,13 +127,17 @@ def _as_float(value: Any) -> Optional[float]:
 
 
 def _is_kohya_key(key: str) -> bool:
-    return key.startswith(_KOHYA_PREFIXES)
+    return lora_formats.is_kohya_key(key)
 
 
 _KOHYA_HINT = (
-    "it is a kohya/A1111-format LoRA (keys 'lora_unet_...'/'lora_te_...'), which unsee's loader does not read yet; "
-    "diffusers reads kohya files: load it with pipe.load_lora_weights(path)."
+    "it is a kohya/A1111-format LoRA (keys 'lora_unet_...'/'lora_te_...'); an Adapter holds diffusers/peft keys: "
+    "convert the tensors with unsee.lora_formats.from_kohya, or load the file itself with pipe.load_erasure(path)."
 )
+
+
+def _convert_hint(path: Any) -> str:
+    return f"convert it with: unsee export {path} --format diffusers --out NEW.safetensors"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -644,14 +649,74 @@ def _rank_alpha_from_metadata(metadata: Mapping[str, str], adapter_components: l
     return ranks.pop(), alphas.pop()
 
 
-def _header_adapter(path: Path, handle: Any) -> Adapter:
-    """The adapter a file's header describes, its tensors meta tensors (names, shapes, dtypes; no data), validated."""
+def _header_tensors(path: Path, handle: Any, keys: list[str]) -> dict[str, torch.Tensor]:
+    """Meta tensors standing for the file's tensors (names, shapes, dtypes); non-float dtypes refused."""
+    tensors = {}
+    for key in keys:
+        entry = handle.get_slice(key)
+        dtype = _DTYPES.get(entry.get_dtype())
+        # kohya alphas are scalars, integer in files diffusers' convert_state_dict_to_kohya wrote
+        alpha = key.endswith(".alpha") and dtype is not None and dtype != torch.bool
+        if dtype is None or not (dtype.is_floating_point or alpha):
+            raise AdapterError(
+                f"{path}: tensor {_shown(key)} has dtype {entry.get_dtype() if dtype is None else dtype}; adapter "
+                "tensors must be floating point (F32, F16, BF16 or F64)."
+            )
+        tensors[key] = torch.empty(tuple(entry.get_shape()), dtype=dtype, device="meta")
+    return tensors
+
+
+def _optional_json(metadata: Mapping[str, str], key: str, expected: type, default: Any, path: Path) -> Any:
+    if key not in metadata:
+        return default
+    try:
+        return _parse_json(metadata, key, expected, path)
+    except AdapterError:
+        return default
+
+
+def _kohya_adapter(path: Path, metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor],
+                   known: Optional[Mapping[str, list[str]]]) -> Adapter:
+    """A kohya LoRA as an unsee ``lora`` adapter: keys converted (:func:`unsee.lora_formats.from_kohya`); method,
+    concepts and fingerprints from the header where unsee wrote them (``unsee export``), else ``"unknown"`` (matched
+    against a pipeline by module names and shapes)."""
+    try:
+        converted, rank, alpha = lora_formats.from_kohya(tensors, known)
+    except lora_formats.LoraFormatError as error:
+        raise AdapterError(f"{path}: {error}") from None
+    method = metadata.get("method")
+    fingerprints = _optional_json(metadata, "fingerprint", dict, {}, path)
+    adapter = Adapter(
+        kind="lora", method=method if isinstance(method, str) and method else UNKNOWN,
+        concepts=[c for c in _optional_json(metadata, "concepts", list, [], path) if isinstance(c, str)],
+        tensors=converted, hyperparameters=_optional_json(metadata, "hyperparameters", dict, {}, path),
+        training=_optional_json(metadata, "training", dict, {}, path), rank=rank, alpha=alpha,
+    )
+    adapter.fingerprint = {c: fingerprints[c] if isinstance(fingerprints.get(c), str) else UNKNOWN
+                           for c in adapter.components}
+    try:
+        validate_adapter(adapter, header_only=any(t.device.type == "meta" for t in converted.values()))
+        _check_alpha(alpha, rank)
+    except AdapterError as error:
+        raise AdapterError(f"{path}: {error}") from None
+    return adapter
+
+
+def _header_adapter(path: Path, handle: Any, known: Optional[Mapping[str, list[str]]] = None) -> Adapter:
+    """The adapter a file's header describes, its tensors meta tensors (names, shapes, dtypes; no data), validated.
+
+    A kohya LoRA is converted (``known``: component -> module paths of the pipeline it is for, to resolve its module
+    names exactly); a file in another format unsee cannot read is refused naming the format and the conversion."""
     metadata = handle.metadata() or {}
     keys = list(handle.keys())
-    if any(_is_kohya_key(k) for k in keys):
-        raise AdapterError(f"{path} is not an unsee adapter: {_KOHYA_HINT}")
+    foreign = lora_formats.foreign_format(keys, metadata)
+    if foreign is not None and foreign[0] == "kohya":
+        return _kohya_adapter(path, metadata, _header_tensors(path, handle, keys), known)
+    if foreign is not None and foreign[0] in ("lycoris", "kohya-sgm", "peft", "checkpoint"):
+        raise AdapterError(f"{path} is not an unsee adapter: {foreign[1]}.")
     if "unsee_format" not in metadata:
-        hint = (" It looks like a plain diffusers LoRA: load it with pipe.load_lora_weights(path)."
+        hint = (f" It looks like a plain diffusers LoRA: load it with pipe.load_lora_weights(path), or "
+                f"{_convert_hint(path)}."
                 if LORA_METADATA_KEY in metadata or any("lora" in k for k in keys) else "")
         raise AdapterError(f"{path} is a safetensors file without unsee adapter metadata (no 'unsee_format').{hint}")
     if metadata["unsee_format"] not in SUPPORTED_FORMATS:
@@ -714,16 +779,25 @@ class AdapterFile:
     path: Path
     handle: Any  # safetensors.safe_open
     header: Adapter  # tensors are meta tensors: names, shapes and dtypes, no data
+    kohya: bool = False  # a kohya file: its tensors are converted as they are read
+    known: Optional[Mapping[str, list[str]]] = None
 
     def read(self) -> Adapter:
         """Read the tensors (one at a time, each checked finite as it arrives) into a full :class:`Adapter`."""
+        if self.kohya:
+            raw = self._read_raw({k: None for k in self.handle.keys()})
+            adapter = _kohya_adapter(self.path, self.handle.metadata() or {}, raw, self.known)
+            return dataclasses.replace(adapter, fingerprint=dict(self.header.fingerprint))
+        return dataclasses.replace(self.header, tensors=self._read_raw(self.header.tensors))
+
+    def _read_raw(self, specs: Mapping[str, Optional[torch.Tensor]]) -> dict[str, torch.Tensor]:
         tensors = {}
-        for key, spec in self.header.tensors.items():
+        for key, spec in specs.items():
             try:
                 tensor = self.handle.get_tensor(key)
             except Exception:  # safetensors' own message may quote the file, so it is not shown
                 raise AdapterError(f"{self.path}: tensor {_shown(key)} cannot be read; the file is corrupt.") from None
-            if tensor.dtype != spec.dtype or tuple(tensor.shape) != tuple(spec.shape):
+            if spec is not None and (tensor.dtype != spec.dtype or tuple(tensor.shape) != tuple(spec.shape)):
                 raise AdapterError(f"{self.path}: tensor {_shown(key)} does not match its header; the file is corrupt.")
             if not _all_finite(tensor):
                 raise AdapterError(
@@ -731,20 +805,36 @@ class AdapterFile:
                     "diverged?) and must not be applied."
                 )
             tensors[key] = tensor
-        return dataclasses.replace(self.header, tensors=tensors)
+        return tensors
+
+
+def module_paths(pipe: Any) -> dict[str, list[str]]:
+    """component -> paths of its Linear/Conv2d modules (without peft's ``base_layer`` level), for the components of
+    ``pipe`` an adapter can touch; used to read kohya module names exactly."""
+    paths = {}
+    for component in COMPONENTS:
+        module = getattr(pipe, component, None)
+        if isinstance(module, nn.Module):
+            paths[component] = sorted({_unwrapped(name) for name, m in module.named_modules()
+                                       if isinstance(m, (nn.Linear, nn.Conv2d)) and ".lora_" not in f".{name}"})
+    return paths
 
 
 @contextlib.contextmanager
-def open_adapter_file(path: Union[str, os.PathLike]) -> Iterator[AdapterFile]:
+def open_adapter_file(path: Union[str, os.PathLike], pipe: Any = None) -> Iterator[AdapterFile]:
     """Open an adapter file and validate its header, reading no tensor data; raises :class:`AdapterError`.
 
     ``with open_adapter_file(path) as opened:`` gives ``opened.header`` (the adapter with meta tensors) to check
-    further, e.g. with :func:`match_adapter`, before ``opened.read()`` reads the tensors.
+    further, e.g. with :func:`match_adapter`, before ``opened.read()`` reads the tensors. A kohya LoRA file is read
+    as a ``lora`` adapter (its module names resolved against ``pipe``'s modules when given).
     """
     path = Path(path)
     handle = _safe_open(path)
     with handle:
-        yield AdapterFile(path=path, handle=handle, header=_header_adapter(path, handle))
+        known = module_paths(pipe) if pipe is not None else None
+        header = _header_adapter(path, handle, known)
+        kohya = any(_is_kohya_key(k) for k in handle.keys())
+        yield AdapterFile(path=path, handle=handle, header=header, kohya=kohya, known=known)
 
 
 def load_adapter(path: Union[str, os.PathLike], *, pipe: Any = None) -> Adapter:
@@ -759,7 +849,7 @@ def load_adapter(path: Union[str, os.PathLike], *, pipe: Any = None) -> Adapter:
     as ``pipe.load_erasure(path)`` does. Then the tensors are read on the CPU, each checked finite.
     Error messages never quote the file's contents beyond (shortened) key names and header values.
     """
-    with open_adapter_file(path) as opened:
+    with open_adapter_file(path, pipe=pipe) as opened:
         if pipe is not None:
             match_adapter(pipe, opened.header)
         return opened.read()
@@ -844,7 +934,7 @@ def match_adapter(pipe: Any, adapter: Adapter) -> list[AdapterTarget]:
                 "it was made for another kind of pipeline."
             )
         expected, actual = adapter.fingerprint.get(component), component_fingerprint(module)
-        if expected != actual:
+        if expected != actual and expected != UNKNOWN:  # unknown (a kohya file): module names and shapes decide
             raise AdapterError(
                 f"adapter was trained for another architecture: {component} fingerprint {expected} does not match "
                 f"this pipeline's {actual}. Use an adapter trained on this model family "

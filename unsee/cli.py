@@ -5,6 +5,7 @@
     unsee erase --config jobs.yaml
     torchrun --nproc_per_node 2 -m unsee.cli erase --method esd-u --concept circle   # data parallel, 2 processes
     unsee attack --adapter esd-u-circle.safetensors --concept circle
+    unsee export esd-u-circle.safetensors --format kohya --rank 8 --out esd-u-circle-kohya.safetensors
     unsee demo
     unsee --version
 
@@ -388,6 +389,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="launch the Gradio demo (erase, generate, compare guidance)",
                           description="Launch the Gradio demo on this machine (needs the 'app' extra: gradio).")
     add_demo_arguments(demo)
+
+    ex = sub.add_parser("export", help="export an adapter as a kohya (A1111/ComfyUI), diffusers or peft LoRA",
+                        description="Write an adapter (unsee, kohya or plain diffusers LoRA file) in another LoRA "
+                                    "format. LoRA adapters export losslessly; a delta adapter needs --rank R: a LoRA "
+                                    "is fitted by truncated SVD and its relative error is printed and stored. "
+                                    f"--rank 1 to {MAX_RANK}.")
+    ex.add_argument("adapter", metavar="ADAPTER", help="adapter .safetensors file")
+    ex.add_argument("--format", required=True, choices=("kohya", "diffusers", "peft"),
+                    help="kohya: lora_unet_/lora_te_ keys with true alphas (A1111, Forge, ComfyUI, diffusers); "
+                         "diffusers: save_lora_weights' keys + unsee metadata; peft: a folder, one "
+                         "PeftModel.save_pretrained folder per component")
+    ex.add_argument("--out", required=True, help="output .safetensors file (a folder for --format peft)")
+    ex.add_argument("--rank", type=_int_in(1, MAX_RANK), default=None,
+                    help="delta adapters only: rank of the LoRA fitted by truncated SVD")
+    ex.add_argument("--drop-other", action="store_true",
+                    help="with --rank: leave out delta tensors that are not Linear/Conv weights (biases, norms)")
+    ex.add_argument("--sdxl", action=argparse.BooleanOptionalAction, default=None,
+                    help="kohya text-encoder prefix lora_te1_ (SDXL) rather than lora_te_ (default: guessed)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
 
 
@@ -723,7 +743,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(args)
 
 
-COMMANDS = {"generate": cmd_generate, "eval": cmd_eval, "erase": cmd_erase, "attack": cmd_attack, "demo": cmd_demo}
+def cmd_export(args: argparse.Namespace) -> int:
+    from .adapter_export import export_adapter
+
+    if not Path(args.adapter).expanduser().is_file():
+        raise UsageError(f"ADAPTER {args.adapter}: no such file; give an adapter .safetensors file")
+    if args.format == "peft":
+        _check_output(args.out, "--out", folder=True)
+    else:
+        _check_output(args.out, "--out")
+    result = export_adapter(Path(args.adapter).expanduser(), args.format, Path(args.out).expanduser(), rank=args.rank,
+                            drop_other=args.drop_other, overwrite=args.overwrite, sdxl=args.sdxl)
+    for line in result.lines():
+        print(line)
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "eval": cmd_eval, "erase": cmd_erase, "attack": cmd_attack, "demo": cmd_demo,
+            "export": cmd_export}
 
 
 def _raise_on_sigterm(signum, frame):
