@@ -9,7 +9,7 @@
     trainer = make_trainer("esd-u", concept="circle", steps=200)  # by registered name, with checked settings
 
 ``base`` states the contract every trainer follows; ``esd``, ``salun``, ``spm``, ``advunlearn`` and ``ant`` are the
-methods, each registering itself (``registry``: :data:`METHODS`, :func:`make_trainer`); the parts they share are
+trained methods, ``uce`` and ``rece`` the closed-form ones, each registering itself (``registry``: :data:`METHODS`, :func:`make_trainer`); the parts they share are
 written once: ``fields`` (settings that check themselves), ``config``, ``conditioning``, ``sampling``,
 ``selectors``, ``saliency``, and for the loop ``trainer``, ``checkpoints``, ``processes``, ``snapshot``,
 ``precision``, ``adapter_builders``. Scripted training of several concepts x methods (``run_jobs``,
@@ -30,6 +30,8 @@ from .salun import SalUnConfig, SalUnTrainer
 from .spm import SPMConfig, SPMTrainer, spm_modules, transport_strength
 from .advunlearn import AdvUnlearnConfig, AdvUnlearnTrainer, encoder_layer_parameters, prefix_embedding
 from .ant import ANTConfig, ANTTrainer, ant_lora_modules
+from .uce import UCEConfig, UCETrainer, cross_attention_kv
+from .rece import RECEConfig, RECETrainer
 
 __all__ = [
     "AdvUnlearnConfig",
@@ -37,6 +39,8 @@ __all__ = [
     "ANTConfig",
     "ANTTrainer",
     "ConfigError",
+    "RECEConfig",
+    "RECETrainer",
     "Conditioning",
     "ESDConfig",
     "ESDTrainer",
@@ -52,8 +56,11 @@ __all__ = [
     "Trainer",
     "TrainerConfig",
     "TrainingError",
+    "UCEConfig",
+    "UCETrainer",
     "ant_lora_modules",
     "canonical_dtype",
+    "cross_attention_kv",
     "epsilon_from_output",
     "esd_modules",
     "encoder_layer_parameters",

@@ -32,7 +32,8 @@ from unsee.testing import tiny_sd_pipeline
 
 
 def test_every_method_is_registered_in_order_with_its_classes():
-    assert list(METHODS) == ["esd-x", "esd-u", "esd-all", "esd-x-strict", "salun", "spm", "advunlearn", "ant"]
+    assert list(METHODS) == ["esd-x", "esd-u", "esd-all", "esd-x-strict", "salun", "spm", "advunlearn", "ant", "uce",
+                            "rece"]
     for name, entry in METHODS.items():
         assert isinstance(entry, Method) and entry.name == name
         assert issubclass(entry.trainer, Trainer) and entry.config is entry.trainer.config_class

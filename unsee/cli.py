@@ -331,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the same adapter); only the main process writes.")
     method = er.add_argument("--method", default=None, metavar="METHOD", help="an erasure method (listed in the help)")
     method.lazy_help = _method_help
-    er.add_argument("--concept", default=None, help="the concept to erase, e.g. circle, red, striped")
+    er.add_argument("--concept", action="append", default=None,
+                    help="the concept to erase, e.g. circle, red, striped; repeat it to erase several in one adapter "
+                         "(methods with a concepts setting: uce, rece)")
     er.add_argument("--erase-from", default=None, metavar="PROMPT",
                     help="ESD, SPM, AdvUnlearn, ANT: erase the concept only from this prompt (a job file takes a list)")
     er.add_argument("--preset", default=None, choices=("toy", "paper"),
@@ -601,6 +603,7 @@ _RUN_FLAGS = ("resume", "overwrite")  # flags that go with --config FILE
 def _erase_config(args: argparse.Namespace) -> dict:
     """The jobs config the erase flags describe (a file's contents with --config)."""
     from .erasure import METHODS, ConfigError
+    from .erasure.registry import config_fields
     from .jobs import load_job_file
 
     if args.config is not None:
@@ -621,6 +624,13 @@ def _erase_config(args: argparse.Namespace) -> dict:
     if args.method is None or args.concept is None:
         raise UsageError(f"pass --method ({', '.join(METHODS)}) and --concept, or --config FILE")
     config = {key: getattr(args, key) for key in _ERASE_KEYS if getattr(args, key) is not None}
+    config["concept"], *more = args.concept
+    if more:  # several --concept: one adapter, for a method that erases several concepts in one run
+        if args.method in METHODS and "concepts" not in config_fields(METHODS[args.method].config):
+            raise UsageError(f"{args.method} erases one concept per run; for one adapter per concept use a job file "
+                             f"(concept: [{', '.join(args.concept)}]) with --config, or erase them together with "
+                             f"--method uce")
+        config["concepts"] = more
     if config.get("dtype") is not None:
         config["dtype"] = DTYPES[config["dtype"]]
     import yaml

@@ -8,7 +8,8 @@ The same config as a YAML or JSON file: ``unsee erase --config jobs.yaml`` or ``
 
 Keys (every ``unsee erase`` flag has one, spelled with underscores):
 
-- ``method`` (a name of ``unsee.erasure.METHODS``: esd-x, esd-u, esd-all, esd-x-strict, salun, spm, advunlearn, ant)
+- ``method`` (a name of ``unsee.erasure.METHODS``: esd-x, esd-u, esd-all, esd-x-strict, salun, spm, advunlearn, ant,
+  uce, rece; uce and rece erase ``concept`` and the list ``concepts`` in one run)
   and ``concept``: a value or a list; a job with lists runs every (concept, method) pair;
 - ``model`` ("toy", a hub id, a local folder or a single file), ``model_config`` (configs folder for a
   single file), ``dtype``, ``device``;
@@ -126,7 +127,9 @@ class Job:
             extra = f" from {erase_from!r}"
         else:
             extra = f" in {len(erase_from)} prompts" if erase_from else ""
-        return f"{self.method} {self.config.concept!r}{extra}"
+        more = getattr(self.config, "concepts", ())
+        named = f"{self.config.concept!r}" + (f" (and {', '.join(repr(c) for c in more)})" if more else "")
+        return f"{self.method} {named}{extra}"
 
 
 def _erase_from_text(config: Any) -> Optional[str]:
@@ -240,6 +243,9 @@ def _plan(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Path]:
             out = merged.get("out")
             if out is None:
                 name = f"{method}-{slug(str(concept))}"
+                more = getattr(job_config, "concepts", ())  # erased with it in one run (UCE, RECE)
+                if more:
+                    name += "-" + "-".join(slug(c) for c in more) if len(more) <= 3 else f"-and-{len(more)}-more"
                 erase_from = _erase_from_text(job_config)  # a list of prompts (the toy preset's context) adds nothing
                 if erase_from:
                     name += f"-from-{slug(erase_from)}"

@@ -38,13 +38,21 @@ from unsee.erasure.registry import coerce
 
 from . import world
 
-__all__ = ["PRESETS", "TOY_BY_ATTRIBUTE", "TOY_IN_CONTEXT_BY_ATTRIBUTE", "TOY_PRESETS", "TOY_WORLD_METHODS",
-           "WORLD_PROMPT_KEYS", "is_toy_model_name", "is_toy_pipeline", "preset_settings", "relabel_prompt",
+__all__ = ["PRESETS", "TOY_BY_ATTRIBUTE", "TOY_CLOSED_FORM_PRESERVE", "TOY_CLOSED_FORM_TEMPLATES",
+           "TOY_CLOSED_FORM_UNNAMED", "TOY_IN_CONTEXT_BY_ATTRIBUTE", "TOY_PRESETS", "TOY_WORLD_METHODS",
+           "WORLD_PROMPT_KEYS", "closed_form_guides", "is_toy_model_name", "is_toy_pipeline", "preset_settings", "relabel_prompt",
            "toy_esd_context", "world_prompt_sets"]
 
 # methods whose prompt sets the toy preset draws from the shapes world (:func:`world_prompt_sets`)
-TOY_WORLD_METHODS = ("salun", "ant", "advunlearn")
-_PROMPT_KEYS = ("erase_from", "preserve")
+TOY_WORLD_METHODS = ("salun", "ant", "advunlearn", "uce", "rece")
+# the closed-form methods' preserve set on the toy model: "" and this many prompts naming the concept's siblings
+TOY_CLOSED_FORM_PRESERVE = 16
+# UCE's also keeps this many world prompts (shape, colour, background) naming none of the erased concepts
+TOY_CLOSED_FORM_UNNAMED = 32
+# UCE's templates on the toy model: the concept alone and after the article, as world prompts begin ("a striped red
+# circle ..."). RECE keeps the bare concept and the siblings alone: its epochs brought circles back (53%) with these
+TOY_CLOSED_FORM_TEMPLATES = ("{concept}", "a {concept}")
+_PROMPT_KEYS = ("erase_from", "preserve", "guide", "templates")
 _SET_KEYS = ("forget_prompts", "relabel_prompts", "retain_prompts", "saliency_prompts")
 WORLD_PROMPT_KEYS = _PROMPT_KEYS + _SET_KEYS  # what the toy preset adds for the toy model only
 ADVUNLEARN_RETAIN_PROMPTS = 64  # world prompts in AdvUnlearn's retain set on the toy model
@@ -74,6 +82,12 @@ TOY_PRESETS: dict[str, dict[str, Any]] = {
                    "attack_lr": 1e-2},
     "ant": {"steps": 200, "lr": 1e-3, "eta": 2.0, "ddim_steps": 20, "before_step": 2, "saliency_iterations": 2,
             "parameters": "esd-x", "mask_fraction": 0.9},
+    # closed form (no training steps; RECE's steps are its epochs); the guide and the preserve set come from
+    # world_prompt_sets
+    # closed form: every token from the concept's on (the paper's s_e 1, λ 0.5), guided to the next value of the
+    # concept's attribute (closed_form_guides), keeping "" + the siblings (world_prompt_sets; UCE: more, and templates)
+    "uce": {"steps": 1, "tokens": "rest"},
+    "rece": {"steps": 1, "tokens": "rest"},
 }
 
 # Other methods on the toy model, by the attribute of the concept (a style is a texture, not a layout: it needs a
@@ -255,7 +269,14 @@ def world_prompt_sets(method: str, concept: str, settings: Mapping[str, Any]) ->
       (:func:`relabel_prompt`); ``retain_prompts``: ``num_retain`` prompts naming the attribute's other values
       (seed ``seed + 1``);
     - ANT: ``saliency_prompts``: the concept and its synonyms in the world ("circle", "ball", "disc");
-    - AdvUnlearn: ``retain_prompts``: 64 world prompts that do not name the concept (seed ``seed``).
+    - AdvUnlearn: ``retain_prompts``: 64 world prompts that do not name the concept (seed ``seed``);
+    - UCE and RECE: ``preserve``: ``""`` and :data:`TOY_CLOSED_FORM_PRESERVE` prompts naming the concept's siblings
+      (seed ``seed``), leaving out those that name any concept of the job (``concept`` and ``concepts``); for UCE
+      also up to :data:`TOY_CLOSED_FORM_UNNAMED` prompts naming none of them (seed ``seed + 1``), and ``templates``:
+      :data:`TOY_CLOSED_FORM_TEMPLATES` (the concept alone and "a {concept}");
+      ``guide``: what each erased concept becomes, :func:`closed_form_guides` ("circle" -> "square"). The
+      empty-prompt guide cannot erase a shape on the toy model: prompts with the shape word removed ("a red on a
+      gray background") still draw circles in 31% of images (docs/erasure-notes.md).
 
     Other methods get nothing. Raises :class:`~unsee.erasure.ConfigError` for a concept outside the world, or a
     forget prompt of the user's that does not name the concept (it cannot be relabelled).
@@ -291,4 +312,55 @@ def world_prompt_sets(method: str, concept: str, settings: Mapping[str, Any]) ->
         seed = _setting(method, settings, "seed", 0)
         if not given("retain_prompts") and seed is not None:
             sets["retain_prompts"] = tuple(world.other_prompts(concept, seed, ADVUNLEARN_RETAIN_PROMPTS))
+    elif method in ("uce", "rece"):
+        seed = _setting(method, settings, "seed", 0)
+        if not given("preserve") and seed is not None:
+            more = settings.get("concepts") or ()
+            erased = [concept, *(more if _prompt_list(more) else ())]
+            siblings = world.other_prompts(concept, seed, TOY_CLOSED_FORM_PRESERVE)
+            sets["preserve"] = [""] + [p for p in siblings if not any(_names(p, c) for c in erased)]
+            if method == "uce":
+                unnamed = world.attribute_prompts(seed + 1, 8 * TOY_CLOSED_FORM_UNNAMED)
+                sets["preserve"] += [p for p in unnamed
+                                     if not any(_names(p, c) for c in erased)][:TOY_CLOSED_FORM_UNNAMED]
+        if method == "uce" and not given("templates"):
+            sets["templates"] = list(TOY_CLOSED_FORM_TEMPLATES)
+        if not given("guide"):
+            more = settings.get("concepts") or ()
+            guides = closed_form_guides([concept, *(more if _prompt_list(more) else ())])
+            sets["guide"] = guides[0] if len(guides) == 1 else guides
     return sets
+
+
+def closed_form_guides(concepts: list[str]) -> list[str]:
+    """The guide of each erased concept for UCE and RECE on the toy model: the next value of its attribute in the
+    world that is not erased too ("circle" -> "square", "red" -> "orange", "striped" -> "solid"; "circle" with
+    "square" -> "triangle"), or ``""`` (the empty prompt) for a concept outside the world or an attribute with
+    every value erased."""
+    erased = set()
+    for concept in concepts:
+        try:
+            erased.add(world.concept_attribute(concept))
+        except ValueError:
+            pass
+    guides = []
+    for concept in concepts:
+        try:
+            attribute, value = world.concept_attribute(concept)
+        except ValueError:
+            guides.append("")
+            continue
+        values = [v for v in world.ATTRIBUTE_VALUES[attribute] if v != world.NO_SHAPE]
+        start = values.index(value)
+        following = [values[(start + i) % len(values)] for i in range(1, len(values))]
+        guides.append(next((v for v in following if (attribute, v) not in erased), ""))
+    return guides
+
+
+def _names(prompt: str, concept: str) -> bool:
+    """Whether a world prompt names ``concept`` (the value it stands for, or its words)."""
+    try:
+        attribute, value = world.concept_attribute(concept)
+    except ValueError:
+        return concept.strip().lower() in prompt.lower()
+    return world.parse_prompt(prompt).get(attribute) == value
