@@ -48,10 +48,14 @@ import torch  # noqa: E402
 
 from unsee.adapters import AdapterError, load_adapter  # noqa: E402
 from unsee.erasure import METHODS, ConfigError, TrainingError, make_trainer  # noqa: E402
+from unsee import __version__  # noqa: E402
 from unsee.files import atomic_write, slug  # noqa: E402
 from unsee.guidance import FDG, NASA, PAG, CFGpp, GuidanceError, NegativeSteer, validate_combination  # noqa: E402
 from unsee.jobs import before_after_images, grid_prompts  # noqa: E402
 from unsee.loading import ModelLoadError, load_pipeline  # noqa: E402
+from unsee.model_card import card_path, write_model_card  # noqa: E402
+from unsee.png_metadata import (PARAMETERS_KEY, file_hash, generation_parameters, guidance_options,  # noqa: E402
+                                sampler_name)
 from unsee.toy import world  # noqa: E402
 from unsee.toy.presets import PRESETS, WORLD_PROMPT_KEYS, is_toy_pipeline, preset_settings  # noqa: E402
 
@@ -353,10 +357,17 @@ class DemoApp:
     # -- generate ----------------------------------------------------------------------------------
 
     def _render(self, prompt: str, negative: str, steps: int, guidance_scale: float, seed: int,
-                methods: list) -> Any:
+                methods: list, adapters: Sequence[tuple[str, float, Optional[str]]] = ()) -> Any:
+        """One image, its settings in its ``parameters`` text (``unsee generate --from-png`` makes it again);
+        ``adapters``: (file name, scale, hash) of the adapters loaded."""
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        return self.pipe(prompt, negative_prompt=negative or None, num_inference_steps=steps,
-                         guidance_scale=guidance_scale, generator=generator, guidance=methods).images[0]
+        image = self.pipe(prompt, negative_prompt=negative or None, num_inference_steps=steps,
+                          guidance_scale=guidance_scale, generator=generator, guidance=methods).images[0]
+        image.info[PARAMETERS_KEY] = generation_parameters(
+            prompt=prompt, negative_prompt=negative or None, steps=steps, guidance_scale=guidance_scale, seed=seed,
+            width=image.size[0], height=image.size[1], model=self.model, sampler=sampler_name(self.pipe.scheduler),
+            guidance=guidance_options(methods), adapters=adapters, version=__version__)
+        return image
 
     def generate(self, prompt: Any, negative: Any = "", steps: Any = 25, guidance_scale: Any = 5.0, seed: Any = 0,
                  cfgpp: Any = 0.0, pag: Any = 0.0, fdg: Any = "", negative_mode: str = "off",
@@ -385,7 +396,8 @@ class DemoApp:
             try:
                 for index, (_, path, scale) in enumerate(chosen):
                     loaded.append(self.pipe.load_erasure(path, scale=scale, adapter_name=f"unsee-demo-{index}"))
-                after = self._render(prompt, negative, steps, guidance_scale, seed, methods)
+                named = [(name, scale, file_hash(path)) for name, path, scale in chosen]
+                after = self._render(prompt, negative, steps, guidance_scale, seed, methods, named)
             finally:
                 for name in loaded:
                     self.pipe.unload_erasure(name)
@@ -468,6 +480,10 @@ class DemoApp:
             prompts = grid_prompts(concept, 4, seed=0, toy=is_toy_pipeline(pipe))
             before, after = before_after_images(pipe, adapter, prompts, seed=0, steps=25)
             figures = self._figures(adapter, concept, report)
+            card = card_path(path)  # its model card, <name>.README.md; a file already there is never replaced
+            if not os.path.lexists(card):
+                write_model_card(adapter, card, file_name=path.name, base_model=self.model,
+                                 figures={k.replace("_", " "): v for k, v in (figures or {}).items()})
         gallery = [(image, f"before · {p}") for image, p in zip(before, prompts)]
         gallery += [(image, f"after · {p}") for image, p in zip(after, prompts)]
         summary = (f"Trained {method} on {concept!r} in {seconds:.0f} s ({adapter.training.get('steps')} steps); "

@@ -9,9 +9,9 @@ import torch
 
 from unsee.pipelines.encoding import encode_text, is_sdxl
 
-from .config import erase_from_prompts
+from .config import contexts_by_concept, erase_from_prompts
 
-__all__ = ["Conditioning", "ConceptConditioning", "encode_prompts", "encode_concept", "is_sdxl"]
+__all__ = ["Conditioning", "ConceptConditioning", "encode_prompts", "encode_concept", "encode_concepts", "is_sdxl"]
 
 
 @dataclass
@@ -93,3 +93,14 @@ def encode_concept(pipe: Any, concept: str, erase_from: Union[str, Sequence[str]
     return ConceptConditioning(concept=conditioning.rows([0]), empty=conditioning.rows([1]),
                                contexts=[conditioning.rows([2 + i]) for i in range(len(froms))],
                                student_prompts=froms or [concept])
+
+
+def encode_concepts(pipe: Any, concepts: Sequence[str], erase_from: Union[str, Sequence[str], None], height: int,
+                    width: int) -> list[ConceptConditioning]:
+    """:class:`ConceptConditioning` for each of several erased concepts (one concept: exactly
+    :func:`encode_concept`); the ``erase_from`` prompts go to the concept they name
+    (:func:`~unsee.erasure.config.contexts_by_concept`)."""
+    if len(concepts) == 1:
+        return [encode_concept(pipe, concepts[0], erase_from, height, width)]
+    return [encode_concept(pipe, concept, contexts or None, height, width)
+            for concept, contexts in zip(concepts, contexts_by_concept(concepts, erase_from))]

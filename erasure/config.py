@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Sequence, Union
 
-from .fields import DEVICE, DTYPE, TEXT, check_settings, choice, integer, number, setting
+from .errors import ConfigError
+from .fields import DEVICE, DTYPE, TEXT, check_settings, check_size, choice, integer, number, prompt_list, setting
 
-__all__ = ["TrainerConfig", "MIXED_PRECISION", "fill_concept", "erase_from_prompts"]
+__all__ = ["TrainerConfig", "MIXED_PRECISION", "MAX_CONCEPTS", "CONCEPTS", "fill_concept", "erase_from_prompts",
+           "names_concept", "erased_concepts", "check_concept_list", "contexts_by_concept"]
+
+#: the most concepts one run erases
+MAX_CONCEPTS = 1024
+#: the ``concepts`` setting of the methods that erase several concepts in one run (each step draws one of them)
+CONCEPTS = prompt_list(allow_empty=True, as_tuple=True)
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -82,3 +90,45 @@ def erase_from_prompts(value: Union[str, Sequence[str], None]) -> tuple[str, ...
     if value is None:
         return ()
     return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def names_concept(prompt: str, concept: str) -> bool:
+    """Whether ``prompt`` names ``concept``: its words contain the concept's words in a row (case-insensitive)."""
+    words, named = _words(prompt), _words(concept)
+    return bool(named) and any(words[i:i + len(named)] == named for i in range(len(words) - len(named) + 1))
+
+
+def erased_concepts(config: Any) -> list[str]:
+    """Every concept a config erases: ``concept``, then its ``concepts`` setting when it has one."""
+    return [config.concept, *getattr(config, "concepts", ())]
+
+
+def check_concept_list(concepts: Sequence[str]) -> None:
+    """Refuse more than :data:`MAX_CONCEPTS` concepts, or one named twice (case-insensitive)."""
+    check_size("concepts", len(concepts), (1, MAX_CONCEPTS))
+    lowered = [c.strip().lower() for c in concepts]
+    repeated = next((c for i, c in enumerate(concepts) if lowered[i] in lowered[:i]), None)
+    if repeated is not None:
+        raise ConfigError(f"concept {repeated!r} is erased twice; name each concept once")
+
+
+def contexts_by_concept(concepts: Sequence[str], erase_from: Union[str, Sequence[str], None]) -> list[tuple[str, ...]]:
+    """The ``erase_from`` prompts of each of several erased concepts: every prompt goes to the first concept it names
+    (:func:`names_concept`); a concept that none names is erased bare. One concept takes every prompt, whatever it
+    names ("hat" from "cowboy"); with several, a prompt that names none of them is refused."""
+    prompts = erase_from_prompts(erase_from)
+    if len(concepts) == 1:
+        return [prompts]
+    found: list[list[str]] = [[] for _ in concepts]
+    for prompt in prompts:
+        index = next((i for i, concept in enumerate(concepts) if names_concept(prompt, concept)), None)
+        if index is None:
+            raise ConfigError(f"erase_from prompt {prompt!r} names none of the erased concepts "
+                              f"({', '.join(repr(c) for c in concepts)}); with several concepts each erase_from prompt "
+                              f"must name the concept it erases in context")
+        found[index].append(prompt)
+    return [tuple(p) for p in found]

@@ -55,8 +55,9 @@ from typing import Any, ClassVar, Optional, Union
 import torch
 from torch import nn
 
-from .conditioning import Conditioning, encode_concept, encode_prompts
-from .config import TrainerConfig, erase_from_prompts
+from .conditioning import Conditioning, encode_concepts, encode_prompts
+from .config import (CONCEPTS, TrainerConfig, check_concept_list, contexts_by_concept, erase_from_prompts,
+                     erased_concepts)
 from .fields import (BATCH_SIZE, DDIM_STEPS, ERASE_FROM, GUIDANCE, LORA_ALPHA, LOSS_SPACE, NUMBER, OUTPUT_KIND, RANK,
                      RESOLUTION, choice, number, prompt_list, setting)
 from .registry import register_method
@@ -79,6 +80,11 @@ class ESDConfig(TrainerConfig):
     Args:
         variant: ``esd-x``, ``esd-u``, ``esd-all`` or ``esd-x-strict`` (see the module docstring). The paper
             uses ESD-x for artistic styles and ESD-u for objects and nudity.
+        concepts: more concepts erased by the same adapter (not in the paper; default none): each step draws one of
+            ``concept`` and ``concepts`` (in cycles through them all, each cycle shuffled from the seed, so every
+            concept gets as many steps as the others, within one) and trains on it; with ``erase_from``
+            each prompt there goes to the concept it names (it must name one). One concept draws nothing: a
+            single-concept run is what it always was.
         erase_from: erase ``concept`` only from this concept ("hat" from "cowboy"), or from each of a list of
             prompts (one drawn per step); None: everywhere.
         eta: negative guidance (paper: 1.0).
@@ -102,6 +108,8 @@ class ESDConfig(TrainerConfig):
     """
 
     variant: str = setting("esd-u", VARIANT)
+    concepts: tuple[str, ...] = setting((), CONCEPTS, says="a list of non-empty concepts (erased with concept by one "
+                                                          "adapter)")
     erase_from: Union[str, tuple[str, ...], None] = setting(None, ERASE_FROM)
     eta: float = setting(1.0, NUMBER, label="negative guidance")
     anchor: str = setting("unconditional", choice(ANCHORS))
@@ -127,6 +135,16 @@ class ESDConfig(TrainerConfig):
     def erase_from_prompts(self) -> tuple[str, ...]:
         """``erase_from`` as a tuple of prompts (empty: erase everywhere)."""
         return erase_from_prompts(self.erase_from)
+
+    @property
+    def erased(self) -> list[str]:
+        """Every erased concept: ``concept``, then ``concepts``."""
+        return erased_concepts(self)
+
+    def validate(self) -> None:
+        super().validate()
+        check_concept_list(self.erased)
+        contexts_by_concept(self.erased, self.erase_from)
 
 
 def esd_modules(unet: nn.Module, variant: str) -> list[str]:
@@ -171,7 +189,10 @@ class ESDTrainer(Trainer):
         config = self.config
         height, width = self.image_size(pipe)
         self.latent_shape = (config.batch_size, *self.latent_size(pipe))
-        self.prompts = encode_concept(pipe, config.concept, config.erase_from, height, width)
+        # one conditioning per erased concept; self.prompts is the one the step drew
+        self.concept_prompts = encode_concepts(pipe, config.erased, config.erase_from, height, width)
+        self.prompts = self.concept_prompts[0]
+        self.concept_draws = list((state or {}).get("concept_draws") or [0] * len(self.concept_prompts))
         kept = encode_prompts(pipe, config.preserve, height, width) if config.preserve else None
         self.cond_preserve = [kept.rows([i]) for i in range(len(config.preserve))] if kept is not None else []
         self.scheduler = self.ddim_scheduler(config.ddim_steps)
@@ -224,14 +245,28 @@ class ESDTrainer(Trainer):
             loss = loss + config.preserve_weight * mse(student[n:], kept)
         return loss
 
+    def draw_concept(self, step: int) -> None:
+        """Several concepts: choose this step's (:meth:`~unsee.erasure.Trainer.cycle_index`: every concept equally
+        often, in an order shuffled from the seed; the run's generator is not used) and make it :attr:`prompts`."""
+        index = self.cycle_index(step, len(self.concept_prompts))
+        self.concept_draws[index] += 1
+        self.prompts = self.concept_prompts[index]
+
     def training_step(self, step: int) -> torch.Tensor:
+        self.draw_concept(step)
         _, cond_student = self.prompts.draw(self.draw_index)
         cond_keep = self.draw(self.cond_preserve) if self.cond_preserve else None
         x_t, x_keep, t = self.sample_xt(cond_student, cond_keep)
         return self.loss(x_t, t, cond_student, x_keep, cond_keep)
 
+    def extra_state(self) -> dict:
+        return {"concept_draws": list(self.concept_draws)} if len(self.concept_draws) > 1 else {}
+
     def training_summary(self) -> dict:
-        return {"variant": self.config.variant, "erase_from": self.config.erase_from}
+        summary = {"variant": self.config.variant, "erase_from": self.config.erase_from}
+        if len(self.config.erased) > 1:  # how many steps (draws) trained on each concept, in this process
+            summary["concept_draws"] = dict(zip(self.config.erased, self.concept_draws))
+        return summary
 
 
 _SUMMARIES = {

@@ -51,8 +51,8 @@ from torch import nn
 
 from unsee.pipelines.encoding import encode_text
 
-from .conditioning import Conditioning, encode_concept
-from .config import TrainerConfig
+from .conditioning import Conditioning, encode_concepts
+from .config import CONCEPTS, TrainerConfig, check_concept_list, contexts_by_concept, erased_concepts
 from .errors import ConfigError
 from .fields import ERASE_FROM, FLAG, GUIDANCE, NUMBER, RANK, RESOLUTION, integer, number, setting
 from .registry import register_method
@@ -79,6 +79,12 @@ class SPMConfig(TrainerConfig):
         facilitated_transport: stored in the adapter; unsee pipelines then scale it per prompt (True).
         erase_from: prompts that name the concept, to erase it from in context (one drawn per step; see the
             module docstring); None: the bare concept (the paper).
+        concepts: more concepts erased by the same adapter (not in the paper; default none): each step draws one of
+            ``concept`` and ``concepts`` (in cycles through them all, each cycle shuffled from the seed, so every
+            concept gets as many steps as the others, within one) and trains on it, its anchors drawn
+            around it; with ``erase_from`` each prompt there goes to the concept it names (it must name one).
+            Facilitated Transport then scales the adapter by the prompt's relation to the closest of them. One
+            concept draws nothing: a single-concept run is what it always was.
     """
 
     steps: int = 3000
@@ -93,8 +99,20 @@ class SPMConfig(TrainerConfig):
     resolution: Optional[int] = setting(None, RESOLUTION)
     facilitated_transport: bool = setting(True, FLAG)
     erase_from: Union[str, tuple[str, ...], None] = setting(None, ERASE_FROM)
+    concepts: tuple[str, ...] = setting((), CONCEPTS, says="a list of non-empty concepts (erased with concept by one "
+                                                          "adapter)")
 
     method: ClassVar[str] = "spm"
+
+    @property
+    def erased(self) -> list[str]:
+        """Every erased concept: ``concept``, then ``concepts``."""
+        return erased_concepts(self)
+
+    def validate(self) -> None:
+        super().validate()
+        check_concept_list(self.erased)
+        contexts_by_concept(self.erased, self.erase_from)
 
 
 def spm_modules(unet: nn.Module) -> list[str]:
@@ -129,7 +147,10 @@ class SPMTrainer(Trainer):
     def setup(self, pipe: Any, state: Optional[dict] = None) -> None:
         height, width = self.image_size(pipe)
         self.latent_shape = (1, *self.latent_size(pipe))
-        self.prompts = encode_concept(pipe, self.config.concept, self.config.erase_from, height, width)
+        # one conditioning per erased concept; self.prompts is the one the step drew
+        self.concept_prompts = encode_concepts(pipe, self.config.erased, self.config.erase_from, height, width)
+        self.prompts = self.concept_prompts[0]
+        self.concept_draws = list((state or {}).get("concept_draws") or [0] * len(self.concept_prompts))
         self.scheduler = self.ddim_scheduler(self.config.ddim_steps)
 
     def sample_anchors(self, n: int) -> Conditioning:
@@ -148,8 +169,16 @@ class SPMTrainer(Trainer):
         empty = self.prompts.empty.repeat(n)  # SDXL: the anchors replace the token embeddings only
         return Conditioning(embeds, empty.pooled, empty.time_ids)
 
+    def draw_concept(self, step: int) -> None:
+        """Several concepts: choose this step's (:meth:`~unsee.erasure.Trainer.cycle_index`: every concept equally
+        often, in an order shuffled from the seed; the run's generator is not used) and make it :attr:`prompts`."""
+        index = self.cycle_index(step, len(self.concept_prompts))
+        self.concept_draws[index] += 1
+        self.prompts = self.concept_prompts[index]
+
     def training_step(self, step: int) -> torch.Tensor:
         config = self.config
+        self.draw_concept(step)
         # rows: (a drawn c_from when erasing in context), c, "", then the anchors; the student erases on row 0
         _, cond_student = self.prompts.draw(self.draw_index)
         in_context = bool(self.prompts.contexts)
@@ -177,8 +206,14 @@ class SPMTrainer(Trainer):
         self.last_terms = {"erase": float(erase.detach()), "anchor": float(anchor.detach())}
         return erase + config.la_strength * anchor
 
+    def extra_state(self) -> dict:
+        return {"concept_draws": list(self.concept_draws)} if len(self.concept_draws) > 1 else {}
+
     def training_summary(self) -> dict:
-        return {"modules": len(self.modules), "rank": self.config.rank}
+        summary = {"modules": len(self.modules), "rank": self.config.rank}
+        if len(self.config.erased) > 1:  # how many steps (draws) trained on each concept, in this process
+            summary["concept_draws"] = dict(zip(self.config.erased, self.concept_draws))
+        return summary
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ of half-precision weights) and :mod:`~unsee.erasure.adapter_builders` (the adapt
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import random
@@ -173,6 +174,20 @@ class Trainer:
         """A random index in ``[0, n)`` (no random number is drawn when ``n`` is 1)."""
         return 0 if n == 1 else int(self.randint(0, n))
 
+    def cycle_index(self, step: int, n: int) -> int:
+        """Which of ``n`` items (a run's erased concepts) step ``step``'s current draw trains on: the draws of the run,
+        in order (step by step, and within a step draw by draw), go through the items in cycles of ``n``, each cycle
+        in its own shuffled order, so that every item comes up equally often (within one) at any point of the run.
+        The orders come from the seed alone (not from the run's generator: its stream is the same for any ``n``, and
+        a resumed run continues the same cycle); 0 for ``n`` = 1."""
+        if n == 1:
+            return 0
+        position = step * self._draws_total + self._draw_number
+        cycle, offset = divmod(position, n)
+        digest = hashlib.sha256(f"unsee-cycle:{self.config.seed}:{cycle}".encode()).digest()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
+        return int(order[offset])
+
     def draw(self, choices: Sequence[Conditioning]) -> Conditioning:
         """One of ``choices`` at random (no random number is drawn when there is only one)."""
         return choices[self.draw_index(len(choices))]
@@ -301,6 +316,7 @@ class Trainer:
             raise TrainingError(f"{self.method} trains the pipeline's {self.trained_component}, and "
                                 f"{type(pipe).__name__} has none")
         draws = self._plan_draws(accelerator.num_processes, accelerator.process_index)
+        self._draws_total, self._draw_number = len(draws) * accelerator.num_processes, draws[0]
         if checkpoint is not None:
             check_draw_count(checkpoint, len(draws) * accelerator.num_processes, Path(checkpoint_dir))
         self._resume_changes = changed_settings(checkpoint, config) if checkpoint is not None else {}
@@ -396,6 +412,8 @@ class Trainer:
     _checkpoint_dir: Optional[Path] = None
     _elapsed_before: float = 0.0
     _resume_changes: dict = {}
+    _draws_total: int = 1
+    _draw_number: int = 0
 
     def _attach_trainable(self) -> None:
         """Choose the trained tensors: LoRA layers added with peft, or a subset of the UNet's own parameters."""
@@ -438,7 +456,8 @@ class Trainer:
                     param.data = self._originals[name]  # the original tensor itself
 
     def _make_adapter(self, summary: dict) -> Adapter:
-        common = dict(method=self.method, concepts=[self.config.concept], hyperparameters=self.config.to_dict(),
+        concepts = [self.config.concept, *getattr(self.config, "concepts", ())]  # several: ESD, SPM
+        common = dict(method=self.method, concepts=concepts, hyperparameters=self.config.to_dict(),
                       training=summary)
         try:
             if self._lora:
@@ -474,6 +493,7 @@ class Trainer:
     def _draw(self, draw: int) -> Iterator[None]:
         """:meth:`training_step` runs for draw ``draw``: its generator and its :attr:`draw_state` are in place."""
         self.generator = self._draw_generators[draw]
+        self._draw_number = draw
         values = self._draw_values[draw]
         for name in self.draw_state:
             setattr(self, name, values[name])

@@ -65,7 +65,6 @@ again and gives the same adapter).
 
 from __future__ import annotations
 
-import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -77,7 +76,7 @@ from torch import nn
 from unsee.adapters import Adapter, AdapterError, component_fingerprint, validate_adapter
 from unsee.pipelines.encoding import encode_text
 
-from .config import TrainerConfig
+from .config import TrainerConfig, names_concept
 from .errors import ConfigError, TrainingError
 from .fields import Kind, check_size, choice, is_int, number, prompt_list, setting
 from .registry import register_method
@@ -100,16 +99,6 @@ GUIDE = Kind("a text ('' for the empty prompt) or a list of them, one per erased
              normalise=lambda v: tuple(v) if isinstance(v, list) else v)
 #: ``steps`` of a closed-form method: the one solve
 ONE_SOLVE = Kind("1 (UCE is one closed-form solve; it has no training steps)", lambda v: is_int(v) and v == 1)
-
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-def names_concept(prompt: str, concept: str) -> bool:
-    """Whether ``prompt`` names ``concept``: its words contain the concept's words in a row (case-insensitive)."""
-    words, named = _words(prompt), _words(concept)
-    return bool(named) and any(words[i:i + len(named)] == named for i in range(len(words) - len(named) + 1))
 
 
 @dataclass

@@ -206,7 +206,8 @@ def _erase(model, out, *extra):
             "--set", "ddim_steps=2", "--grid", "1", "--out", str(out), "--device", "cpu", *extra]
 
 
-@pytest.mark.parametrize("existing", ["important.json", "important.grid.png", "important.safetensors"])
+@pytest.mark.parametrize("existing", ["important.json", "important.grid.png", "important.safetensors",
+                                      "important.README.md"])
 def test_erase_refuses_to_replace_an_existing_output(existing, tmp_path, no_model, capsys):
     (tmp_path / existing).write_bytes(b"the user's own file")
     code, err = run_cli(_erase("toy", tmp_path / "important.safetensors"), capsys)
@@ -249,8 +250,8 @@ def test_erase_overwrite_and_resume_replace_only_what_was_named(tiny_sd_folder, 
     assert json.loads((tmp_path / "important.json").read_text())["jobs"][0]["status"] == "done"
     assert Image.open(tmp_path / "important.grid.png").size == (32, 64)
     # the checkpoint this run wrote is gone; the user's file in the folder is not
-    assert listing(tmp_path) == ["important.ckpt", "important.ckpt/notes.txt", "important.grid.png", "important.json",
-                                 "important.safetensors"]
+    assert listing(tmp_path) == ["important.README.md", "important.ckpt", "important.ckpt/notes.txt",
+                                 "important.grid.png", "important.json", "important.safetensors"]
     assert (folder / "notes.txt").read_text() == "keep me"
 
 

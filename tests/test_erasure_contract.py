@@ -266,7 +266,9 @@ def test_cli_erase_writes_adapter_and_report(tiny_sd_folder, tmp_path):
     assert Image.open(out.with_suffix(".grid.png")).size == (2 * 32, 2 * 32)
     assert job["grid"] == str(out.with_suffix(".grid.png"))
     # and nothing else: the default checkpoint folder is removed after success
-    assert sorted(p.name for p in out.parent.iterdir()) == ["circle.grid.png", "circle.json", "circle.safetensors"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["circle.README.md", "circle.grid.png", "circle.json",
+                                                           "circle.safetensors"]
+    assert job["card"] == str(out.parent / "circle.README.md")
 
 
 @pytest.mark.parametrize("flags, message", [

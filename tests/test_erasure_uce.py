@@ -266,12 +266,13 @@ def test_cli_repeated_concept_erases_them_in_one_adapter(tiny_sd_folder, tmp_pat
     assert job["status"] == "done" and job["settings"]["concepts"] == ["star"]
 
 
-def test_cli_repeated_concept_is_refused_for_a_one_concept_method(tmp_path, capsys, monkeypatch):
+def test_cli_concept_given_twice_is_refused(tmp_path, capsys, monkeypatch):
+    # several --concept erase them together for every method (tests/test_mass_erasure.py); one named twice is refused
     monkeypatch.chdir(tmp_path)
-    assert main(["erase", "--method", "esd-u", "--concept", "circle", "--concept", "star"]) == 2
+    assert main(["erase", "--method", "uce", "--concept", "circle", "--concept", "Circle"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert "esd-u erases one concept per run" in err and "--config" in err and "--method uce" in err
+    assert "'Circle' is given twice" in err and "name each concept once" in err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -93,7 +93,7 @@ def test_two_processes_train_the_adapter_of_one_process_with_the_same_global_bat
     assert run.returncode == 0, run.stderr[-3000:]
     # only the main process writes and prints: one adapter, report and grid, no checkpoint or temporary left
     assert run.stdout.count(": wrote ") == 1 and run.stdout.count("report: ") == 1, run.stdout
-    assert _files(two) == {"adapter.safetensors", "adapter.json", "adapter.grid.png"}
+    assert _files(two) == {"adapter.safetensors", "adapter.json", "adapter.grid.png", "adapter.README.md"}
     report = json.loads((two / "adapter.json").read_text())
     assert [job["status"] for job in report["jobs"]] == ["done"]
 

@@ -12,6 +12,9 @@ Formats (key conventions in :mod:`unsee.lora_formats`):
   (``adapter_model.safetensors`` with ``base_model.model.`` keys, ``adapter_config.json``), for
   ``peft.PeftModel.from_pretrained(pipe.unet, folder / "unet")``.
 
+The model with an adapter merged, as one single-file checkpoint (``unsee export --format checkpoint --model M``),
+is :func:`unsee.convert.export_checkpoint`: it needs a pipeline, which this layer knows nothing of.
+
 LoRA adapters export losslessly (the same tensors, renamed). A ``delta`` adapter becomes a LoRA only by
 approximation: ``rank=R`` fits one by truncated SVD per tensor (:func:`unsee.lora_formats.extract_lora`), and the
 relative Frobenius error of every tensor and overall is returned, printed by the command line and written into the
@@ -197,6 +200,10 @@ def export_adapter(adapter: Union[Adapter, str, os.PathLike], format: str, out: 
     are refused unless ``drop_other=True``. ``sdxl`` picks the kohya text-encoder prefix (``lora_te1_`` vs
     ``lora_te_``; None: guessed from the adapter). An existing ``out`` is replaced only with ``overwrite=True``.
     Raises :class:`~unsee.adapters.AdapterError`."""
+    if format == "checkpoint":
+        raise AdapterError("the checkpoint format merges the adapter into a base model: use "
+                           "unsee.convert.export_checkpoint(adapter, pipe, out) or unsee export --format checkpoint "
+                           "--model MODEL.")
     if format not in FORMATS:
         raise AdapterError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}.")
     out = Path(out)

@@ -205,6 +205,17 @@ class Adapter:
         """Read and validate an adapter file (see :func:`load_adapter`)."""
         return load_adapter(path)
 
+    def push_to_hub(self, repo_id: str, **options: Any) -> Any:
+        """Upload the adapter and a model card (``README.md``) to the Hub model repository ``repo_id``, created
+        when missing; returns the commit info. Options (``file_name``, ``card``, ``base_model``, ``license``,
+        ``figures``, ``extra_files``, ``private``, ``token``, ...): see :func:`unsee.hub.push_adapter`."""
+        from .hub import HubError, push_adapter
+
+        try:
+            return push_adapter(self, repo_id, **options)
+        except HubError as error:
+            raise AdapterError(str(error)) from None
+
     def __repr__(self) -> str:  # tensors would flood the console
         extra = f", rank={self.rank}, alpha={self.alpha}" if self.is_lora else ""
         return (

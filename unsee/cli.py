@@ -3,9 +3,12 @@
     unsee generate --prompt "a red circle on a gray background" --out out/
     unsee erase --method esd-u --concept circle --steps 200 --out esd-u-circle.safetensors
     unsee erase --config jobs.yaml
+    unsee erase --method esd-x --concepts concepts.txt --out esd-x-many.safetensors   # one adapter, many concepts
+    unsee fuse esd-x-circle.safetensors esd-x-star.safetensors --out esd-x-circle-star.safetensors
     torchrun --nproc_per_node 2 -m unsee.cli erase --method esd-u --concept circle   # data parallel, 2 processes
     unsee attack --adapter esd-u-circle.safetensors --concept circle
     unsee export esd-u-circle.safetensors --format kohya --rank 8 --out esd-u-circle-kohya.safetensors
+    unsee export esd-u-circle.safetensors --format checkpoint --model toy --out toy-without-circles.safetensors
     unsee demo
     unsee --version
 
@@ -51,6 +54,9 @@ MAX_RANK = 1024  # erase --rank
 MAX_GRID = 16  # erase --grid
 MAX_FDG_BANDS = 8
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+# generate's defaults, filled in after --from-png (whose image's settings come before them)
+_GENERATE_DEFAULTS = {"steps": 25, "guidance_scale": 5.0, "num_images": 1, "seed": 0, "model": "toy",
+                      "pag_layers": "mid"}
 
 
 class UsageError(Exception):
@@ -282,7 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      f"--num-images 1 to {MAX_IMAGES}, --width/--height multiples of 8 from 8 to "
                                      f"{MAX_SIDE} with --num-images x width x height at most {MAX_PIXELS:,} pixels, "
                                      f"--guidance-scale 0 to {MAX_GUIDANCE:g}, --seed 0 to {MAX_SEED}.")
-    gen.add_argument("--prompt", action="append", required=True, help="text prompt (repeat for several)")
+    gen.add_argument("--prompt", action="append", default=None,
+                     help="text prompt (repeat for several); required unless --from-png gives it")
+    gen.add_argument("--from-png", default=None, metavar="FILE",
+                     help="take every setting from the 'parameters' text of a PNG that unsee generate, the demo or "
+                          "AUTOMATIC1111 wrote, to make that image again; the flags given here override its settings")
     gen.add_argument("--negative", default=None, help="negative prompt")
     gen.add_argument("--out", required=True, type=_folder_arg, help="output folder (created if missing)")
     gen.add_argument("--steps", type=_int_in(1, MAX_STEPS), default=25, help=f"denoising steps, 1 to {MAX_STEPS} (default 25)")
@@ -299,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                           f"{MAX_ADAPTER_SCALE:g}, default 1")
     _add_guidance_options(gen)
     _add_model_options(gen)
+    gen.set_defaults(**{option: None for option in _GENERATE_DEFAULTS})  # given or not: --from-png needs to know
 
     ev = sub.add_parser("eval", help="score generated images with the judge",
                         description="Generate images and score them with the toy world's judge. With --concept only: the "
@@ -333,7 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     method.lazy_help = _method_help
     er.add_argument("--concept", action="append", default=None,
                     help="the concept to erase, e.g. circle, red, striped; repeat it to erase several in one adapter "
-                         "(methods with a concepts setting: uce, rece)")
+                         "(uce, rece, esd-*, spm in one run; salun, ant, advunlearn: one run per concept, the "
+                         "adapters fused into --out)")
+    er.add_argument("--concepts", default=None, metavar="FILE",
+                    help="a text file of concepts to erase in one adapter, one per line (blank lines and lines "
+                         "starting with # are left out); with --concept too, those come first")
     er.add_argument("--erase-from", default=None, metavar="PROMPT",
                     help="ESD, SPM, AdvUnlearn, ANT: erase the concept only from this prompt (a job file takes a list)")
     er.add_argument("--preset", default=None, choices=("toy", "paper"),
@@ -392,16 +407,49 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Launch the Gradio demo on this machine (needs the 'app' extra: gradio).")
     add_demo_arguments(demo)
 
-    ex = sub.add_parser("export", help="export an adapter as a kohya (A1111/ComfyUI), diffusers or peft LoRA",
+    fu = sub.add_parser("fuse", help="fuse several erasure adapters of one model into one file",
+                        description="Fuse erasure adapters of the same base model (their fingerprints must match) into "
+                                    "one adapter that changes the weights exactly as loading them all together does "
+                                    "(--method stack): deltas are summed, LoRAs concatenated along the rank (alphas "
+                                    "folded in); a mix of delta and LoRA adapters gives a delta adapter (each LoRA "
+                                    "turned into its exact delta). --method mace refits the cross-attention keys and "
+                                    "values in closed form on each adapter's concepts (MACE). See unsee.fuse.")
+    fu.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter .safetensors files (two or more)")
+    fu.add_argument("--out", required=True, help="the fused adapter .safetensors file")
+    fu.add_argument("--method", default="stack", choices=("stack", "mace"),
+                    help="stack: the exact sum of the adapters (default); mace: MACE's closed-form refit of the "
+                         "cross-attention keys and values on each adapter's concepts (needs the model's text encoder)")
+    fu.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    fu.add_argument("--model", default=None, type=_model,
+                    help="--method mace: the base model whose text encoder embeds the concepts (default: toy)")
+    fu.add_argument("--preserve", action="append", default=None, metavar="PROMPT",
+                    help="--method mace: a prompt whose keys and values are kept (repeat; default: '' alone)")
+    fu.add_argument("--lamb", type=_float_in(0.0, 1e6), default=None,
+                    help="--method mace: weight of staying near the original weights (default 0.5)")
+    fu.add_argument("--preserve-scale", type=_float_in(0.0, 1e6), default=None,
+                    help="--method mace: weight of the preserved prompts (default 1)")
+
+    ex = sub.add_parser("export", help="export an adapter as a kohya (A1111/ComfyUI), diffusers or peft LoRA, or "
+                                       "merged into a model checkpoint",
                         description="Write an adapter (unsee, kohya or plain diffusers LoRA file) in another LoRA "
                                     "format. LoRA adapters export losslessly; a delta adapter needs --rank R: a LoRA "
                                     "is fitted by truncated SVD and its relative error is printed and stored. "
-                                    f"--rank 1 to {MAX_RANK}.")
+                                    f"--rank 1 to {MAX_RANK}. --format checkpoint --model MODEL writes the model with "
+                                    "the adapter merged as one single-file checkpoint (SD 1.x/2.x, SDXL).")
     ex.add_argument("adapter", metavar="ADAPTER", help="adapter .safetensors file")
-    ex.add_argument("--format", required=True, choices=("kohya", "diffusers", "peft"),
+    ex.add_argument("--format", required=True, choices=("kohya", "diffusers", "peft", "checkpoint"),
                     help="kohya: lora_unet_/lora_te_ keys with true alphas (A1111, Forge, ComfyUI, diffusers); "
                          "diffusers: save_lora_weights' keys + unsee metadata; peft: a folder, one "
-                         "PeftModel.save_pretrained folder per component")
+                         "PeftModel.save_pretrained folder per component; checkpoint: --model with the adapter "
+                         "merged, one file in the original SD/SDXL layout (A1111, ComfyUI, from_single_file)")
+    ex.add_argument("--model", default=None, type=_model,
+                    help="--format checkpoint: the base model ('toy', a hub id, a local diffusers folder or a "
+                         "single-file checkpoint)")
+    ex.add_argument("--config", default=None, type=_existing_folder,
+                    help="--format checkpoint with a single-file --model: a local diffusers folder with its configs")
+    ex.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                    help="--format checkpoint: precision of the weights written (default: as stored)")
+    ex.add_argument("--device", default=None, type=_device, help="--format checkpoint: where to merge (default: cpu)")
     ex.add_argument("--out", required=True, help="output .safetensors file (a folder for --format peft)")
     ex.add_argument("--rank", type=_int_in(1, MAX_RANK), default=None,
                     help="delta adapters only: rank of the LoRA fitted by truncated SVD")
@@ -477,10 +525,101 @@ def _check_pixels(num_images: int, height: int, width: int) -> None:
                          f"call, more than the limit of {MAX_PIXELS:,}; lower --num-images, --width or --height")
 
 
-def _save_png(image, path: Path) -> None:
+def _save_png(image, path: Path, parameters: Optional[str] = None) -> None:
+    """Write a PNG atomically; ``parameters``: its settings, in A1111's ``parameters`` text chunk."""
     from .files import atomic_write
+    from .png_metadata import png_info
 
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    options = {"pnginfo": png_info(parameters)} if parameters is not None else {}
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", **options))
+
+
+# generate options --from-png takes from an image (when not given as flags), each with the check its flag has (the
+# seed and the number of images: see _from_png)
+_PNG_OPTIONS: dict = {
+    "steps": _int_in(1, MAX_STEPS), "guidance_scale": _float_in(0.0, MAX_GUIDANCE), "width": _side,
+    "height": _side, "model": _model, "config": _existing_folder, "cfgpp": _float_in(0.0, 1.0),
+    "pag": _float_in(0.0, MAX_GUIDANCE), "pag_layers": str, "fdg": _float_list, "negative_mode": str,
+    "negative_start_fraction": _float_in(0.0, 1.0), "negative_start_step": _int_in(0, MAX_STEPS),
+    "nasa": _float_in(0.0, MAX_NASA),
+}
+
+
+def _from_png(args: argparse.Namespace) -> Optional[int]:
+    """Fill ``args`` from ``--from-png FILE`` (flags given win), then the defaults. Returns the position of the image
+    in its batch when the batch is made again to reproduce it (only that image is written), else None."""
+    if args.from_png is None:
+        for option, value in _GENERATE_DEFAULTS.items():
+            if getattr(args, option) is None:
+                setattr(args, option, value)
+        return None
+    from .png_metadata import MetadataError, file_hash, generation_options, parse_parameters, read_parameters
+
+    where = f"--from-png {args.from_png}"
+    try:
+        options = generation_options(parse_parameters(read_parameters(Path(args.from_png).expanduser())))
+    except MetadataError as error:
+        raise UsageError(f"{where}: {error}; give a PNG written by unsee generate, the demo or AUTOMATIC1111") from None
+    given_start = args.negative_start_fraction is not None or args.negative_start_step is not None
+    for option, check in _PNG_OPTIONS.items():
+        if option not in options or getattr(args, option) is not None:
+            continue
+        if option.startswith("negative_start_") and given_start:
+            continue
+        value = options[option]
+        text = ",".join(map(repr, value)) if isinstance(value, tuple) else str(value)
+        try:
+            setattr(args, option, check(text))
+        except argparse.ArgumentTypeError as error:
+            raise UsageError(f"{where}: its {option.replace('_', '-')} {error}") from None
+    if args.negative_mode is not None and args.negative_mode not in ("fixed", "adaptive", "dng"):
+        raise UsageError(f"{where}: its negative mode must be fixed, adaptive or dng, got {_show(args.negative_mode)}")
+    if args.dtype is None and options.get("dtype") is not None:
+        if options["dtype"] not in DTYPES:
+            raise UsageError(f"{where}: its Dtype must be one of {', '.join(sorted(DTYPES))}, got "
+                             f"{_show(options['dtype'])}")
+        args.dtype = options["dtype"]
+    if args.prompt is None:
+        args.prompt = [options["prompt"]]
+    if args.negative is None:
+        args.negative = options["negative"]
+    if not args.adapter:
+        for path, scale, digest in options.get("adapters", []):
+            try:
+                spec = _adapter_spec(f"{path}:{scale!r}")
+            except argparse.ArgumentTypeError as error:
+                raise UsageError(f"{where}: {error}") from None
+            if not Path(path).expanduser().is_file():
+                raise UsageError(f"{where}: the image was made with the adapter {path}, which is not here; pass "
+                                 "--adapter FILE[:SCALE] to give its path")
+            if digest is not None and file_hash(Path(path).expanduser()) not in (None, digest):
+                raise UsageError(f"{where}: {path} is not the adapter the image was made with (SHA-256 {digest}...); "
+                                 "pass --adapter FILE[:SCALE] to use it anyway")
+            args.adapter.append(spec)
+    keep = None
+    if args.seed is None and args.num_images is None:  # make the image's batch again, keep the image
+        size, keep = options.get("batch_size", 1), options.get("batch_pos", 0)
+        if not 1 <= size <= MAX_IMAGES:
+            raise UsageError(f"{where}: its Batch size must be from 1 to {MAX_IMAGES}, got {size}")
+        args.num_images = size
+        seed = options["seed"]
+        try:
+            _seed(str(seed))
+        except argparse.ArgumentTypeError as error:
+            raise UsageError(f"{where}: its seed {error}") from None
+        args.seed = (seed - keep) % (MAX_SEED + 1)
+        keep = keep if size > 1 else None
+    elif args.seed is None:
+        args.seed = options["seed"]
+        try:
+            _seed(str(args.seed))
+        except argparse.ArgumentTypeError as error:
+            raise UsageError(f"{where}: its seed {error}") from None
+    args.png_sampler = options.get("sampler")
+    for option, value in _GENERATE_DEFAULTS.items():
+        if getattr(args, option) is None:
+            setattr(args, option, value)
+    return keep
 
 
 def _save_json(data, path: Path) -> None:
@@ -494,7 +633,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .files import slug
+    from .png_metadata import file_hash, generation_parameters, guidance_options, sampler_name
 
+    keep = _from_png(args)  # the batch position of the one image to write, when --from-png reproduces it
+    if args.prompt is None:
+        raise UsageError("pass --prompt TEXT (or --from-png FILE to take it from an image)")
     if any(not p.strip() for p in args.prompt):
         raise UsageError("--prompt must not be empty")
     out = Path(args.out)
@@ -517,20 +660,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _check_pixels(args.num_images, height or _model_size(pipe), width or _model_size(pipe))
     for path, scale in args.adapter:
         pipe.load_erasure(path, scale=scale)
+    sampler = sampler_name(pipe.scheduler)
+    if getattr(args, "png_sampler", None) not in (None, sampler):
+        print(f"unsee generate: note: {args.from_png} was made with the sampler {args.png_sampler}; this model's "
+              f"scheduler is {sampler}, so the image will differ", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    adapters = [(str(p), s, file_hash(Path(p).expanduser())) for p, s in args.adapter]
+    seeds = [(args.seed + i) % (MAX_SEED + 1) for i in range(args.num_images)]  # A1111's: image i has seed + i
     files = []
     size = None
     for p_index, prompt in enumerate(args.prompt):
         images = pipe(
             prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-            num_images_per_prompt=args.num_images, generator=generator, height=height, width=width,
+            num_images_per_prompt=args.num_images, height=height, width=width,
+            generator=[torch.Generator(device="cpu").manual_seed(seed) for seed in seeds],
             guidance=guidance,  # an empty list is plain diffusers
         ).images
         for i, image in enumerate(images):
+            if keep is not None and i != keep:
+                continue
             name = f"{p_index:02d}-{i:02d}-{slug(prompt, fallback='prompt')}.png"
-            _save_png(image, out / name)
-            files.append({"file": name, "prompt": prompt, "index": i})
+            parameters = generation_parameters(
+                prompt=prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance_scale,
+                seed=seeds[i], width=image.size[0], height=image.size[1], model=args.model, sampler=sampler,
+                guidance=guidance_options(guidance), adapters=adapters, batch_size=args.num_images, batch_pos=i,
+                model_config=args.config, dtype=DTYPES[args.dtype] if args.dtype else None, version=__version__)
+            _save_png(image, out / name, parameters)
+            files.append({"file": name, "prompt": prompt, "index": i, "seed": seeds[i]})
             size = image.size
     width, height = size if size is not None else (width, height)
     settings = {
@@ -540,6 +696,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "scheduler": type(pipe.scheduler).__name__,
         "adapters": [{"file": str(p), "scale": s} for p, s in args.adapter],
         "guidance": [{"method": type(m).__name__, **dataclasses.asdict(m)} for m in guidance], "images": files,
+        "from_png": args.from_png,
     }
     _save_json(settings, out / "settings.json")
     print(f"wrote {len(files)} image(s) and settings.json to {out}")
@@ -604,13 +761,15 @@ def _erase_config(args: argparse.Namespace) -> dict:
     """The jobs config the erase flags describe (a file's contents with --config)."""
     from .erasure import METHODS, ConfigError
     from .erasure.registry import config_fields
-    from .jobs import load_job_file
+    from .jobs import load_job_file, read_concepts_file
 
     if args.config is not None:
         given = [f"--{key.replace('_', '-')}" for key in _ERASE_KEYS
                  if key not in _RUN_FLAGS and getattr(args, key) is not None]
         if args.set:
             given.append("--set")
+        if args.concepts is not None:
+            given.append("--concepts")
         if given:
             raise UsageError(f"--config FILE takes its settings from the file; put {', '.join(given)} there instead")
         try:
@@ -621,16 +780,31 @@ def _erase_config(args: argparse.Namespace) -> dict:
             if getattr(args, flag):
                 config[flag] = True
         return config
-    if args.method is None or args.concept is None:
-        raise UsageError(f"pass --method ({', '.join(METHODS)}) and --concept, or --config FILE")
+    concepts = list(args.concept or [])
+    if args.concepts is not None:
+        try:
+            concepts += read_concepts_file(args.concepts)
+        except ConfigError as error:
+            raise UsageError(str(error)) from None
+    if args.method is None or not concepts:
+        raise UsageError(f"pass --method ({', '.join(METHODS)}) and --concept (or --concepts FILE), or --config FILE")
+    lowered = [c.strip().lower() for c in concepts]
+    twice = next((c for i, c in enumerate(concepts) if lowered[i] in lowered[:i]), None)
+    if twice is not None:
+        raise UsageError(f"concept {twice!r} is given twice (--concept / --concepts); name each concept once")
     config = {key: getattr(args, key) for key in _ERASE_KEYS if getattr(args, key) is not None}
-    config["concept"], *more = args.concept
-    if more:  # several --concept: one adapter, for a method that erases several concepts in one run
-        if args.method in METHODS and "concepts" not in config_fields(METHODS[args.method].config):
-            raise UsageError(f"{args.method} erases one concept per run; for one adapter per concept use a job file "
-                             f"(concept: [{', '.join(args.concept)}]) with --config, or erase them together with "
-                             f"--method uce")
-        config["concepts"] = more
+    config["concept"], *more = concepts
+    if more and args.method in METHODS and "concepts" in config_fields(METHODS[args.method].config):
+        config["concepts"] = more  # erased together in one run
+    elif more:  # one run per concept (the job runner's concept list), the adapters fused into one file
+        config["concept"] = concepts
+        from .files import slug
+
+        names = ("-".join(slug(c) for c in concepts) if len(concepts) <= 4
+                 else f"{slug(concepts[0])}-and-{len(concepts) - 1}-more")
+        config["fuse"] = config.pop("out", None) or f"{args.method}-{names}.safetensors"
+        if config["fuse"] and Path(str(config["fuse"])).parent != Path("."):
+            config["out_dir"] = str(Path(str(config["fuse"])).parent)  # each concept's adapter beside the fused one
     if config.get("dtype") is not None:
         config["dtype"] = DTYPES[config["dtype"]]
     import yaml
@@ -710,6 +884,8 @@ def cmd_erase(args: argparse.Namespace) -> int:
     for entry in report["jobs"]:
         print(f"{entry['method']} {entry['concept']!r}: wrote {entry['out']} ({entry['tensors']} tensors, loss "
               f"{entry['loss_first']:.4g} -> {entry['loss_last']:.4g}, {entry['seconds']:.1f} s)")
+    if report.get("fused"):
+        print(f"fused {len(report['fused']['from'])} adapters into {report['fused']['out']}")
     print(f"report: {report['report']}")
     return 0
 
@@ -758,10 +934,38 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if not Path(args.adapter).expanduser().is_file():
         raise UsageError(f"ADAPTER {args.adapter}: no such file; give an adapter .safetensors file")
+    checkpoint = args.format == "checkpoint"
+    if checkpoint and args.model is None:
+        raise UsageError("--format checkpoint merges the adapter into a base model: pass --model MODEL")
+    model_options = [flag for flag in ("model", "config", "dtype", "device") if getattr(args, flag) is not None]
+    if model_options and not checkpoint:
+        raise UsageError(f"--{model_options[0]} is for --format checkpoint; --format {args.format} writes the adapter "
+                         "alone: leave it out")
     if args.format == "peft":
         _check_output(args.out, "--out", folder=True)
     else:
         _check_output(args.out, "--out")
+    if checkpoint:  # everything is checked before the model is loaded
+        from .convert import checkpoint_layout, export_checkpoint
+
+        out, model = Path(args.out).expanduser(), Path(args.model).expanduser()
+        lora_flags = [f for f, v in (("--rank", args.rank), ("--drop-other", args.drop_other or None),
+                                     ("--sdxl/--no-sdxl", args.sdxl)) if v is not None]
+        if lora_flags:
+            raise UsageError(f"{lora_flags[0]} shapes LoRA exports; --format checkpoint merges the adapter as it is: "
+                             "leave it out")
+        if out.suffix != ".safetensors":
+            raise UsageError(f"--out {args.out}: the checkpoint format writes a .safetensors file; name it so")
+        if out.exists() and not args.overwrite:
+            raise UsageError(f"--out {args.out} exists; pass --overwrite to replace it")
+        for what, path in (("the base model", model), ("ADAPTER", Path(args.adapter).expanduser())):
+            if out.exists() and path.is_file() and out.resolve() == path.resolve():
+                raise UsageError(f"--out {args.out} is {what}; write the checkpoint to another path")
+        args.device = args.device or "cpu"
+        pipe = _load(args)
+        export_checkpoint(Path(args.adapter).expanduser(), pipe, out, overwrite=args.overwrite)
+        print(f"wrote {out} (checkpoint, {checkpoint_layout(pipe)} layout: {args.model} with {args.adapter} merged)")
+        return 0
     result = export_adapter(Path(args.adapter).expanduser(), args.format, Path(args.out).expanduser(), rank=args.rank,
                             drop_other=args.drop_other, overwrite=args.overwrite, sdxl=args.sdxl)
     for line in result.lines():
@@ -769,8 +973,56 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fuse(args: argparse.Namespace) -> int:
+    from .adapters import AdapterError
+    from .fuse import fuse_adapters
+
+    if len(args.adapters) < 2:
+        raise UsageError("give at least two ADAPTER files to fuse")
+    paths = [Path(p).expanduser() for p in args.adapters]
+    for given, path in zip(args.adapters, paths):
+        if not path.is_file():
+            raise UsageError(f"ADAPTER {given}: no such file; give adapter .safetensors files")
+    out = Path(args.out).expanduser()
+    if out.suffix != ".safetensors":
+        raise UsageError(f"--out {args.out}: adapter files end in .safetensors; name it *.safetensors")
+    _check_output(args.out, "--out")
+    if any(out.resolve() == path.resolve() for path in paths):
+        raise UsageError(f"--out {args.out} is one of the adapters being fused; write the fused adapter to another file")
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"--out {args.out} exists; pass --overwrite to replace it")
+    mace_flags = [flag for flag in ("model", "preserve", "lamb", "preserve_scale") if getattr(args, flag) is not None]
+    options = {}
+    if args.method == "stack" and mace_flags:
+        raise UsageError(f"--{mace_flags[0].replace('_', '-')} is for --method mace; --method stack needs no model")
+    if args.method == "mace":
+        import functools
+
+        from .adapters import component_fingerprint
+        from .erasure.uce import embed
+
+        args.model, args.config, args.dtype, args.device = args.model or "toy", None, None, "cpu"
+        pipe = _load(args)
+        options = dict(embed=functools.partial(embed, pipe), preserve=args.preserve or [""],
+                       lamb=0.5 if args.lamb is None else args.lamb,
+                       preserve_scale=1.0 if args.preserve_scale is None else args.preserve_scale)
+    try:
+        fused = fuse_adapters(paths, method=args.method, **options)
+        if args.method == "mace" and fused.fingerprint.get("unet") not in ("unknown", component_fingerprint(pipe.unet)):
+            raise UsageError(f"the adapters are not for --model {args.model} (their UNet fingerprint differs); pass the "
+                             f"model they were trained on")
+        fused.save(out)
+    except AdapterError as error:
+        raise UsageError(str(error)) from None
+    rank = f", rank {fused.rank}" if fused.rank is not None else ""
+    print(f"fused {len(paths)} adapters into {out} ({fused.kind}{rank}, {len(fused.tensors)} tensors; concepts: "
+          f"{', '.join(fused.concepts)})")
+    return 0
+
+
 COMMANDS = {"generate": cmd_generate, "eval": cmd_eval, "erase": cmd_erase, "attack": cmd_attack, "demo": cmd_demo,
             "export": cmd_export}
+COMMANDS["fuse"] = cmd_fuse
 
 
 def _raise_on_sigterm(signum, frame):

@@ -9,7 +9,7 @@ The same config as a YAML or JSON file: ``unsee erase --config jobs.yaml`` or ``
 Keys (every ``unsee erase`` flag has one, spelled with underscores):
 
 - ``method`` (a name of ``unsee.erasure.METHODS``: esd-x, esd-u, esd-all, esd-x-strict, salun, spm, advunlearn, ant,
-  uce, rece; uce and rece erase ``concept`` and the list ``concepts`` in one run)
+  uce, rece; uce, rece, the ESD variants and spm erase ``concept`` and the list ``concepts`` in one run)
   and ``concept``: a value or a list; a job with lists runs every (concept, method) pair;
 - ``model`` ("toy", a hub id, a local folder or a single file), ``model_config`` (configs folder for a
   single file), ``dtype``, ``device``;
@@ -24,8 +24,11 @@ Keys (every ``unsee erase`` flag has one, spelled with underscores):
 - any field of the method's config dataclass (``steps``, ``lr``, ``seed``, ``eta``, ``erase_from``, ``kind``,
   ``rank``, ``alpha``, ``mask_fraction``, ``ddim_steps``, ...);
 - top level only: ``jobs`` (a list of job entries; without it the top level is the one job), ``out_dir``
-  (default: the current folder) and ``report`` (the combined JSON report; default ``<out>.json`` for one
-  job, ``<out_dir>/erase-report.json`` for several).
+  (default: the current folder), ``report`` (the combined JSON report; default ``<out>.json`` for one
+  job, ``<fuse>.json`` with ``fuse``, ``<out_dir>/erase-report.json`` for several) and ``fuse``: an adapter file
+  that, once every job is done, gets all their adapters fused into one (:func:`unsee.fuse.fuse_adapters`, ``stack``;
+  each job's own adapter is written as well). ``unsee erase --concepts FILE`` (or repeated ``--concept``) with a
+  method that erases one concept per run (SalUn, ANT, AdvUnlearn) is such a config: one job per concept, fused.
 
 Top-level keys are defaults for every job (a method-specific key such as ``eta`` only applies to the methods
 that have it); a job's own keys win. Everything is validated before any model is loaded: an unknown key or
@@ -33,7 +36,8 @@ method, a bad value, two jobs writing the same file all raise :class:`~unsee.era
 
 Files are never replaced or deleted unless asked for:
 
-- an existing output (the adapter, its ``.json`` report, ``.grid.png`` or an artifact such as ``.mask.safetensors``) is
+- an existing output (the adapter, its ``.README.md`` model card, ``.json`` report, ``.grid.png`` or an artifact such as
+  ``.mask.safetensors``) is
   replaced only with ``overwrite: true`` (``--overwrite``); without it the jobs are refused before any
   training, naming the file. One exception: with ``resume: true``, the report of the run being resumed
   (a report whose jobs did not all finish) is replaced;
@@ -72,13 +76,16 @@ from unsee.erasure.base import (CHECKPOINT_NAME, DTYPES, check_draws, launch_pro
                                 on_main_process, process_rank, process_state)
 from unsee.erasure.registry import coerce, config_fields
 from unsee.files import atomic_write, is_temporary, model_file_problem, output_problem, remove_stale_temporaries, slug
+from unsee.model_card import card_path, write_model_card
 from unsee.toy.presets import WORLD_PROMPT_KEYS, is_toy_pipeline, preset_settings
 
-__all__ = ["Job", "plan_jobs", "run_jobs", "load_job_file", "grid_prompts", "before_after_images",
-           "before_after_grid"]
+__all__ = ["Job", "plan_jobs", "run_jobs", "load_job_file", "read_concepts_file", "grid_prompts",
+           "before_after_images", "before_after_grid"]
 
 JOB_KEYS = ("method", "concept", "model", "model_config", "out", "checkpoint_dir", "resume", "overwrite", "grid", "preset")
-FILE_KEYS = ("jobs", "out_dir", "report")
+FILE_KEYS = ("jobs", "out_dir", "report", "fuse")
+#: the largest ``--concepts`` file read, in bytes
+MAX_CONCEPTS_FILE = 1024 * 1024
 
 
 def _fixed_fields() -> set[str]:
@@ -104,10 +111,16 @@ class Job:
     grid: int = 4
     overwrite: bool = False
     world_prompts: bool = False  # the toy preset gave it the toy world's prompts: it trains on the toy model only
+    fuse_into: Optional[Path] = None  # the file every job's adapter is fused into when all are done (``fuse``)
 
     @property
     def grid_path(self) -> Path:
         return self.out.with_suffix(".grid.png")
+
+    @property
+    def card_path(self) -> Path:
+        """The adapter's model card, ``<name>.README.md`` (:mod:`unsee.model_card`)."""
+        return card_path(self.out)
 
     @property
     def artifact_paths(self) -> dict[str, Path]:
@@ -194,6 +207,7 @@ def _plan(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Path]:
     entries = top.pop("jobs", None)
     out_dir = Path(str(top.pop("out_dir", None) or "."))
     report = top.pop("report", None)
+    fuse = top.pop("fuse", None)
     if entries is None:  # the top level is the one job (possibly with lists of methods/concepts)
         entries, top = [top], {}
     elif not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
@@ -298,8 +312,23 @@ def _plan(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Path]:
     duplicate = next((p for p in folders if folders.count(p) > 1), None)
     if duplicate is not None:
         raise ConfigError(f"two jobs use the checkpoint folder {duplicate}; give each job its own 'checkpoint_dir'")
+    if fuse is not None:
+        fuse = Path(str(fuse))
+        if fuse.suffix != ".safetensors":
+            raise ConfigError(f"fuse: the fused adapter file must end in .safetensors, got {fuse}")
+        if len(jobs) < 2:
+            raise ConfigError("fuse needs at least two jobs (one adapter per concept) to fuse; give several concepts, "
+                              "or leave fuse out")
+        if len({(job.model, job.model_config) for job in jobs}) > 1:
+            raise ConfigError("fuse takes the adapters of one base model; give every job the same model")
+        if fuse.resolve() in outs:
+            raise ConfigError(f"fuse: {fuse} is also a job's adapter file; give the fused adapter its own name")
+        for job in jobs:
+            job.fuse_into = fuse
     if report is not None:
         report_path = Path(str(report))
+    elif fuse is not None:
+        report_path = fuse.with_suffix(".json")
     elif len(jobs) == 1:
         report_path = jobs[0].out.with_suffix(".json")
     else:
@@ -321,7 +350,8 @@ def _model_problem(model: str) -> Optional[str]:
 
 
 def _outputs(job: Job) -> list[Path]:
-    return [job.out, *job.artifact_paths.values(), *([job.grid_path] if job.grid else [])]
+    return [job.out, job.card_path, *job.artifact_paths.values(), *([job.grid_path] if job.grid else []),
+            *([job.fuse_into] if job.fuse_into is not None else [])]
 
 
 def _unfinished_report(path: Path) -> bool:
@@ -527,6 +557,7 @@ def run_jobs(
                 raise
             for name, path in job.artifact_paths.items():
                 entry[name] = str(path)
+            entry["card"] = str(job.card_path)
             grid = job.grid and hasattr(job_pipe, "load_erasure")
             if job.grid and not grid:
                 log(f"{job.describe()}: no before/after grid (the pipeline has no load_erasure; use unsee.load_pipeline)")
@@ -541,11 +572,63 @@ def run_jobs(
                 loss_last=summary.get("loss_last"), losses=summary.get("losses"),
                 tensors=len(adapter.tensors), kind=adapter.kind,
             )
+        fused = jobs[0].fuse_into if jobs else None
+        if fused is not None:
+            on_main_process(lambda: _write_fused(jobs, fused), "fusing the adapters")
+            report["fused"] = {"out": str(fused), "from": [str(job.out) for job in jobs], "fuse": "stack"}
     finally:
         report["seconds"] = round(time.perf_counter() - started, 3)
         if report["jobs"] and main:  # no collective here: another process may be gone
             _write_json(report_path, report)
     return report
+
+
+def _write_fused(jobs: list[Job], path: Path) -> None:
+    """Every job's adapter (written already) fused into one file (``fuse``)."""
+    from unsee.adapters import AdapterError
+    from unsee.fuse import fuse_adapters
+
+    try:
+        fuse_adapters([job.out for job in jobs]).save(path)
+    except AdapterError as error:
+        raise TrainingError(f"fusing the jobs' adapters into {path}: {error}") from None
+
+
+def read_concepts_file(path: Union[str, os.PathLike]) -> list[str]:
+    """The concepts of a ``--concepts`` file: one a line, blank lines and lines starting with ``#`` left out, each
+    stripped. Raises :class:`ConfigError` for a missing, unreadable, too large or empty file, or a concept listed
+    twice (case-insensitive)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--concepts {path}: no such file; give a text file with one concept per line")
+    if path.stat().st_size > MAX_CONCEPTS_FILE:
+        raise ConfigError(f"--concepts {path}: the file is larger than {MAX_CONCEPTS_FILE // 1024} KiB; give a text "
+                          f"file with one concept per line")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"--concepts {path}: not UTF-8 text; give a text file with one concept per line") from None
+    except OSError as error:
+        raise ConfigError(f"--concepts {path}: cannot read it ({error.strerror or error}); check the path and its "
+                          f"permissions") from None
+    concepts: list[str] = []
+    lines: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        concept = line.strip()
+        if not concept or concept.startswith("#"):
+            continue
+        if "\x00" in concept:
+            raise ConfigError(f"--concepts {path}: line {number} holds a NUL character; is it a text file?")
+        key = concept.lower()
+        if key in lines:
+            raise ConfigError(f"--concepts {path}: {concept!r} on line {number} is listed on line {lines[key]} "
+                              f"already; name each concept once")
+        lines[key] = number
+        concepts.append(concept)
+    if not concepts:
+        raise ConfigError(f"--concepts {path}: the file lists no concept (blank lines and # comments are left out); "
+                          f"write one concept per line")
+    return concepts
 
 
 def _write_outputs(job: Job, trainer: Trainer, adapter: Any, pipe: Any, grid: bool) -> None:
@@ -554,6 +637,7 @@ def _write_outputs(job: Job, trainer: Trainer, adapter: Any, pipe: Any, grid: bo
     for name, path in job.artifact_paths.items():
         trainer.write_artifact(name, path, adapter_file=job.out.name)
     adapter.save(job.out)
+    write_model_card(adapter, job.card_path, file_name=job.out.name, base_model=job.model, overwrite=True)  # checked
     if grid:
         concept = _erase_from_text(job.config) or job.config.concept
         prompts = grid_prompts(concept, job.grid, job.config.seed, toy=is_toy_pipeline(pipe))

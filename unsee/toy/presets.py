@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from unsee.erasure import METHODS, ConfigError
+from unsee.erasure.config import names_concept
 from unsee.erasure.registry import coerce
 
 from . import world
@@ -145,6 +146,35 @@ def _context_prompts(concept: str, erase_from: int, preserve: int) -> dict[str, 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {"paper": {}, "toy": TOY_PRESETS}
 
 
+def _more_contexts(method: str, concepts: list[str], merged: Mapping[str, Any]) -> dict[str, Any]:
+    """The in-context prompts of a run that erases several concepts (ESD, SPM): each concept's world prompts, as
+    one concept's run would get them, together; preserved prompts that name any erased concept left out."""
+    first = merged.get("erase_from")
+    first = [first] if isinstance(first, str) else list(first or [])
+    prompts: dict[str, list[str]] = {"erase_from": [p for p in first if _first_named(p, concepts) == 0],
+                                     "preserve": list(merged.get("preserve") or [])}
+    for index, concept in enumerate(concepts[1:], 1):
+        attribute = _world_attribute(concept)
+        if attribute is None:
+            continue
+        if method in _ESD_X_METHODS:
+            table = TOY_ESD_BY_ATTRIBUTE[attribute]
+            context = {"erase_from": table["erase_from"], "preserve": table["preserve"]}
+        else:
+            context = TOY_IN_CONTEXT.get(method) or TOY_IN_CONTEXT_BY_ATTRIBUTE.get(method, {}).get(attribute)
+        for key, values in _context_prompts(concept, **(context or {"erase_from": 0, "preserve": 0})).items():
+            # a prompt that names an earlier concept too would train that one (the trainer's rule): left out
+            prompts[key] += [p for p in values if p not in prompts[key]
+                             and (key != "erase_from" or _first_named(p, concepts) == index)]
+    prompts["preserve"] = [p for p in prompts["preserve"] if not any(_names(p, c) for c in concepts)]
+    return {key: values for key, values in prompts.items() if values or key in merged}
+
+
+def _first_named(prompt: str, concepts: list[str]) -> Optional[int]:
+    """The index of the first of ``concepts`` that ``prompt`` names, as the trainers assign erase_from prompts."""
+    return next((i for i, concept in enumerate(concepts) if names_concept(prompt, concept)), None)
+
+
 def is_toy_model_name(model: Union[str, os.PathLike, None]) -> bool:
     """Whether a model setting names the embedded toy model: ``"toy"`` or the path of its folder."""
     if model is None:
@@ -223,6 +253,9 @@ def preset_settings(preset: Optional[str], method: str, model: Union[str, os.Pat
         context = TOY_IN_CONTEXT.get(method) or TOY_IN_CONTEXT_BY_ATTRIBUTE.get(method, {}).get(attribute)
         if context:
             merged.update(_context_prompts(concept, **context))
+    more = (settings or {}).get("concepts")
+    if preset == "toy" and isinstance(concept, str) and more and _prompt_list(more) and method not in TOY_WORLD_METHODS:
+        merged.update(_more_contexts(method, [concept, *more], merged))
     if not toy_model:  # the world's prompts are for the toy model only
         for key in WORLD_PROMPT_KEYS:
             merged.pop(key, None)
