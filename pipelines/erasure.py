@@ -180,6 +180,7 @@ class _Active:
     components: list[str] = field(default_factory=list)
     created: dict[str, set[str]] = field(default_factory=dict)
     hooks: list[Any] = field(default_factory=list)
+    layers: Optional[list[nn.Module]] = None  # the peft layers holding this LoRA, found once (per-call scale changes)
 
     @property
     def effective(self) -> float:
@@ -704,13 +705,18 @@ class ErasureAdapterMixin:
 
     def _set_peft_scale(self, name: str, entry: _Active) -> None:
         value = entry.effective
-        for component in entry.components:
-            for _, layer in _tuner_layers(getattr(self, component)):
-                if name in layer.lora_A:
-                    # diffusers' set_adapters makes active adapters trainable: erasure LoRAs stay frozen
-                    _set_active(layer, [*layer.active_adapters, *([] if name in layer.active_adapters else [name])],
-                                frozen=[name])
-                    layer.set_scale(name, value)
+        if entry.layers is None:
+            entry.layers = [layer for component in entry.components
+                            for _, layer in _tuner_layers(getattr(self, component)) if name in layer.lora_A]
+        for layer in entry.layers:
+            if name in layer.lora_A:  # not if deleted since through diffusers' delete_adapters
+                active = layer.active_adapters
+                if name not in active:
+                    _set_active(layer, [*active, name])
+                # diffusers' set_adapters makes active adapters trainable: erasure LoRAs stay frozen
+                if any(p.requires_grad for f in (layer.lora_A, layer.lora_B) for p in f[name].parameters()):
+                    _set_active(layer, layer.active_adapters, frozen=[name])
+                layer.set_scale(name, value)
 
     def _apply(self, *entries: _Active) -> None:
         """Make the weights / peft scales follow the entries' current (effective) scales."""
