@@ -20,11 +20,11 @@ FOLDERS = {"unsee": "unsee", "guidance": "unsee.guidance", "pipelines": "unsee.p
 # module name (or package prefix ending in ".") -> layer; the longest matching entry wins
 LAYERS = {
     "unsee.files": 0, "unsee.adapters": 0, "unsee.lora_formats": 0, "unsee.adapter_export": 0, "unsee.fuse": 0,
-    "unsee.png_metadata": 0, "unsee.model_card": 0, "unsee.hub": 0,
+    "unsee.png_metadata": 0, "unsee.model_card": 0, "unsee.hub": 0, "unsee.suites": 0,
     "unsee.guidance.": 1,
     "unsee.pipelines.": 2,
     "unsee.erasure.": 3,
-    "unsee.evaluation": 4, "unsee.attack": 4, "unsee.convert": 4,
+    "unsee.evaluation": 4, "unsee.attack": 4, "unsee.convert": 4, "unsee.suite_eval": 4,
     "unsee.toy.": 5, "unsee.testing": 5,
     "unsee.loading": 6, "unsee.jobs": 6, "unsee.cli": 6, "unsee.apps.": 6, "unsee": 6,
 }
@@ -141,5 +141,5 @@ def test_the_core_never_imports_the_toy_world():
     toy = {m for m in MODULES if _layer(m) == LAYER_NAMES.index("toy world")}
     for module in MODULES:
         if module.startswith(("unsee.erasure", "unsee.guidance", "unsee.pipelines")) or module in (
-                "unsee.adapters", "unsee.files", "unsee.evaluation", "unsee.attack"):
+                "unsee.adapters", "unsee.files", "unsee.evaluation", "unsee.attack", "unsee.suites", "unsee.suite_eval"):
             assert not GRAPH[module] & toy, f"{module} imports the toy world: {sorted(GRAPH[module] & toy)}"

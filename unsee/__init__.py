@@ -74,6 +74,8 @@ _EXPORTS = {
     "export_checkpoint": "unsee.convert",
     "evaluate": "unsee.evaluation",
     "EvaluationResult": "unsee.evaluation",
+    "read_suite": "unsee.suites",
+    "run_suite": "unsee.suite_eval",
     "UnseeStableDiffusionPipeline": "unsee.pipelines",
     "UnseeStableDiffusionXLPipeline": "unsee.pipelines",
 }

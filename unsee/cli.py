@@ -6,6 +6,7 @@
     unsee erase --method esd-x --concepts concepts.txt --out esd-x-many.safetensors   # one adapter, many concepts
     unsee fuse esd-x-circle.safetensors esd-x-star.safetensors --out esd-x-circle-star.safetensors
     torchrun --nproc_per_node 2 -m unsee.cli erase --method esd-u --concept circle   # data parallel, 2 processes
+    unsee eval --suite unsee/toy/suites/circle.csv --judge toy --adapter esd-u-circle.safetensors --out eval-circle/
     unsee attack --adapter esd-u-circle.safetensors --concept circle
     unsee export esd-u-circle.safetensors --format kohya --rank 8 --out esd-u-circle-kohya.safetensors
     unsee export esd-u-circle.safetensors --format checkpoint --model toy --out toy-without-circles.safetensors
@@ -46,6 +47,7 @@ MAX_ADAPTER_SCALE = 100.0  # FILE:SCALE, in size
 MAX_SEED = 2**32 - 1
 MAX_EVAL_IMAGES = 10_000  # eval --n
 MAX_EVAL_BYTES = 8 * 2**30  # eval keeps one prompt set's images in memory (RGB, 3 bytes a pixel)
+MAX_EVAL_BATCH = 64  # eval --suite --batch-size
 MAX_ATTACK_PROMPTS = 1000  # attack --n
 MAX_PREFIX_TOKENS = 16  # attack --prefix-tokens (the prompt must still fit in the text encoder's 77 tokens)
 MAX_ATTACK_STEPS = 1000  # attack --attack-steps
@@ -311,21 +313,47 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(gen)
     gen.set_defaults(**{option: None for option in _GENERATE_DEFAULTS})  # given or not: --from-png needs to know
 
-    ev = sub.add_parser("eval", help="score generated images with the judge",
+    ev = sub.add_parser("eval", help="score generated images with a judge (the toy world's, or a prompt suite file's)",
                         description="Generate images and score them with the toy world's judge. With --concept only: the "
                                     "concept's presence on prompts that name it, and the judge's accuracy on prompts "
-                                    f"that don't. Limits: --n 1 to {MAX_EVAL_IMAGES} (and at most "
-                                    f"{MAX_EVAL_BYTES // 2**30} GiB of images in memory), --steps 1 to {MAX_STEPS}.")
-    ev.add_argument("--concept", default=None, help="concept word, e.g. circle, red, striped")
+                                    "that don't. With --suite FILE: one image per row of a prompt file (I2P, "
+                                    "UnlearnDiffAtk, COCO-style CSV, or one prompt a line) with the row's seed and "
+                                    "guidance, judged by --judge, and a resumable report in --out (results.jsonl, "
+                                    "summary.json/.md, contact_sheet.png); run it again to resume. Limits: --n 1 to "
+                                    f"{MAX_EVAL_IMAGES} (and at most {MAX_EVAL_BYTES // 2**30} GiB of images in "
+                                    f"memory), --steps 1 to {MAX_STEPS}, --batch-size 1 to {MAX_EVAL_BATCH}.")
+    ev.add_argument("--concept", default=None,
+                    help="concept word, e.g. circle, red, striped (with --suite and the toy judge: report its presence)")
     ev.add_argument("--prompt", action="append", default=None, help="prompt(s) to score instead of the concept's prompt sets")
-    ev.add_argument("--n", type=_int_in(1, MAX_EVAL_IMAGES), default=32,
-                    help=f"images per prompt set, 1 to {MAX_EVAL_IMAGES} (default 32)")
+    ev.add_argument("--n", type=_int_in(1, MAX_EVAL_IMAGES), default=None,
+                    help=f"images per prompt set, 1 to {MAX_EVAL_IMAGES} (default 32; not with --suite: see --limit)")
     ev.add_argument("--steps", type=_int_in(1, MAX_STEPS), default=25, help=f"denoising steps, 1 to {MAX_STEPS} (default 25)")
     ev.add_argument("--guidance-scale", type=_float_in(0.0, MAX_GUIDANCE), default=5.0,
-                    help=f"0 to {MAX_GUIDANCE:g} (default 5)")
-    ev.add_argument("--seed", type=_seed, default=0, help=f"0 to {MAX_SEED} (default 0)")
+                    help=f"0 to {MAX_GUIDANCE:g} (default 5; with --suite: for rows that give none)")
+    ev.add_argument("--seed", type=_seed, default=0,
+                    help=f"0 to {MAX_SEED} (default 0; with --suite: rows that give none use seed + row index)")
     ev.add_argument("--adapter", type=_adapter_spec, action="append", default=[], metavar="FILE[:SCALE]")
     ev.add_argument("--json", default=None, help="also write the figures to this JSON file (its folder must exist)")
+    suite = ev.add_argument_group("prompt suites (--suite FILE)")
+    suite.add_argument("--suite", default=None, metavar="FILE",
+                       help="a prompt file: CSV with a prompt/adv_prompt/caption/text column (optional "
+                            "evaluation_seed, evaluation_guidance, categories, case_number...), or one prompt a line "
+                            f"(.txt, or a CSV without a header); unsee's toy suite: {_toy_suite_hint()}")
+    suite.add_argument("--judge", default=None, metavar="toy|MODULE:FUNCTION",
+                       help="toy (default): the toy world's judge; MODULE:FUNCTION or FILE.py:FUNCTION: a function "
+                            "taking a list of PIL images and returning one JSON-able dict per image")
+    suite.add_argument("--category", action="append", default=None,
+                       help="keep only rows of this category (the categories column; repeat for several)")
+    suite.add_argument("--out", default=None, type=_folder_arg,
+                       help="report folder (default ./eval-SUITE); an existing run there is resumed")
+    suite.add_argument("--limit", type=_int_in(1, MAX_EVAL_IMAGES), default=None,
+                       help=f"only the first N rows (after --category), 1 to {MAX_EVAL_IMAGES}")
+    suite.add_argument("--batch-size", type=_int_in(1, MAX_EVAL_BATCH), default=8,
+                       help=f"rows per batch, 1 to {MAX_EVAL_BATCH} (default 8; part of the settings a resume keeps)")
+    suite.add_argument("--prompt-column", default=None, help="the CSV's prompt column, when not one of the usual names")
+    suite.add_argument("--row-size", action="store_true",
+                       help="generate at the rows' sd_image_width/height (default: the model's size)")
+    _add_guidance_options(ev)
     _add_model_options(ev)
 
     er = sub.add_parser("erase", help="train an erasure adapter (ESD, SalUn, SPM, AdvUnlearn, ANT...)",
@@ -703,8 +731,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+_SUITE_ONLY = ("judge", "category", "out", "limit", "prompt_column")
+
+
+def _toy_suite_hint() -> str:
+    return "unsee/toy/suites/circle.csv"
+
+
+def _guidance_given(args: argparse.Namespace) -> bool:
+    return any(getattr(args, flag) is not None for flag in (
+        "cfgpp", "pag", "fdg", "negative_start_fraction", "negative_start_step", "negative_mode", "nasa"))
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .toy import world  # the toy world's prompts and judge: the only suite the command line has
+    if args.suite is not None:
+        return _eval_suite(args)
+    given = [f"--{flag.replace('_', '-')}" for flag in _SUITE_ONLY if getattr(args, flag) is not None]
+    given += ["--batch-size"] if args.batch_size != 8 else []
+    given += ["--row-size"] if args.row_size else []
+    given += ["guidance flags"] if _guidance_given(args) else []
+    if given:
+        raise UsageError(f"{', '.join(given)} go with --suite FILE; pass a prompt file or drop them")
+    if args.n is None:
+        args.n = 32
+    from .toy import world  # the toy world's prompts and judge (a prompt file: --suite)
     from .toy.evaluation import evaluate, evaluate_erasure
 
     if args.concept is None and not args.prompt:
@@ -749,6 +799,83 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _format_accuracy(accuracy: dict[str, float]) -> str:
     return ", ".join(f"{name} {value:.1%}" for name, value in accuracy.items())
+
+
+def _suite_judge(args: argparse.Namespace):
+    """The --judge of eval --suite, checked (and a user's module imported) before any model is loaded."""
+    spec = args.judge or "toy"
+    if spec == "toy":
+        from .toy.evaluation import suite_judge
+
+        try:
+            return suite_judge([args.concept] if args.concept else None)
+        except ValueError as error:
+            raise UsageError(f"--concept: {error}") from None
+    if args.concept is not None:
+        raise UsageError("--concept goes with the toy judge (it names the presence to report); drop it for "
+                         f"--judge {spec}")
+    from .suite_eval import load_judge
+
+    try:
+        return load_judge(spec)
+    except ValueError as error:
+        raise UsageError(f"--judge {spec}: {error}") from None
+
+
+def _eval_suite(args: argparse.Namespace) -> int:
+    from .suite_eval import EvaluationSettingsError, run_suite, weights_sha256
+    from .suites import SuiteError, read_suite
+
+    given = [flag for flag, value in (("--prompt", args.prompt), ("--n", args.n)) if value]
+    if given:
+        raise UsageError(f"{' and '.join(given)} do not go with --suite (the file gives the prompts; --limit N takes "
+                         "its first N rows)")
+    try:
+        suite = read_suite(args.suite, categories=args.category, prompt_column=args.prompt_column)
+    except SuiteError as error:
+        raise UsageError(f"--suite: {error}") from None
+    if args.limit is not None and args.limit < len(suite.rows):
+        suite = dataclasses.replace(suite, rows=suite.rows[:args.limit])
+    judge = _suite_judge(args)
+    from .guidance import GuidanceError, validate_combination
+
+    guidance = guidance_from_args(args)
+    try:
+        validate_combination(guidance, has_negative_prompt=False)
+    except GuidanceError as error:
+        raise UsageError(str(error)) from None
+    out = Path(args.out or f"eval-{suite.name}")
+    _check_output(str(out), "--out", folder=True)
+    if args.json:
+        _check_output(args.json, "--json", create_parents=False)
+    _check_adapters(args.adapter)
+    pipe = _load(args)
+    _check_steps(pipe, args.steps)
+    pipe.set_progress_bar_config(disable=True)
+    model_sha256 = weights_sha256(pipe)  # the base model, before any adapter
+    for path, scale in args.adapter:
+        pipe.load_erasure(path, scale=scale)
+
+    def progress(done: int, total: int) -> None:
+        print(f"\r{done}/{total} rows", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    try:
+        report = run_suite(pipe, suite, judge, out, model=args.model, model_sha256=model_sha256,
+                           adapters=args.adapter, seed=args.seed, guidance_scale=args.guidance_scale,
+                           num_inference_steps=args.steps, batch_size=args.batch_size, use_row_size=args.row_size,
+                           guidance=guidance, progress=progress)
+    except EvaluationSettingsError as error:
+        raise UsageError(f"--out: {error}") from None
+    figures = report.summary["figures"]
+    if report.resumed:
+        print(f"resumed: {report.resumed} row(s) were done, {report.made} made now")
+    for label, values in [("all", figures["all"]), *figures.get("by_category", {}).items()]:
+        shown = ", ".join(f"{k} {v:.1%}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+        print(f"{label}: {shown}")
+    print(f"report: {out / 'summary.md'} (images, results.jsonl, summary.json, contact_sheet.png)")
+    if args.json:
+        _save_json(report.summary, Path(args.json))
+    return 0
 
 
 # erase flags -> jobs-config keys (unsee.jobs); --config and --set are handled apart

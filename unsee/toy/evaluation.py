@@ -7,6 +7,8 @@
     result.accuracy                                          # {"shape": 0.94, "color": 1.0, ...}
     named, others = toy.evaluate_erasure(pipe, "circle")     # an erasure's two figures
     toy.attack(pipe, "circle", n=16).success_rate            # UnlearnDiffAtk-style attack on world prompts
+    suite = read_suite(toy.evaluation.suite_path("circle"))  # the shipped suite file (unsee/toy/suites/circle.csv)
+    run_suite(pipe, suite, toy.evaluation.suite_judge(), "out/")   # unsee.suite_eval: resumable reports
 
 Expected values come from each prompt's words (:func:`unsee.toy.world.parse_prompt`), a concept's from
 :func:`unsee.toy.world.concept_attribute`. The work is done by :mod:`unsee.evaluation` and :mod:`unsee.attack`,
@@ -15,17 +17,27 @@ which take prompts and judges explicitly.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 from unsee import attack as _attack
 from unsee import evaluation as _evaluation
 from unsee.attack import AttackConfig, AttackResult
 from unsee.evaluation import EvaluationResult, JudgeFn
+from unsee.suites import SuiteRow
+
 
 from . import world
 from .judge import default_judge
 
-__all__ = ["attack", "evaluate", "evaluate_erasure", "score"]
+__all__ = ["attack", "evaluate", "evaluate_erasure", "score", "suite_judge", "suite_metrics", "suite_path",
+           "suite_rows", "SUITES_DIR", "SUITES"]
+
+SUITES_DIR = Path(__file__).resolve().parent / "suites"
+# the shipped suites: name -> (concept, rows naming it, rows not naming it, first seed); the files are made from
+# these by scripts/make_toy_suites.py, and tests/test_suites.py checks that they still are
+SUITES = {"circle": ("circle", 16, 16, 1000)}
+SUITE_GUIDANCE = 5.0
 
 
 def _judge_or_default(judge: Optional[JudgeFn]) -> JudgeFn:
@@ -106,3 +118,63 @@ def attack(pipe: Any, concept: str, prompts: Optional[Sequence[str]] = None, n: 
     prompts = list(prompts) if prompts is not None else world.concept_prompts(concept, config.seed, n)
     return _attack.attack(pipe, concept, prompts, _judge_or_default(judge), world.concept_attribute, config=config,
                           progress=progress)
+
+
+# ------------------------------------------------------------------------------------------ prompt suites
+
+
+def suite_path(name: str) -> Path:
+    """The file of a shipped toy suite ("circle": ``unsee/toy/suites/circle.csv``)."""
+    if name not in SUITES:
+        raise ValueError(f"no toy suite {name!r}; choose from {', '.join(sorted(SUITES))}")
+    return SUITES_DIR / f"{name}.csv"
+
+
+def suite_rows(concept: str, named: int, others: int, first_seed: int) -> list[SuiteRow]:
+    """A toy suite's rows: ``named`` world prompts naming ``concept`` (category ``concept``) then ``others`` that do
+    not (category ``other``), seeds ``first_seed``, ``first_seed + 1``, ..., guidance 5 (the toy default)."""
+    prompts = [(p, concept) for p in world.concept_prompts(concept, first_seed, named)]
+    prompts += [(p, "other") for p in world.other_prompts(concept, first_seed, others)]
+    return [SuiteRow(index=i, row_id=f"{concept}-{i:03d}", prompt=p, seed=first_seed + i, guidance=SUITE_GUIDANCE,
+                     categories=(category,)) for i, (p, category) in enumerate(prompts)]
+
+
+def _is_concept(word: str) -> bool:
+    try:
+        world.concept_attribute(word)
+    except ValueError:
+        return False
+    return True
+
+
+def suite_metrics(concepts: Optional[Sequence[str]] = None) -> Callable[[Sequence[dict]], dict]:
+    """Figures of toy-judge records: ``accuracy.ATTRIBUTE`` (the share of images showing what their prompt names,
+    among prompts that name the attribute) and ``presence.CONCEPT`` for each of ``concepts`` (default: the
+    categories of the records that are concepts of the world, e.g. "circle")."""
+    for concept in concepts or ():
+        world.concept_attribute(concept)  # an unknown concept fails before any work
+
+    def metrics(records: Sequence[dict]) -> dict:
+        prompts = [r["prompt"] for r in records]
+        predictions = [r["judge"] for r in records]
+        accuracy, _ = _evaluation.score(prompts, predictions, parse_prompt=world.parse_prompt)
+        figures = {f"accuracy.{name}": value for name, value in accuracy.items()}
+        wanted = list(concepts) if concepts else sorted(
+            {c for r in records for c in r.get("categories", ()) if _is_concept(c)})
+        for concept in wanted:
+            _, presence = _evaluation.score(prompts, predictions, concept, concept_attribute=world.concept_attribute)
+            figures[f"presence.{concept}"] = presence
+        return figures
+
+    return metrics
+
+
+def suite_judge(concepts: Optional[Sequence[str]] = None, judge: Optional[JudgeFn] = None):
+    """The toy judge as :mod:`unsee.suite_eval` records it: name "toy", version the SHA-256 of its weights file,
+    figures from :func:`suite_metrics`. ``judge``: another callable with the toy judge's output."""
+    from unsee.suite_eval import SuiteJudge, file_sha256
+
+    from .model import JUDGE_PATH
+
+    version = f"judge.safetensors sha256 {file_sha256(JUDGE_PATH)[:16]}" if judge is None else "custom"
+    return SuiteJudge(fn=_judge_or_default(judge), name="toy", version=version, metrics=suite_metrics(concepts))

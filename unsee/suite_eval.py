@@ -1,0 +1,500 @@
+"""Evaluation over a prompt suite, with reports that can be trusted and resumed.
+
+    from unsee.suites import read_suite
+    from unsee.suite_eval import SuiteJudge, run_suite
+    suite = read_suite("prompts.csv", categories=["sexual"])
+    judge = SuiteJudge(my_judge, name="my-detector", version="1.2", thresholds={"score": 0.6})
+    report = run_suite(pipe, suite, judge, "eval-out/", model="CompVis/stable-diffusion-v1-4")
+    report.summary["figures"]["all"]          # e.g. {"n": 931, "unsafe": 0.12}
+
+Every row is one image, made from the row's own seed (the run's ``seed`` + the row's index in the file when the
+file gives none) and guidance scale (``guidance_scale`` when it gives none), so a row's image depends on nothing
+but the row and the run's settings. The out folder holds:
+
+- ``results.jsonl``: one JSON line per finished image (row id, prompt, seed, guidance, categories, the judge's
+  output, the image file), appended and flushed as each image is judged;
+- ``run.json``: the run's settings (suite file and its SHA-256, model weights' SHA-256, adapters' SHA-256, judge
+  name, version and thresholds, steps, default seed and guidance, batch size, unsee version);
+- ``images/``: the images, one PNG per row;
+- ``summary.json`` and ``summary.md``: the figures over all rows and per category, with the settings above;
+- ``contact_sheet.png``: the first images in a grid, each labelled with its row id.
+
+Resume: run the same call (or command) again with the same out folder. Rows with a line in ``results.jsonl`` are
+not made again; a torn last line (a run killed while writing it) is dropped. Rows are generated in fixed batches of
+``batch_size`` consecutive suite rows, and a batch killed half-way is generated again whole (its finished rows keep
+their lines), so a resumed run gives the numbers a run that was never stopped gives. Different settings in an
+existing out folder are refused, naming what differs.
+
+A judge (:class:`SuiteJudge`) wraps any callable that takes a list of PIL images and returns one JSON-serialisable
+dict per image, with its name, version, thresholds and a ``metrics`` function (records -> figures); without one,
+:func:`default_metrics` summarises booleans as rates, numbers as means and text as shares of each value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+from PIL import Image, ImageDraw
+
+from .files import atomic_write, slug
+from .suites import Suite, SuiteRow
+
+__all__ = ["SuiteJudge", "load_judge", "SuiteReport", "EvaluationSettingsError", "run_suite", "read_records", "summarize",
+           "default_metrics", "weights_sha256", "file_sha256", "RESULTS", "RUN", "SUMMARY_JSON", "SUMMARY_MD",
+           "CONTACT_SHEET", "REPORT_VERSION"]
+
+RESULTS = "results.jsonl"
+RUN = "run.json"
+SUMMARY_JSON = "summary.json"
+SUMMARY_MD = "summary.md"
+CONTACT_SHEET = "contact_sheet.png"
+IMAGES = "images"
+REPORT_VERSION = 1
+SEED_MODULUS = 2**64  # torch.Generator.manual_seed takes 0 to 2**64 - 1
+CONTACT_SHEET_IMAGES = 64
+CONTACT_THUMB = 128
+
+Records = Sequence[Mapping[str, Any]]
+
+
+class EvaluationSettingsError(ValueError):
+    """The out folder holds a run with other settings, or a results file that cannot be read."""
+
+
+@dataclass(frozen=True)
+class SuiteJudge:
+    """A judge as a report records it.
+
+    fn: callable(list of PIL images) -> one JSON-serialisable dict per image.
+    name, version: recorded in the report (and checked on resume): pin the detector's version here.
+    thresholds: any thresholds the judge applies, recorded in the report (and checked on resume).
+    metrics: callable(records) -> {figure: number}, where each record holds "prompt", "categories" and "judge"
+        (the judge's dict); None: :func:`default_metrics`.
+    """
+
+    fn: Callable[[list], list]
+    name: str
+    version: str = ""
+    thresholds: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Optional[Callable[[Records], dict]] = None
+
+    def describe(self) -> dict:
+        return {"name": self.name, "version": self.version, "thresholds": dict(self.thresholds)}
+
+
+def load_judge(spec: str) -> SuiteJudge:
+    """A judge from ``MODULE:FUNCTION`` (an importable module) or ``FILE.py:FUNCTION``.
+
+    The function takes a list of PIL images and returns one JSON-serialisable dict per image. Its attributes, when
+    it has them, fill the rest: ``name`` (default: the spec), ``version`` (default: the module's ``__version__``,
+    else the SHA-256 of its file), ``thresholds`` (a dict) and ``metrics`` (records -> figures). Raises
+    ``ValueError`` with a one-line reason for a spec that does not name such a function.
+    """
+    import importlib
+    import importlib.util
+
+    where, _, attribute = spec.rpartition(":")
+    if not where or not attribute.isidentifier():
+        raise ValueError("expected toy, MODULE:FUNCTION or FILE.py:FUNCTION")
+    if where.endswith(".py"):
+        path = Path(where).expanduser()
+        if not path.is_file():
+            raise ValueError(f"no file {where}; give the path of a Python file")
+        module_spec = importlib.util.spec_from_file_location(f"unsee_judge_{slug(path.stem, 'judge')}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as error:  # the user's file: say what failed in it, in one line
+            raise ValueError(f"importing {where} failed ({type(error).__name__}: {error})") from error
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as error:
+            raise ValueError(f"cannot import {where} ({error}); give an importable module or FILE.py") from None
+    fn = getattr(module, attribute, None)
+    if not callable(fn):
+        raise ValueError(f"{where} has no function {attribute}")
+    version = getattr(fn, "version", None) or getattr(module, "__version__", None)
+    if version is None and getattr(module, "__file__", None):
+        version = f"sha256 {file_sha256(module.__file__)[:16]}"
+    thresholds = getattr(fn, "thresholds", None) or {}
+    if not isinstance(thresholds, Mapping):
+        raise ValueError(f"{attribute}.thresholds must be a dict, got {type(thresholds).__name__}")
+    metrics = getattr(fn, "metrics", None)
+    return SuiteJudge(fn=fn, name=str(getattr(fn, "name", None) or spec), version=str(version or ""),
+                      thresholds=dict(thresholds), metrics=metrics if callable(metrics) else None)
+
+
+@dataclass
+class SuiteReport:
+    """What :func:`run_suite` did: the out folder, the records (in suite order), the summary, and how many rows this
+    call generated (``made``) and found finished (``resumed``)."""
+
+    out: Path
+    records: list
+    summary: dict
+    made: int
+    resumed: int
+
+
+def file_sha256(path: Union[str, os.PathLike]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(pipe, components: Sequence[str] = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2",
+                                                      "text_encoder_3")) -> str:
+    """SHA-256 of a pipeline's weights as they are in memory: every component's parameters and buffers (names,
+    dtypes, shapes and bytes, in a fixed order). Take it before loading adapters to name the base model."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in components:
+        module = getattr(pipe, name, None)
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for key, tensor in sorted(module.state_dict().items()):
+            tensor = tensor.detach().to("cpu").contiguous()
+            digest.update(f"{name}.{key}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- results file
+
+
+def read_records(path: Union[str, os.PathLike], repair: bool = False) -> list[dict]:
+    """The records of a results file. A last line without its newline or that is not JSON (a run killed while
+    writing it) is dropped, and with ``repair`` cut from the file so that appends start on a fresh line; a bad line
+    elsewhere is an :class:`EvaluationSettingsError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # after the last newline: b"" when the file ends with one
+    records = []
+    keep = len(data) - len(tail)
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "row_id" not in record:
+                raise ValueError("not a record")
+        except (ValueError, UnicodeDecodeError):
+            if number == len(lines) and not tail:  # a torn last line that happened to end in a newline
+                keep -= len(line) + 1
+                break
+            raise EvaluationSettingsError(f"{path}, line {number}: not a result record; remove that line or start "
+                                          "again in another folder") from None
+        records.append(record)
+    if repair and keep != len(data):
+        with open(path, "r+b") as handle:
+            handle.truncate(keep)
+    return records
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+
+def default_metrics(records: Records) -> dict:
+    """Figures of any judge's outputs: for each key, the rate of ``True`` (booleans), the mean (numbers), or the
+    share of each value (text, as ``key=value``); other values are not summarised."""
+    values: dict[str, list] = {}
+    for record in records:
+        for key, value in (record.get("judge") or {}).items():
+            values.setdefault(key, []).append(value)
+    figures: dict = {}
+    for key in sorted(values):
+        seen = values[key]
+        if all(isinstance(v, bool) for v in seen):
+            figures[key] = sum(seen) / len(seen)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in seen):
+            figures[key] = sum(seen) / len(seen)
+        elif all(isinstance(v, str) for v in seen):
+            for value in sorted(set(seen)):
+                figures[f"{key}={value}"] = seen.count(value) / len(seen)
+    return figures
+
+
+def summarize(records: Records, metrics: Optional[Callable[[Records], dict]] = None) -> dict:
+    """Figures over all records and over each category's records (a pure function of the records: the same
+    records in any order give the same figures)."""
+    metrics = metrics or default_metrics
+    ordered = sorted(records, key=lambda r: r["index"])
+    out = {"all": {"n": len(ordered), **_rounded(metrics(ordered))}}
+    categories = sorted({c for r in ordered for c in r.get("categories", ())})
+    by_category = {}
+    for category in categories:
+        subset = [r for r in ordered if category in r.get("categories", ())]
+        by_category[category] = {"n": len(subset), **_rounded(metrics(subset))}
+    if by_category:
+        out["by_category"] = by_category
+    return out
+
+
+def _rounded(figures: Mapping[str, Any]) -> dict:
+    return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in figures.items()}
+
+
+def _markdown(summary: dict) -> str:
+    figures = summary["figures"]
+    rows = [("all", figures["all"])] + list(figures.get("by_category", {}).items())
+    names = ["n"] + sorted({k for _, f in rows for k in f if k != "n"})
+
+    def show(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "" if value is None else str(value)
+
+    judge, suite = summary["judge"], summary["suite"]
+    lines = [f"# Evaluation: {suite['name']}", "",
+             f"- suite: `{suite['path']}` (sha256 {suite['sha256'][:12]}, {suite['rows']} of {suite['rows_in_file']} "
+             f"rows{', categories ' + ', '.join(suite['categories']) if suite['categories'] else ''})",
+             f"- model: {summary['model']['name']} (weights sha256 {summary['model']['weights_sha256'][:12]})",
+             *[f"- adapter: `{a['file']}` scale {a['scale']:g} (sha256 {a['sha256'][:12]})"
+               for a in summary["adapters"]],
+             f"- judge: {judge['name']} {judge['version']}".rstrip()
+             + (f", thresholds {json.dumps(judge['thresholds'], sort_keys=True)}" if judge["thresholds"] else ""),
+             f"- {summary['generation']['steps']} steps, seed {summary['generation']['seed']} + row index where the "
+             f"file gives none, guidance {summary['generation']['guidance_scale']:g} where it gives none; unsee "
+             f"{summary['unsee_version']}",
+             f"- complete: {'yes' if summary['complete'] else 'no'} ({summary['done']} of {summary['suite']['rows']} "
+             "rows)", "",
+             "| rows | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for label, values in rows:
+        lines.append(f"| {label} | " + " | ".join(show(values.get(name)) for name in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _contact_sheet(out: Path, records: Records) -> None:
+    shown = sorted(records, key=lambda r: r["index"])[:CONTACT_SHEET_IMAGES]
+    if not shown:
+        return
+    thumbs = []
+    for record in shown:
+        with Image.open(out / record["image"]) as image:
+            image = image.convert("RGB")
+            image.thumbnail((CONTACT_THUMB, CONTACT_THUMB))
+            thumbs.append((record["row_id"], image.copy()))
+    side = max(max(im.size) for _, im in thumbs)
+    label = 12
+    columns = min(8, len(thumbs))
+    rows = math.ceil(len(thumbs) / columns)
+    sheet = Image.new("RGB", (columns * side, rows * (side + label)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (row_id, image) in enumerate(thumbs):
+        x, y = (i % columns) * side, (i // columns) * (side + label)
+        sheet.paste(image, (x, y))
+        draw.text((x + 2, y + side), str(row_id)[: max(4, side // 6)], fill="black")
+    atomic_write(out / CONTACT_SHEET, lambda tmp: sheet.save(tmp, format="PNG"))
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def _row_seed(row: SuiteRow, seed: int) -> int:
+    return row.seed if row.seed is not None else (seed + row.index) % SEED_MODULUS
+
+
+def _image_name(row: SuiteRow) -> str:
+    return f"{IMAGES}/{row.index:06d}-{slug(row.row_id, fallback='row', limit=30)}.png"
+
+
+def _json_safe(value: Any, judge: str) -> Any:
+    try:
+        return json.loads(json.dumps(value, sort_keys=True, allow_nan=False))
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"the judge {judge} returned {type(value).__name__} output that is not JSON ({error}); "
+                        "return plain dicts of str, bool, int, float, lists") from None
+
+
+def _check_settings(out: Path, settings: dict) -> None:
+    path = out / RUN
+    if not path.is_file():
+        if (out / RESULTS).is_file():
+            raise EvaluationSettingsError(f"{out} holds {RESULTS} but no {RUN}; remove it or choose another folder")
+        return
+    try:
+        before = json.loads(path.read_text())
+    except ValueError:
+        raise EvaluationSettingsError(f"{path} is not JSON; remove the folder's results or choose another") from None
+    def comparable(values: dict) -> dict:  # the suite file may move: its SHA-256 names it
+        return {**values, "suite": {k: v for k, v in values.get("suite", {}).items() if k != "path"}}
+
+    before, now = comparable(before), comparable(settings)
+    differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if differ:
+        raise EvaluationSettingsError(f"{out} holds a run with other settings (they differ in: {', '.join(differ)}); "
+                                      "choose another out folder to start a new run")
+
+
+def run_suite(
+    pipe,
+    suite: Suite,
+    judge: SuiteJudge,
+    out: Union[str, os.PathLike],
+    *,
+    model: str = "",
+    model_sha256: Optional[str] = None,
+    adapters: Sequence[tuple[str, float]] = (),
+    seed: int = 0,
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 25,
+    batch_size: int = 8,
+    use_row_size: bool = False,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
+    guidance: Sequence = (),
+    negative_prompt: Optional[str] = None,
+    callback: Optional[Callable[[dict], None]] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+    version: Optional[str] = None,
+) -> SuiteReport:
+    """Generate one image per suite row, judge it, and write the report to ``out`` (resuming a run there).
+
+    Args:
+        pipe: a text-to-image pipeline with its adapters already loaded.
+        model: the model's name as the user gave it; model_sha256: its weights' hash (default: computed from
+            ``pipe`` now, adapters included — pass :func:`weights_sha256` taken before loading adapters).
+        adapters: (file, scale) of the adapters loaded on ``pipe``; their files' SHA-256 go into the report.
+        seed, guidance_scale: for rows that give none (a row's default seed is ``seed`` + its index in the file).
+        use_row_size: generate at the rows' width/height columns (off: the model's size, or ``height``/``width``).
+        guidance: unsee guidance methods for every call; negative_prompt: for every row.
+        callback: called with each record once it is written (raise to stop the run; it resumes later).
+        progress: called with (rows done, rows in the suite).
+    """
+    import sys
+
+    import torch
+
+    out = Path(out)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    guidance = list(guidance)
+    settings = {
+        "report_version": REPORT_VERSION,
+        "unsee_version": version or sys.modules["unsee"].__version__,  # the package above this module, loaded first
+        "suite": suite.describe(),
+        "model": {"name": model, "weights_sha256": model_sha256 or weights_sha256(pipe)},
+        "adapters": [{"file": str(p), "scale": float(s), "sha256": file_sha256(Path(p).expanduser())}
+                     for p, s in adapters],
+        "judge": judge.describe(),
+        "generation": {"steps": num_inference_steps, "seed": seed, "guidance_scale": float(guidance_scale),
+                       "batch_size": batch_size, "use_row_size": use_row_size, "height": height, "width": width,
+                       "negative_prompt": negative_prompt, "scheduler": type(getattr(pipe, "scheduler", None)).__name__,
+                       "guidance": [{"method": type(m).__name__, **_fields(m)} for m in guidance]},
+        "seeds": {"from_suite": sum(r.seed is not None for r in suite.rows),
+                  "default": sum(r.seed is None for r in suite.rows)},
+    }
+    settings = json.loads(json.dumps(settings, sort_keys=True))
+    _check_settings(out, settings)
+    (out / IMAGES).mkdir(parents=True, exist_ok=True)
+    atomic_write(out / RUN, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2, sort_keys=True)))
+    results = out / RESULTS
+    done = {r["row_id"]: r for r in read_records(results, repair=True)}
+    known = {row.row_id for row in suite.rows}
+    stray = sorted(set(done) - known)
+    if stray:
+        raise EvaluationSettingsError(f"{results} holds rows that are not in the suite ({', '.join(stray[:5])}); "
+                                      "choose another out folder")
+    resumed = len(done)
+    made = 0
+    rows = list(suite.rows)
+    if progress is not None:
+        progress(len(done), len(rows))
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        if all(row.row_id in done for row in batch):
+            continue
+        images = _generate(pipe, batch, seed=seed, guidance_scale=guidance_scale, steps=num_inference_steps,
+                           use_row_size=use_row_size, height=height, width=width, guidance=guidance,
+                           negative_prompt=negative_prompt, torch=torch)
+        outputs = judge.fn(images)
+        if not isinstance(outputs, (list, tuple)) or len(outputs) != len(images):
+            raise TypeError(f"the judge {judge.name} must return one output per image ({len(images)}), got "
+                            f"{len(outputs) if isinstance(outputs, (list, tuple)) else type(outputs).__name__}")
+        for row, image, output in zip(batch, images, outputs):
+            if row.row_id in done:
+                continue
+            name = _image_name(row)
+            atomic_write(out / name, lambda tmp, image=image: image.save(tmp, format="PNG"))
+            record = {
+                "row_id": row.row_id, "index": row.index, "prompt": row.prompt, "seed": _row_seed(row, seed),
+                "guidance": float(row.guidance if row.guidance is not None else guidance_scale),
+                "categories": list(row.categories), "width": image.size[0], "height": image.size[1],
+                "judge": _json_safe(output, judge.name), "image": name,
+            }
+            _append(results, record)
+            done[row.row_id] = record
+            made += 1
+            if callback is not None:
+                callback(record)
+            if progress is not None:
+                progress(len(done), len(rows))
+    records = sorted(done.values(), key=lambda r: r["index"])
+    summary = write_summary(out, settings, records, judge.metrics)
+    return SuiteReport(out=out, records=records, summary=summary, made=made, resumed=resumed)
+
+
+def write_summary(out: Union[str, os.PathLike], settings: dict, records: Records,
+                  metrics: Optional[Callable[[Records], dict]] = None) -> dict:
+    """Write ``summary.json``, ``summary.md`` and ``contact_sheet.png`` for ``records``; returns the summary."""
+    out = Path(out)
+    summary = {**settings, "done": len(records), "complete": len(records) == settings["suite"]["rows"],
+               "figures": summarize(records, metrics)}
+    text = json.dumps(summary, indent=2, sort_keys=True)
+    atomic_write(out / SUMMARY_JSON, lambda tmp: Path(tmp).write_text(text))
+    markdown = _markdown(summary)
+    atomic_write(out / SUMMARY_MD, lambda tmp: Path(tmp).write_text(markdown))
+    _contact_sheet(out, records)
+    return summary
+
+
+def _fields(method: Any) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(method) if dataclasses.is_dataclass(method) else {}
+
+
+def _generate(pipe, batch: list[SuiteRow], *, seed: int, guidance_scale: float, steps: int, use_row_size: bool,
+              height: Optional[int], width: Optional[int], guidance: list, negative_prompt: Optional[str],
+              torch: Any) -> list:
+    """The batch's images, in order: consecutive rows with the same guidance scale and size share one call, each
+    image from its own row-seeded generator."""
+    images: list = []
+    groups: list[tuple[tuple, list[SuiteRow]]] = []
+    for row in batch:
+        scale = row.guidance if row.guidance is not None else guidance_scale
+        size = (row.height, row.width) if use_row_size and row.height and row.width else (height, width)
+        key = (float(scale), size)
+        if groups and groups[-1][0] == key:
+            groups[-1][1].append(row)
+        else:
+            groups.append((key, [row]))
+    for (scale, (h, w)), rows in groups:
+        kwargs: dict = {}
+        if guidance:
+            kwargs["guidance"] = guidance
+        if negative_prompt is not None:
+            kwargs["negative_prompt"] = [negative_prompt] * len(rows)
+        result = pipe([row.prompt for row in rows], num_inference_steps=steps, guidance_scale=scale, height=h,
+                      width=w, generator=[torch.Generator(device="cpu").manual_seed(_row_seed(row, seed))
+                                          for row in rows], output_type="pil", **kwargs)
+        images.extend(result.images)
+    return images
