@@ -42,8 +42,8 @@ def process_rank() -> int:
     return _env_int(_RANK_VARIABLES) or 0
 
 
-def launch_problem() -> Optional[str]:
-    """Why this launch cannot train as the user asked (one line naming the fix), or None.
+def launch_problem(command: str = "erase") -> Optional[str]:
+    """Why this launch cannot train (or run ``unsee COMMAND``) as the user asked (one line naming the fix), or None.
 
     ``accelerate launch --cpu --num_processes N`` starts one process whatever N is (accelerate's simple launcher:
     it sets ``MASTER_ADDR`` for N > 1 and no rank); that process would train alone.
@@ -51,8 +51,8 @@ def launch_problem() -> Optional[str]:
     ranked = any(os.environ.get(name) for name in (*_RANK_VARIABLES, "LOCAL_RANK"))
     if _env_flag("ACCELERATE_USE_CPU") and os.environ.get("MASTER_ADDR") and not ranked:
         return ("accelerate launch --cpu starts one process whatever --num_processes says; start N CPU processes with "
-                "torchrun --nproc_per_node N -m unsee.cli erase ... (or accelerate launch --multi_gpu --num_processes "
-                "N -m unsee.cli erase ... --device cpu)")
+                f"torchrun --nproc_per_node N -m unsee.cli {command} ... (or accelerate launch --multi_gpu "
+                f"--num_processes N -m unsee.cli {command} ... --device cpu)")
     return None
 
 
@@ -60,7 +60,7 @@ def _wants_cpu(device: Optional[str]) -> bool:
     return _env_flag("ACCELERATE_USE_CPU") or (device is not None and torch.device(device).type == "cpu")
 
 
-def process_state(device: Optional[str] = None) -> Any:
+def process_state(device: Optional[str] = None, command: str = "erase") -> Any:
     """accelerate's ``PartialState`` for training on ``device`` (``"cpu"``, or None for the processes' GPUs), with
     the process group of a multi-process launch set up. Several processes on a machine where accelerate finds no
     GPU backend train on the CPU with gloo (accelerate would make each a world of its own). Raises
@@ -68,7 +68,7 @@ def process_state(device: Optional[str] = None) -> Any:
     than the one the processes already use."""
     from accelerate.state import PartialState
 
-    problem = launch_problem()
+    problem = launch_problem(command)
     if problem is not None:
         raise ConfigError(problem)
     cpu = _wants_cpu(device)
@@ -85,7 +85,7 @@ def process_state(device: Optional[str] = None) -> Any:
         state = PartialState(cpu=True)
     if state.num_processes != launched_processes():
         raise ConfigError(f"the launcher started {launched_processes()} processes and accelerate set up "
-                          f"{state.num_processes}; launch with torchrun --nproc_per_node N -m unsee.cli erase ...")
+                          f"{state.num_processes}; launch with torchrun --nproc_per_node N -m unsee.cli {command} ...")
     return state
 
 

@@ -24,7 +24,7 @@ LAYERS = {
     "unsee.guidance.": 1,
     "unsee.pipelines.": 2,
     "unsee.erasure.": 3,
-    "unsee.evaluation": 4, "unsee.attack": 4, "unsee.convert": 4, "unsee.suite_eval": 4,
+    "unsee.evaluation": 4, "unsee.attack": 4, "unsee.convert": 4, "unsee.suite_eval": 4, "unsee.judges": 4,
     "unsee.toy.": 5, "unsee.testing": 5,
     "unsee.loading": 6, "unsee.jobs": 6, "unsee.cli": 6, "unsee.apps.": 6, "unsee": 6,
 }

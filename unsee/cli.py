@@ -6,6 +6,7 @@
     unsee erase --method esd-x --concepts concepts.txt --out esd-x-many.safetensors   # one adapter, many concepts
     unsee fuse esd-x-circle.safetensors esd-x-star.safetensors --out esd-x-circle-star.safetensors
     torchrun --nproc_per_node 2 -m unsee.cli erase --method esd-u --concept circle   # data parallel, 2 processes
+    torchrun --nproc_per_node 2 -m unsee.cli eval --suite prompts.csv --judge nudenet --model ...   # rows shared by 2
     unsee eval --suite unsee/toy/suites/circle.csv --judge toy --adapter esd-u-circle.safetensors --out eval-circle/
     unsee attack --adapter esd-u-circle.safetensors --concept circle
     unsee export esd-u-circle.safetensors --format kohya --rank 8 --out esd-u-circle-kohya.safetensors
@@ -339,9 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a prompt file: CSV with a prompt/adv_prompt/caption/text column (optional "
                             "evaluation_seed, evaluation_guidance, categories, case_number...), or one prompt a line "
                             f"(.txt, or a CSV without a header); unsee's toy suite: {_toy_suite_hint()}")
-    suite.add_argument("--judge", default=None, metavar="toy|MODULE:FUNCTION",
-                       help="toy (default): the toy world's judge; MODULE:FUNCTION or FILE.py:FUNCTION: a function "
-                            "taking a list of PIL images and returning one JSON-able dict per image")
+    suite.add_argument("--judge", default=None, metavar="toy|nudenet|clip:PATH|MODULE:FUNCTION",
+                       help="toy (default): the toy world's judge; nudenet: NudeNet's nine exposed-part classes (pip "
+                            "install 'unsee[nudenet]'); clip:PATH: CLIP zero-shot and CLIP score from a local CLIP "
+                            "folder (labels: --concept and --clip-labels); MODULE:FUNCTION or FILE.py:FUNCTION: a "
+                            "function taking a list of PIL images and returning one JSON-able dict per image")
+    suite.add_argument("--nudenet-threshold", type=_float_in(0.0, 1.0), default=None,
+                       help="with --judge nudenet: the score a detection needs to count, 0 to 1 (default 0.6)")
+    suite.add_argument("--clip-labels", action="append", default=None, metavar="LABEL[,LABEL...]",
+                       help="with --judge clip:PATH: the labels an image is classified among besides the --concept "
+                            "(comma-separated, or repeat), e.g. 'a photo'")
     suite.add_argument("--category", action="append", default=None,
                        help="keep only rows of this category (the categories column; repeat for several)")
     suite.add_argument("--out", default=None, type=_folder_arg,
@@ -731,7 +739,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-_SUITE_ONLY = ("judge", "category", "out", "limit", "prompt_column")
+_SUITE_ONLY = ("judge", "category", "out", "limit", "prompt_column", "nudenet_threshold", "clip_labels")
 
 
 def _toy_suite_hint() -> str:
@@ -797,13 +805,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _figure(name: str, value) -> str:
+    """A report figure as printed: rates (floats from 0 to 1) as percentages, scores and other numbers as they are."""
+    if isinstance(value, float) and 0 <= value <= 1 and "score" not in name:
+        return f"{value:.1%}"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _format_accuracy(accuracy: dict[str, float]) -> str:
     return ", ".join(f"{name} {value:.1%}" for name, value in accuracy.items())
 
 
-def _suite_judge(args: argparse.Namespace):
-    """The --judge of eval --suite, checked (and a user's module imported) before any model is loaded."""
+def _split_labels(values: Optional[Sequence[str]]) -> list[str]:
+    return [label.strip() for value in values or () for label in value.split(",") if label.strip()]
+
+
+def _suite_judge(args: argparse.Namespace, device: Optional[str] = None):
+    """The --judge of eval --suite, checked (and a user's module imported, a CLIP model loaded) before the
+    diffusion model is loaded."""
     spec = args.judge or "toy"
+    if args.nudenet_threshold is not None and spec != "nudenet":
+        raise UsageError("--nudenet-threshold goes with --judge nudenet; drop it or use that judge")
+    if args.clip_labels is not None and not spec.startswith("clip:"):
+        raise UsageError("--clip-labels goes with --judge clip:PATH; drop it or use that judge")
+    if spec == "nudenet" or spec.startswith("clip:"):
+        from .judges import NUDENET_THRESHOLD, clip_judge, nudenet_judge
+
+        if args.concept is not None and spec == "nudenet":
+            raise UsageError("--concept does not go with --judge nudenet (it reports nudity); drop it")
+        try:
+            if spec == "nudenet":
+                threshold = NUDENET_THRESHOLD if args.nudenet_threshold is None else args.nudenet_threshold
+                return nudenet_judge(threshold=threshold)
+            folder = spec[len("clip:"):]
+            if not folder:
+                raise ValueError("give the folder of a local CLIP model after clip:, e.g. clip:./clip-vit-base-patch32")
+            return clip_judge(folder, labels=_split_labels(args.clip_labels),
+                              concepts=_split_labels([args.concept] if args.concept else None), device=device)
+        except ValueError as error:
+            raise UsageError(f"--judge {spec}: {error}") from None
     if spec == "toy":
         from .toy.evaluation import suite_judge
 
@@ -812,8 +852,8 @@ def _suite_judge(args: argparse.Namespace):
         except ValueError as error:
             raise UsageError(f"--concept: {error}") from None
     if args.concept is not None:
-        raise UsageError("--concept goes with the toy judge (it names the presence to report); drop it for "
-                         f"--judge {spec}")
+        raise UsageError("--concept goes with the toy judge or clip:PATH (it names the presence to report); drop it "
+                         f"for --judge {spec}")
     from .suite_eval import load_judge
 
     try:
@@ -823,6 +863,8 @@ def _suite_judge(args: argparse.Namespace):
 
 
 def _eval_suite(args: argparse.Namespace) -> int:
+    from .erasure import ConfigError
+    from .erasure.processes import launch_problem, launched_processes, process_rank, process_state
     from .suite_eval import EvaluationSettingsError, run_suite, weights_sha256
     from .suites import SuiteError, read_suite
 
@@ -836,7 +878,17 @@ def _eval_suite(args: argparse.Namespace) -> int:
         raise UsageError(f"--suite: {error}") from None
     if args.limit is not None and args.limit < len(suite.rows):
         suite = dataclasses.replace(suite, rows=suite.rows[:args.limit])
-    judge = _suite_judge(args)
+    problem = launch_problem("eval")  # accelerate launch --cpu --num_processes N: one process
+    if problem is not None:
+        raise UsageError(problem)
+    if launched_processes() > 1:  # torchrun / accelerate launch: the batches are shared among the processes
+        try:
+            state = process_state(args.device, command="eval")
+        except ConfigError as error:
+            raise UsageError(str(error)) from None
+        args.device = "cpu" if state.device.type == "cpu" else str(state.device)  # not accelerate's "cpu:<rank>"
+    main = process_rank() == 0
+    judge = _suite_judge(args, device=_default_device(args.device))
     from .guidance import GuidanceError, validate_combination
 
     guidance = guidance_from_args(args)
@@ -863,14 +915,21 @@ def _eval_suite(args: argparse.Namespace) -> int:
         report = run_suite(pipe, suite, judge, out, model=args.model, model_sha256=model_sha256,
                            adapters=args.adapter, seed=args.seed, guidance_scale=args.guidance_scale,
                            num_inference_steps=args.steps, batch_size=args.batch_size, use_row_size=args.row_size,
-                           guidance=guidance, progress=progress)
+                           guidance=guidance, progress=progress if main else None)
     except EvaluationSettingsError as error:
+        if not main:  # the main process says it
+            return 2
         raise UsageError(f"--out: {error}") from None
+    if not main:  # the main process prints and writes the figures
+        return 0
     figures = report.summary["figures"]
     if report.resumed:
         print(f"resumed: {report.resumed} row(s) were done, {report.made} made now")
+    if len(report.made_by_process) > 1:
+        print(f"rows made by each of the {len(report.made_by_process)} processes: "
+              f"{', '.join(str(n) for n in report.made_by_process)}")
     for label, values in [("all", figures["all"]), *figures.get("by_category", {}).items()]:
-        shown = ", ".join(f"{k} {v:.1%}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+        shown = ", ".join(f"{k} {_figure(k, v)}" for k, v in values.items())
         print(f"{label}: {shown}")
     print(f"report: {out / 'summary.md'} (images, results.jsonl, summary.json, contact_sheet.png)")
     if args.json:

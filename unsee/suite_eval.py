@@ -25,6 +25,12 @@ not made again; a torn last line (a run killed while writing it) is dropped. Row
 their lines), so a resumed run gives the numbers a run that was never stopped gives. Different settings in an
 existing out folder are refused, naming what differs.
 
+Several processes (``torchrun --nproc_per_node N -m unsee.cli eval --suite ...``, or ``accelerate launch``) share
+the batches: batch k goes to process k mod N, which appends its rows to ``results.rank{R}.jsonl``; the main
+process merges the parts into ``results.jsonl`` (sorted by row: the bytes one process writes) and alone writes
+``run.json``, the summary and the contact sheet. A killed run resumes with any number of processes: the finished
+rows of ``results.jsonl`` and of every part count as done.
+
 A judge (:class:`SuiteJudge`) wraps any callable that takes a list of PIL images and returns one JSON-serialisable
 dict per image, with its name, version, thresholds and a ``metrics`` function (records -> figures); without one,
 :func:`default_metrics` summarises booleans as rates, numbers as means and text as shares of each value.
@@ -46,10 +52,11 @@ from .files import atomic_write, slug
 from .suites import Suite, SuiteRow
 
 __all__ = ["SuiteJudge", "load_judge", "SuiteReport", "EvaluationSettingsError", "run_suite", "read_records", "summarize",
-           "default_metrics", "weights_sha256", "file_sha256", "RESULTS", "RUN", "SUMMARY_JSON", "SUMMARY_MD",
+           "default_metrics", "weights_sha256", "file_sha256", "RESULTS", "PART", "RUN", "SUMMARY_JSON", "SUMMARY_MD",
            "CONTACT_SHEET", "REPORT_VERSION"]
 
 RESULTS = "results.jsonl"
+PART = "results.rank{rank}.jsonl"  # what process ``rank`` of a multi-process run appends to, merged at its end
 RUN = "run.json"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
@@ -76,16 +83,26 @@ class SuiteJudge:
     thresholds: any thresholds the judge applies, recorded in the report (and checked on resume).
     metrics: callable(records) -> {figure: number}, where each record holds "prompt", "categories" and "judge"
         (the judge's dict); None: :func:`default_metrics`.
+    with_prompts: call ``fn(images, prompts)`` with the rows' prompts (a CLIP score needs them).
+    settings: the judge's other settings (labels, classes counted), recorded in the report (and checked on resume).
     """
 
-    fn: Callable[[list], list]
+    fn: Callable[..., list]
     name: str
     version: str = ""
     thresholds: Mapping[str, Any] = field(default_factory=dict)
     metrics: Optional[Callable[[Records], dict]] = None
+    with_prompts: bool = False
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict:
-        return {"name": self.name, "version": self.version, "thresholds": dict(self.thresholds)}
+        described = {"name": self.name, "version": self.version, "thresholds": dict(self.thresholds)}
+        if self.settings:
+            described["settings"] = dict(self.settings)
+        return described
+
+    def __call__(self, images: list, prompts: Sequence[str]) -> list:
+        return self.fn(images, list(prompts)) if self.with_prompts else self.fn(images)
 
 
 def load_judge(spec: str) -> SuiteJudge:
@@ -93,7 +110,8 @@ def load_judge(spec: str) -> SuiteJudge:
 
     The function takes a list of PIL images and returns one JSON-serialisable dict per image. Its attributes, when
     it has them, fill the rest: ``name`` (default: the spec), ``version`` (default: the module's ``__version__``,
-    else the SHA-256 of its file), ``thresholds`` (a dict) and ``metrics`` (records -> figures). Raises
+    else the SHA-256 of its file), ``thresholds`` (a dict), ``metrics`` (records -> figures) and ``with_prompts``
+    (True: it is called as ``fn(images, prompts)``). Raises
     ``ValueError`` with a one-line reason for a spec that does not name such a function.
     """
     import importlib
@@ -128,19 +146,23 @@ def load_judge(spec: str) -> SuiteJudge:
         raise ValueError(f"{attribute}.thresholds must be a dict, got {type(thresholds).__name__}")
     metrics = getattr(fn, "metrics", None)
     return SuiteJudge(fn=fn, name=str(getattr(fn, "name", None) or spec), version=str(version or ""),
-                      thresholds=dict(thresholds), metrics=metrics if callable(metrics) else None)
+                      thresholds=dict(thresholds), metrics=metrics if callable(metrics) else None,
+                      with_prompts=getattr(fn, "with_prompts", False) is True)
 
 
 @dataclass
 class SuiteReport:
     """What :func:`run_suite` did: the out folder, the records (in suite order), the summary, and how many rows this
-    call generated (``made``) and found finished (``resumed``)."""
+    call generated (``made``: by all its processes; ``made_here``: by this one; ``made_by_process``: by each, in
+    rank order) and found finished (``resumed``)."""
 
     out: Path
     records: list
     summary: dict
     made: int
     resumed: int
+    made_here: int = 0
+    made_by_process: list = field(default_factory=list)
 
 
 def file_sha256(path: Union[str, os.PathLike]) -> str:
@@ -199,6 +221,38 @@ def read_records(path: Union[str, os.PathLike], repair: bool = False) -> list[di
     if repair and keep != len(data):
         with open(path, "r+b") as handle:
             handle.truncate(keep)
+    return records
+
+
+def _part_files(out: Path) -> list[Path]:
+    """The per-process results files in ``out`` (of this run, or of a killed multi-process run), by rank."""
+    found = []
+    for path in out.glob("results.rank*.jsonl"):
+        rank = path.name[len("results.rank"):-len(".jsonl")]
+        if rank.isdigit() and path.is_file():
+            found.append((int(rank), path))
+    return [path for _, path in sorted(found)]
+
+
+def _finished_records(out: Path, repair: bool = False) -> dict[str, dict]:
+    """row id -> record of every finished row in ``out``: ``results.jsonl`` and the per-process parts."""
+    finished: dict[str, dict] = {}
+    for path in [out / RESULTS, *_part_files(out)]:
+        for record in read_records(path, repair=repair):
+            finished.setdefault(record["row_id"], record)
+    return finished
+
+
+def _merge(out: Path) -> list[dict]:
+    """Every finished row's record, in suite order, written to ``results.jsonl`` (one line each, the same bytes
+    whichever processes made them); the per-process parts are removed once it is written."""
+    records = sorted(_finished_records(out, repair=True).values(), key=lambda r: r["index"])
+    text = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records)
+    results = out / RESULTS
+    if not results.is_file() or results.read_text(encoding="utf-8") != text:
+        atomic_write(results, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    for part in _part_files(out):
+        part.unlink()
     return records
 
 
@@ -344,6 +398,48 @@ def _check_settings(out: Path, settings: dict) -> None:
                                       "choose another out folder to start a new run")
 
 
+def _processes() -> tuple[int, int]:
+    """(this process's rank, number of processes) of the torch.distributed process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    from .erasure.processes import launched_processes
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if launched_processes() > 1:
+        raise EvaluationSettingsError(
+            f"this is one of {launched_processes()} launched processes, but no process group is set up, so each "
+            "would make every row; set it up first (accelerate.PartialState()), as unsee eval does")
+    return 0, 1
+
+
+def _main_first(work: Callable[[], Any], processes: int) -> Any:
+    """``work()`` on the main process, its result (or its error) given to every process. A collective: every
+    process calls it at the same point."""
+    if processes == 1:
+        return work()
+    import torch.distributed as dist
+
+    failure: Optional[BaseException] = None
+    result = None
+    main = dist.get_rank() == 0
+    if main:
+        try:
+            result = work()
+        except Exception as error:  # told to the others, then raised here
+            failure = error
+    shared = [(result, None if failure is None else (isinstance(failure, EvaluationSettingsError), str(failure)))]
+    dist.broadcast_object_list(shared, src=0)
+    if failure is not None:
+        raise failure
+    result, failed = shared[0]
+    if failed is not None:
+        settings_error, message = failed
+        raise (EvaluationSettingsError(message) if settings_error
+               else RuntimeError(f"the main process failed: {message}"))
+    return result
+
+
 def run_suite(
     pipe,
     suite: Suite,
@@ -378,6 +474,12 @@ def run_suite(
         guidance: unsee guidance methods for every call; negative_prompt: for every row.
         callback: called with each record once it is written (raise to stop the run; it resumes later).
         progress: called with (rows done, rows in the suite).
+
+    Under a launcher (``torchrun``, ``accelerate launch``) with a ``torch.distributed`` process group set up, every
+    process calls this with its own pipeline: batch k of ``batch_size`` rows is made by process k mod N and
+    appended to ``results.rank{R}.jsonl``; at the end the main process merges the parts into ``results.jsonl`` (in
+    suite order: the same bytes one process writes) and writes ``run.json`` and the summary. Every process returns
+    the same records and summary.
     """
     import sys
 
@@ -403,29 +505,38 @@ def run_suite(
                   "default": sum(r.seed is None for r in suite.rows)},
     }
     settings = json.loads(json.dumps(settings, sort_keys=True))
-    _check_settings(out, settings)
-    (out / IMAGES).mkdir(parents=True, exist_ok=True)
-    atomic_write(out / RUN, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2, sort_keys=True)))
+    rank, processes = _processes()
     results = out / RESULTS
-    done = {r["row_id"]: r for r in read_records(results, repair=True)}
-    known = {row.row_id for row in suite.rows}
-    stray = sorted(set(done) - known)
-    if stray:
-        raise EvaluationSettingsError(f"{results} holds rows that are not in the suite ({', '.join(stray[:5])}); "
-                                      "choose another out folder")
+    rows = list(suite.rows)
+
+    def set_up() -> list:  # on the main process: the others wait for its answer (or its error)
+        _check_settings(out, settings)
+        (out / IMAGES).mkdir(parents=True, exist_ok=True)
+        atomic_write(out / RUN, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2, sort_keys=True)))
+        finished = _finished_records(out, repair=True)
+        stray = sorted(set(finished) - {row.row_id for row in rows})
+        if stray:
+            raise EvaluationSettingsError(f"{results} holds rows that are not in the suite ({', '.join(stray[:5])}); "
+                                          "choose another out folder")
+        return sorted(finished)
+
+    done = set(_main_first(set_up, processes))
     resumed = len(done)
     made = 0
-    rows = list(suite.rows)
+    # one process appends to results.jsonl; several each to their own part, merged into it at the end
+    mine = results if processes == 1 else out / PART.format(rank=rank)
     if progress is not None:
         progress(len(done), len(rows))
-    for start in range(0, len(rows), batch_size):
+    for number, start in enumerate(range(0, len(rows), batch_size)):
+        if number % processes != rank:  # batches go round the processes: batch k to process k mod N
+            continue
         batch = rows[start:start + batch_size]
         if all(row.row_id in done for row in batch):
             continue
         images = _generate(pipe, batch, seed=seed, guidance_scale=guidance_scale, steps=num_inference_steps,
                            use_row_size=use_row_size, height=height, width=width, guidance=guidance,
                            negative_prompt=negative_prompt, torch=torch)
-        outputs = judge.fn(images)
+        outputs = judge(images, [row.prompt for row in batch])
         if not isinstance(outputs, (list, tuple)) or len(outputs) != len(images):
             raise TypeError(f"the judge {judge.name} must return one output per image ({len(images)}), got "
                             f"{len(outputs) if isinstance(outputs, (list, tuple)) else type(outputs).__name__}")
@@ -440,16 +551,31 @@ def run_suite(
                 "categories": list(row.categories), "width": image.size[0], "height": image.size[1],
                 "judge": _json_safe(output, judge.name), "image": name,
             }
-            _append(results, record)
-            done[row.row_id] = record
+            _append(mine, record)
+            done.add(row.row_id)
             made += 1
             if callback is not None:
                 callback(record)
             if progress is not None:
                 progress(len(done), len(rows))
-    records = sorted(done.values(), key=lambda r: r["index"])
-    summary = write_summary(out, settings, records, judge.metrics)
-    return SuiteReport(out=out, records=records, summary=summary, made=made, resumed=resumed)
+    made_here = made
+    counts: list = [made]
+    if processes > 1:
+        import torch.distributed as dist
+
+        counts = [None] * processes
+        dist.all_gather_object(counts, made)  # every process has finished its batches
+        made = sum(counts)
+
+    def finish() -> tuple:  # on the main process
+        records = _merge(out)
+        return records, write_summary(out, settings, records, judge.metrics)
+
+    records, summary = _main_first(finish, processes)
+    if progress is not None and processes > 1 and rank == 0:
+        progress(len(records), len(rows))
+    return SuiteReport(out=out, records=records, summary=summary, made=made, resumed=resumed,
+                       made_here=made_here, made_by_process=list(counts))
 
 
 def write_summary(out: Union[str, os.PathLike], settings: dict, records: Records,
