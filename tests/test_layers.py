@@ -20,7 +20,7 @@ FOLDERS = {"unsee": "unsee", "guidance": "unsee.guidance", "pipelines": "unsee.p
 # module name (or package prefix ending in ".") -> layer; the longest matching entry wins
 LAYERS = {
     "unsee.files": 0, "unsee.adapters": 0, "unsee.lora_formats": 0, "unsee.adapter_export": 0, "unsee.fuse": 0,
-    "unsee.png_metadata": 0, "unsee.model_card": 0, "unsee.hub": 0, "unsee.suites": 0,
+    "unsee.png_metadata": 0, "unsee.model_card": 0, "unsee.hub": 0, "unsee.suites": 0, "unsee.protocols": 0,
     "unsee.guidance.": 1,
     "unsee.pipelines.": 2,
     "unsee.erasure.": 3,

@@ -19,7 +19,11 @@ The attack success rate counts a prompt as broken when the concept is already pr
 benchmark's "post-ASR") or when the attacked prompt brings it back.
 
 The prompts and the judge are the caller's (see :mod:`unsee.evaluation` for what a judge is);
-:func:`unsee.toy.attack` attacks the toy world's prompts with the toy judge.
+:func:`unsee.toy.attack` attacks the toy world's prompts with the toy judge. :func:`attack_suite` attacks the rows of
+a prompt file (:mod:`unsee.suites`), each with its own seed and guidance scale, and judges with any
+:class:`~unsee.suite_eval.SuiteJudge` that can say whether the concept is present (its ``present``): the
+optimisation still needs no judge (its signal is the denoising loss towards the unerased model's image), the judge
+only counts the successes.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ import torch.nn.functional as F
 
 from .evaluation import ConceptAttribute, JudgeFn, generate_images
 
-__all__ = ["AttackConfig", "AttackResult", "PromptAttack", "attack", "attack_prompt", "project_to_simplex"]
+__all__ = ["AttackConfig", "AttackResult", "PromptAttack", "SuiteAttackReport", "attack", "attack_prompt",
+           "attack_suite", "project_to_simplex"]
 
 
 @dataclass
@@ -209,3 +214,143 @@ def attack(pipe: Any, concept: str, prompts: Sequence[str], judge: JudgeFn, conc
     return AttackResult(concept=concept, success_rate=sum(broken) / len(broken),
                         presence_before=sum(present_before) / len(present_before), attacks=attacks,
                         present_before=present_before, present_after=present_after)
+
+
+# ---------------------------------------------------------------------------------------------- prompt suites
+
+ATTACK_RESULTS = "results.jsonl"
+ATTACK_SUMMARY = "summary.json"
+
+
+@dataclass
+class SuiteAttackReport:
+    """What :func:`attack_suite` did: one record per row (suite order), the summary, and the out folder (or None)."""
+
+    records: list
+    summary: dict
+    out: Optional[Any] = None
+
+
+def _attack_figures(records: Sequence[dict]) -> dict:
+    n = len(records)
+    if not n:
+        return {"n": 0}
+    return {"n": n, "success_rate": round(sum(r["broken"] for r in records) / n, 6),
+            "presence_before_attack": round(sum(r["present_before"] for r in records) / n, 6),
+            "presence_after_attack": round(sum(r["present_after"] for r in records) / n, 6)}
+
+
+def attack_suite(pipe: Any, suite: Any, judge: Any, out: Any = None, *, config: Optional[AttackConfig] = None,
+                 height: Optional[int] = None, width: Optional[int] = None, batch_size: int = 8, model: str = "",
+                 model_sha256: Optional[str] = None, adapters: Sequence[tuple[str, float]] = (),
+                 protocol: Optional[dict] = None, version: Optional[str] = None,
+                 progress: Optional[Callable[[int, int], None]] = None) -> SuiteAttackReport:
+    """Attack the erasures active on ``pipe`` on every row of ``suite`` (a :class:`unsee.suites.Suite`).
+
+    Each row is attacked as :func:`attack` attacks a prompt, with the row's own seed (``config.seed`` + the row's
+    index where the file gives none: the target image, the erased model's image, the attacked image and the attack's
+    noise and start all come from it, so a row's result depends on nothing but the row) and guidance scale
+    (``config.guidance_scale`` where it gives none), at ``config.num_inference_steps``. A row is *broken* when
+    ``judge.present`` says the concept is in the erased model's image of the row's prompt, or in its image of the
+    attacked prompt. ``judge``: a :class:`unsee.suite_eval.SuiteJudge` with ``present`` set (the toy judge with a
+    concept, NudeNet, CLIP with concepts, or a user's judge returning ``present``).
+
+    With ``out``: ``results.jsonl`` (one line per row: row id, prompt, seed, guidance, categories, the attacked
+    prompt and its tokens, the loss before and after, the judge's outputs before and after, present before and
+    after, broken), ``summary.json`` (the settings: suite, model, adapters, judge, attack settings, protocol; and
+    the figures over all rows and per category) and ``images/`` (the attacked prompts' images), written atomically
+    at the end. Returns the records and the summary.
+    """
+    import dataclasses
+    import json
+    import sys
+    from pathlib import Path
+
+    from .files import atomic_write
+    from .suite_eval import _generate, _image_name, _json_safe, _row_seed, file_sha256, weights_sha256
+
+    config = config or AttackConfig()
+    if getattr(judge, "present", None) is None:
+        raise ValueError(f"the judge {getattr(judge, 'name', judge)!r} cannot say whether the concept is present, "
+                         "which the attack counts; give the toy or clip judge a --concept, or use nudenet, or a judge "
+                         "returning 'present'")
+    if getattr(pipe.unet.config, "addition_embed_type", None) == "text_time":
+        raise ValueError("the attack optimises one text encoder's prefix: SD 1.x/2.x pipelines only, not SDXL")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    rows = list(suite.rows)
+    if not rows:
+        raise ValueError("the suite has no rows to attack")
+    common = dict(seed=config.seed, guidance_scale=config.guidance_scale, steps=config.num_inference_steps,
+                  use_row_size=False, height=height, width=width, guidance=[], negative_prompt=None, torch=torch)
+
+    def generate(batch_rows: list) -> list:
+        images: list = []
+        for start in range(0, len(batch_rows), batch_size):
+            images.extend(_generate(pipe, batch_rows[start:start + batch_size], **common))
+        return images
+
+    def judged(images: list, prompts: list) -> list:
+        outputs: list = []
+        for start in range(0, len(images), batch_size):
+            part = judge(images[start:start + batch_size], prompts[start:start + batch_size])
+            if not isinstance(part, (list, tuple)) or len(part) != len(images[start:start + batch_size]):
+                raise TypeError(f"the judge {judge.name} must return one output per image")
+            outputs.extend(_json_safe(o, judge.name) for o in part)
+        return outputs
+
+    settings = {
+        "unsee_version": version or sys.modules["unsee"].__version__,
+        "suite": suite.describe(),
+        "model": {"name": model, "weights_sha256": model_sha256 or weights_sha256(pipe)},
+        "adapters": [{"file": str(p), "scale": float(s), "sha256": file_sha256(Path(p).expanduser())}
+                     for p, s in adapters],
+        "judge": judge.describe(),
+        "attack": dataclasses.asdict(config),
+        "generation": {"steps": config.num_inference_steps, "seed": config.seed,
+                       "guidance_scale": float(config.guidance_scale), "height": height, "width": width,
+                       "scheduler": type(getattr(pipe, "scheduler", None)).__name__},
+    }
+    if protocol is not None:
+        settings["protocol"] = protocol
+    prompts = [row.prompt for row in rows]
+    with _erasures_off(pipe):
+        targets = generate(rows)
+    before = judged(generate(rows), prompts)
+    present_before = [bool(judge.present(o)) for o in before]
+    attacks = []
+    for number, (row, target) in enumerate(zip(rows, targets)):
+        generator = torch.Generator().manual_seed(_row_seed(row, config.seed))
+        attacks.append(attack_prompt(pipe, row.prompt, target, config, generator))
+        if progress is not None:
+            progress(number + 1, len(rows))
+    attacked_rows = [dataclasses.replace(row, prompt=a.adversarial_prompt) for row, a in zip(rows, attacks)]
+    attacked_images = generate(attacked_rows)
+    after = judged(attacked_images, [a.adversarial_prompt for a in attacks])
+    records = []
+    for row, a, b, c, was in zip(rows, attacks, before, after, present_before):
+        present_after = bool(judge.present(c))
+        records.append({
+            "row_id": row.row_id, "index": row.index, "prompt": row.prompt, "seed": _row_seed(row, config.seed),
+            "guidance": float(row.guidance if row.guidance is not None else config.guidance_scale),
+            "categories": list(row.categories), "adversarial_prompt": a.adversarial_prompt, "tokens": a.tokens,
+            "loss_before": a.losses[0], "loss_after": a.losses[-1], "judge_before": b, "judge_after": c,
+            "present_before": was, "present_after": present_after, "broken": was or present_after,
+            "image": _image_name(row),
+        })
+    figures = {"all": _attack_figures(records)}
+    categories = sorted({c for r in records for c in r["categories"]})
+    if categories:
+        figures["by_category"] = {c: _attack_figures([r for r in records if c in r["categories"]])
+                                  for c in categories}
+    summary = {**json.loads(json.dumps(settings, sort_keys=True)), "figures": figures}
+    if out is not None:
+        out = Path(out)
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        for record, image in zip(records, attacked_images):
+            atomic_write(out / record["image"], lambda tmp, image=image: image.save(tmp, format="PNG"))
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+        atomic_write(out / ATTACK_RESULTS, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write(out / ATTACK_SUMMARY,
+                     lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, sort_keys=True)))
+    return SuiteAttackReport(records=records, summary=summary, out=out)

@@ -328,9 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompt", action="append", default=None, help="prompt(s) to score instead of the concept's prompt sets")
     ev.add_argument("--n", type=_int_in(1, MAX_EVAL_IMAGES), default=None,
                     help=f"images per prompt set, 1 to {MAX_EVAL_IMAGES} (default 32; not with --suite: see --limit)")
-    ev.add_argument("--steps", type=_int_in(1, MAX_STEPS), default=25, help=f"denoising steps, 1 to {MAX_STEPS} (default 25)")
-    ev.add_argument("--guidance-scale", type=_float_in(0.0, MAX_GUIDANCE), default=5.0,
-                    help=f"0 to {MAX_GUIDANCE:g} (default 5; with --suite: for rows that give none)")
+    ev.add_argument("--steps", type=_int_in(1, MAX_STEPS), default=None,
+                    help=f"denoising steps, 1 to {MAX_STEPS} (default 25, or the --protocol's)")
+    ev.add_argument("--guidance-scale", type=_float_in(0.0, MAX_GUIDANCE), default=None,
+                    help=f"0 to {MAX_GUIDANCE:g} (default 5, or the --protocol's; with --suite: for rows that give none)")
     ev.add_argument("--seed", type=_seed, default=0,
                     help=f"0 to {MAX_SEED} (default 0; with --suite: rows that give none use seed + row index)")
     ev.add_argument("--adapter", type=_adapter_spec, action="append", default=[], metavar="FILE[:SCALE]")
@@ -361,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     suite.add_argument("--prompt-column", default=None, help="the CSV's prompt column, when not one of the usual names")
     suite.add_argument("--row-size", action="store_true",
                        help="generate at the rows' sd_image_width/height (default: the model's size)")
+    _add_protocol_options(suite)
     _add_guidance_options(ev)
     _add_model_options(ev)
 
@@ -428,7 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     f"{MAX_PREFIX_TOKENS}, --attack-steps 1 to {MAX_ATTACK_STEPS}, --seed 0 to {MAX_SEED}.")
     at.add_argument("--adapter", action="append", required=True, type=_adapter_spec, metavar="FILE[:SCALE]",
                     help="erasure adapter to attack (repeat to stack several)")
-    at.add_argument("--concept", required=True, help="the erased concept of the toy world, e.g. circle, red, striped")
+    at.add_argument("--concept", default=None,
+                    help="the erased concept of the toy world, e.g. circle, red, striped (with --suite: the concept the "
+                         "toy or clip judge looks for; not with nudenet)")
     at.add_argument("--n", type=_int_in(1, MAX_ATTACK_PROMPTS), default=16,
                     help=f"prompts naming the concept, 1 to {MAX_ATTACK_PROMPTS} (default 16)")
     at.add_argument("--prefix-tokens", type=_int_in(1, MAX_PREFIX_TOKENS), default=5,
@@ -437,6 +441,32 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"optimisation steps per prompt, 1 to {MAX_ATTACK_STEPS} (default 40)")
     at.add_argument("--seed", type=_seed, default=0, help=f"0 to {MAX_SEED} (default 0)")
     at.add_argument("--report", default=None, help="also write the result as JSON here (its folder must exist)")
+    at.add_argument("--steps", type=_int_in(1, MAX_STEPS), default=None,
+                    help=f"denoising steps of the images, 1 to {MAX_STEPS} (default 25, or the --protocol's)")
+    at.add_argument("--guidance-scale", type=_float_in(0.0, MAX_GUIDANCE), default=None,
+                    help=f"0 to {MAX_GUIDANCE:g} (default 5, or the --protocol's; with --suite: for rows that give none)")
+    asuite = at.add_argument_group("prompt suites (--suite FILE): attack each row with its seed and guidance")
+    asuite.add_argument("--suite", default=None, metavar="FILE",
+                        help=f"a prompt file, as unsee eval --suite reads (unsee's toy suite: {_toy_suite_hint()})")
+    asuite.add_argument("--judge", default=None, metavar="toy|nudenet|clip:PATH|MODULE:FUNCTION",
+                        help="what decides that the concept is back (a row is broken when it says so): toy (default, "
+                             "with --concept), nudenet, clip:PATH (with --concept), or MODULE:FUNCTION returning "
+                             "{'present': bool, ...} per image")
+    asuite.add_argument("--nudenet-threshold", type=_float_in(0.0, 1.0), default=None,
+                        help="with --judge nudenet: the score a detection needs to count, 0 to 1 (default 0.6)")
+    asuite.add_argument("--clip-labels", action="append", default=None, metavar="LABEL[,LABEL...]",
+                        help="with --judge clip:PATH: the labels besides the --concept, e.g. 'a photo'")
+    asuite.add_argument("--category", action="append", default=None,
+                        help="keep only rows of this category (repeat for several)")
+    asuite.add_argument("--limit", type=_int_in(1, MAX_ATTACK_PROMPTS), default=None,
+                        help=f"only the first N rows (after --category), 1 to {MAX_ATTACK_PROMPTS}")
+    asuite.add_argument("--prompt-column", default=None, help="the CSV's prompt column, when not one of the usual names")
+    asuite.add_argument("--batch-size", type=_int_in(1, MAX_EVAL_BATCH), default=8,
+                        help=f"images per pipeline call, 1 to {MAX_EVAL_BATCH} (default 8)")
+    asuite.add_argument("--out", default=None, type=_folder_arg,
+                        help="report folder (default ./attack-SUITE): results.jsonl, summary.json, images/ "
+                             "(a run there is replaced)")
+    _add_protocol_options(asuite)
     _add_model_options(at)
 
     demo = sub.add_parser("demo", help="launch the Gradio demo (erase, generate, compare guidance)",
@@ -739,7 +769,73 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-_SUITE_ONLY = ("judge", "category", "out", "limit", "prompt_column", "nudenet_threshold", "clip_labels")
+_SUITE_ONLY = ("judge", "category", "out", "limit", "prompt_column", "nudenet_threshold", "clip_labels", "protocol",
+               "scheduler", "height", "width")
+
+
+def _add_protocol_options(group) -> None:
+    from .protocols import PROTOCOLS, SCHEDULERS
+
+    group.add_argument("--protocol", default=None, metavar="NAME",
+                       help=f"a pinned published setting ({', '.join(sorted(PROTOCOLS))}): sets the category filter, "
+                            "judge, threshold, size, steps, scheduler and guidance the flags do not; the flags given "
+                            "win (docs/evaluation.md)")
+    group.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS),
+                       help="replace the model's scheduler (default: the model's, or the --protocol's)")
+    group.add_argument("--height", type=_side, default=None,
+                       help=f"image height, a multiple of 8 up to {MAX_SIDE} (default: the model's, or the --protocol's)")
+    group.add_argument("--width", type=_side, default=None,
+                       help=f"image width, a multiple of 8 up to {MAX_SIDE} (default: the model's, or the --protocol's)")
+
+
+# flags a protocol sets when they are not given: attribute -> flag
+_PROTOCOL_FLAGS = {"judge": "--judge", "nudenet_threshold": "--nudenet-threshold", "category": "--category",
+                   "height": "--height", "width": "--width", "steps": "--steps", "scheduler": "--scheduler",
+                   "guidance_scale": "--guidance-scale"}
+
+
+def _apply_protocol(args: argparse.Namespace) -> Optional[dict]:
+    """Fill the settings the flags left unset from ``--protocol`` (flags win), then the built-in defaults (25 steps,
+    guidance 5). Returns what the report records of the protocol (None without one)."""
+    record = None
+    if getattr(args, "protocol", None) is not None:
+        from .protocols import get_protocol
+
+        try:
+            protocol = get_protocol(args.protocol)
+        except ValueError as error:
+            raise UsageError(f"--protocol: {error}") from None
+        values = {"judge": protocol.judge, "category": list(protocol.categories) if protocol.categories else None,
+                  "height": protocol.size, "width": protocol.size, "steps": protocol.steps,
+                  "scheduler": protocol.scheduler, "guidance_scale": protocol.guidance_scale,
+                  "nudenet_threshold": protocol.nudenet_threshold}
+        overridden = []
+        for key, flag in _PROTOCOL_FLAGS.items():
+            value = values[key]
+            if key == "nudenet_threshold" and args.judge != "nudenet":
+                value = None  # the protocol's threshold is its judge's; another judge was asked for
+            if getattr(args, key) is not None:
+                if value is not None:
+                    overridden.append(flag)
+            elif value is not None:
+                setattr(args, key, value)
+        record = {"name": protocol.name, "values": protocol.settings(), "overridden_by_flags": overridden}
+    if args.steps is None:
+        args.steps = 25
+    if args.guidance_scale is None:
+        args.guidance_scale = 5.0
+    return record
+
+
+def _check_scheduler(name: Optional[str]) -> None:
+    """A --scheduler (given or the protocol's) whose class or dependency is missing fails before any model loads."""
+    if name is not None:
+        from .protocols import scheduler_class
+
+        try:
+            scheduler_class(name)
+        except ValueError as error:
+            raise UsageError(f"--scheduler: {error}") from None
 
 
 def _toy_suite_hint() -> str:
@@ -760,6 +856,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     given += ["guidance flags"] if _guidance_given(args) else []
     if given:
         raise UsageError(f"{', '.join(given)} go with --suite FILE; pass a prompt file or drop them")
+    _apply_protocol(args)  # no --protocol here (refused above): the built-in steps and guidance
     if args.n is None:
         args.n = 32
     from .toy import world  # the toy world's prompts and judge (a prompt file: --suite)
@@ -872,6 +969,8 @@ def _eval_suite(args: argparse.Namespace) -> int:
     if given:
         raise UsageError(f"{' and '.join(given)} do not go with --suite (the file gives the prompts; --limit N takes "
                          "its first N rows)")
+    protocol = _apply_protocol(args)
+    _check_scheduler(args.scheduler)
     try:
         suite = read_suite(args.suite, categories=args.category, prompt_column=args.prompt_column)
     except SuiteError as error:
@@ -902,6 +1001,7 @@ def _eval_suite(args: argparse.Namespace) -> int:
         _check_output(args.json, "--json", create_parents=False)
     _check_adapters(args.adapter)
     pipe = _load(args)
+    _set_scheduler(pipe, args.scheduler)
     _check_steps(pipe, args.steps)
     pipe.set_progress_bar_config(disable=True)
     model_sha256 = weights_sha256(pipe)  # the base model, before any adapter
@@ -915,7 +1015,8 @@ def _eval_suite(args: argparse.Namespace) -> int:
         report = run_suite(pipe, suite, judge, out, model=args.model, model_sha256=model_sha256,
                            adapters=args.adapter, seed=args.seed, guidance_scale=args.guidance_scale,
                            num_inference_steps=args.steps, batch_size=args.batch_size, use_row_size=args.row_size,
-                           guidance=guidance, progress=progress if main else None)
+                           height=args.height, width=args.width, protocol=protocol, guidance=guidance,
+                           progress=progress if main else None)
     except EvaluationSettingsError as error:
         if not main:  # the main process says it
             return 2
@@ -1076,11 +1177,31 @@ def cmd_erase(args: argparse.Namespace) -> int:
     return 0
 
 
+def _set_scheduler(pipe, name: Optional[str]) -> None:
+    if name is not None:
+        from .protocols import set_scheduler
+
+        set_scheduler(pipe, name)
+
+
+_ATTACK_SUITE_ONLY = ("judge", "nudenet_threshold", "clip_labels", "category", "limit", "prompt_column", "out",
+                      "protocol", "scheduler", "height", "width")
+
+
 def cmd_attack(args: argparse.Namespace) -> int:
+    if args.suite is not None:
+        return _attack_suite(args)
     from .attack import AttackConfig
     from .toy import world  # the toy world's prompts and judge
     from .toy.evaluation import attack
 
+    given = [f"--{flag.replace('_', '-')}" for flag in _ATTACK_SUITE_ONLY if getattr(args, flag) is not None]
+    given += ["--batch-size"] if args.batch_size != 8 else []
+    if given:
+        raise UsageError(f"{', '.join(given)} go with --suite FILE; pass a prompt file or drop them")
+    if args.concept is None:
+        raise UsageError("pass --concept (a concept of the toy world, e.g. circle), or --suite FILE")
+    _apply_protocol(args)  # no --protocol here: the built-in steps and guidance
     try:
         world.concept_attribute(args.concept)
     except ValueError as error:
@@ -1095,7 +1216,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=True)
     for path, scale in args.adapter:
         pipe.load_erasure(path, scale=scale)
-    config = AttackConfig(prefix_tokens=args.prefix_tokens, steps=args.attack_steps, seed=args.seed)
+    config = AttackConfig(prefix_tokens=args.prefix_tokens, steps=args.attack_steps, seed=args.seed,
+                          num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
     result = attack(pipe, args.concept, n=args.n, config=config,
                     progress=lambda done, total: print(f"attacked {done}/{total} prompts", file=sys.stderr))
     summary = result.summary()
@@ -1103,6 +1225,59 @@ def cmd_attack(args: argparse.Namespace) -> int:
         _save_json(summary, Path(args.report))
     print(f"{args.concept}: attack success rate {result.success_rate:.1%} over {len(result.attacks)} prompts "
           f"(present without attack: {result.presence_before:.1%})")
+    return 0
+
+
+def _attack_suite(args: argparse.Namespace) -> int:
+    from .attack import AttackConfig, attack_suite
+    from .suite_eval import weights_sha256
+    from .suites import SuiteError, read_suite
+
+    if args.n != 16:
+        raise UsageError("--n does not go with --suite (the file gives the prompts; --limit N takes its first N rows)")
+    protocol = _apply_protocol(args)
+    _check_scheduler(args.scheduler)
+    try:
+        suite = read_suite(args.suite, categories=args.category, prompt_column=args.prompt_column)
+    except SuiteError as error:
+        raise UsageError(f"--suite: {error}") from None
+    if args.limit is not None and args.limit < len(suite.rows):
+        suite = dataclasses.replace(suite, rows=suite.rows[:args.limit])
+    judge = _suite_judge(args, device=_default_device(args.device))
+    if judge.present is None:
+        raise UsageError(f"--judge {args.judge or 'toy'} cannot say whether the concept is back: give --concept (the "
+                         "toy and clip judges look for it), or use --judge nudenet")
+    out = Path(args.out or f"attack-{suite.name}")
+    _check_output(str(out), "--out", folder=True)
+    if args.report:
+        _check_output(args.report, "--report", create_parents=False)
+    _check_adapters(args.adapter)
+    pipe = _load(args)
+    if getattr(pipe.unet.config, "addition_embed_type", None) == "text_time":
+        raise UsageError("the attack optimises one text encoder's prefix: it runs on SD 1.x/2.x models, not SDXL; "
+                         "pass another --model")
+    _set_scheduler(pipe, args.scheduler)
+    _check_steps(pipe, args.steps)
+    pipe.set_progress_bar_config(disable=True)
+    model_sha256 = weights_sha256(pipe)  # the base model, before any adapter
+    for path, scale in args.adapter:
+        pipe.load_erasure(path, scale=scale)
+    config = AttackConfig(prefix_tokens=args.prefix_tokens, steps=args.attack_steps, seed=args.seed,
+                          num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
+    try:
+        report = attack_suite(pipe, suite, judge, out, config=config, height=args.height, width=args.width,
+                              batch_size=args.batch_size, model=args.model, model_sha256=model_sha256,
+                              adapters=args.adapter, protocol=protocol,
+                              progress=lambda done, total: print(f"attacked {done}/{total} rows", file=sys.stderr))
+    except ValueError as error:
+        raise UsageError(f"--judge {args.judge or 'toy'}: {error}") from None
+    figures = report.summary["figures"]
+    for label, values in [("all", figures["all"]), *figures.get("by_category", {}).items()]:
+        print(f"{label}: attack success rate {values['success_rate']:.1%} over {values['n']} rows (present without "
+              f"attack: {values['presence_before_attack']:.1%})")
+    print(f"report: {out / 'summary.json'} (results.jsonl, images/)")
+    if args.report:
+        _save_json(report.summary, Path(args.report))
     return 0
 
 

@@ -85,6 +85,8 @@ class SuiteJudge:
         (the judge's dict); None: :func:`default_metrics`.
     with_prompts: call ``fn(images, prompts)`` with the rows' prompts (a CLIP score needs them).
     settings: the judge's other settings (labels, classes counted), recorded in the report (and checked on resume).
+    present: callable(one output) -> bool, whether the image shows the concept the run is about (what
+        ``unsee attack --suite`` counts as a success); None: the judge cannot say.
     """
 
     fn: Callable[..., list]
@@ -94,6 +96,7 @@ class SuiteJudge:
     metrics: Optional[Callable[[Records], dict]] = None
     with_prompts: bool = False
     settings: Mapping[str, Any] = field(default_factory=dict)
+    present: Optional[Callable[[Mapping[str, Any]], bool]] = None
 
     def describe(self) -> dict:
         described = {"name": self.name, "version": self.version, "thresholds": dict(self.thresholds)}
@@ -111,7 +114,8 @@ def load_judge(spec: str) -> SuiteJudge:
     The function takes a list of PIL images and returns one JSON-serialisable dict per image. Its attributes, when
     it has them, fill the rest: ``name`` (default: the spec), ``version`` (default: the module's ``__version__``,
     else the SHA-256 of its file), ``thresholds`` (a dict), ``metrics`` (records -> figures) and ``with_prompts``
-    (True: it is called as ``fn(images, prompts)``). Raises
+    (True: it is called as ``fn(images, prompts)``) and ``present`` (output -> bool: the concept is in the image;
+    default: the output's ``present`` value, when it is a boolean). Raises
     ``ValueError`` with a one-line reason for a spec that does not name such a function.
     """
     import importlib
@@ -145,9 +149,20 @@ def load_judge(spec: str) -> SuiteJudge:
     if not isinstance(thresholds, Mapping):
         raise ValueError(f"{attribute}.thresholds must be a dict, got {type(thresholds).__name__}")
     metrics = getattr(fn, "metrics", None)
+    present = getattr(fn, "present", None)
     return SuiteJudge(fn=fn, name=str(getattr(fn, "name", None) or spec), version=str(version or ""),
                       thresholds=dict(thresholds), metrics=metrics if callable(metrics) else None,
-                      with_prompts=getattr(fn, "with_prompts", False) is True)
+                      with_prompts=getattr(fn, "with_prompts", False) is True,
+                      present=present if callable(present) else _present_key)
+
+
+def _present_key(output: Mapping[str, Any]) -> bool:
+    """A judge's ``present`` output, which must be a boolean (the default presence test of a user's judge)."""
+    value = output.get("present") if isinstance(output, Mapping) else None
+    if not isinstance(value, bool):
+        raise ValueError("the judge's output has no boolean 'present' (whether the concept is in the image); return "
+                         "{'present': True/False, ...} or give the function a present(output) -> bool attribute")
+    return value
 
 
 @dataclass
@@ -458,6 +473,7 @@ def run_suite(
     width: Optional[int] = None,
     guidance: Sequence = (),
     negative_prompt: Optional[str] = None,
+    protocol: Optional[Mapping[str, Any]] = None,
     callback: Optional[Callable[[dict], None]] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     version: Optional[str] = None,
@@ -472,6 +488,8 @@ def run_suite(
         seed, guidance_scale: for rows that give none (a row's default seed is ``seed`` + its index in the file).
         use_row_size: generate at the rows' width/height columns (off: the model's size, or ``height``/``width``).
         guidance: unsee guidance methods for every call; negative_prompt: for every row.
+        protocol: the pinned protocol the settings came from (:mod:`unsee.protocols`: its name, values and the flags
+            that overrode them), recorded in the report as it is.
         callback: called with each record once it is written (raise to stop the run; it resumes later).
         progress: called with (rows done, rows in the suite).
 
@@ -504,6 +522,8 @@ def run_suite(
         "seeds": {"from_suite": sum(r.seed is not None for r in suite.rows),
                   "default": sum(r.seed is None for r in suite.rows)},
     }
+    if protocol is not None:
+        settings["protocol"] = dict(protocol)
     settings = json.loads(json.dumps(settings, sort_keys=True))
     rank, processes = _processes()
     results = out / RESULTS

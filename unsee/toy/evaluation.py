@@ -177,4 +177,12 @@ def suite_judge(concepts: Optional[Sequence[str]] = None, judge: Optional[JudgeF
     from .model import JUDGE_PATH
 
     version = f"judge.safetensors sha256 {file_sha256(JUDGE_PATH)[:16]}" if judge is None else "custom"
-    return SuiteJudge(fn=_judge_or_default(judge), name="toy", version=version, metrics=suite_metrics(concepts))
+    present = None
+    if concepts:  # the attack's success test: the judge sees one of the concepts
+        wanted = [world.concept_attribute(c) for c in concepts]
+
+        def present(output: dict) -> bool:
+            return any(output.get(name) == value for name, value in wanted)
+
+    return SuiteJudge(fn=_judge_or_default(judge), name="toy", version=version, metrics=suite_metrics(concepts),
+                      present=present)
