@@ -233,7 +233,11 @@ def test_contract_where_it_applies(method, tmp_path):
     assert not getattr(pipe.unet, "peft_config", None)
     training = first.training
     assert training["steps"] == 1 and training["loss_first"] == pytest.approx(1.0)
-    assert 0 <= training["loss_last"] < training["loss_first"]
+    # UCE's solve lowers the residual; RECE's epochs erase other embeddings and may raise it again (on this tiny
+    # model they do, by an amount that depends on the transformers release's random init)
+    assert 0 <= training["losses"][0] < training["loss_first"]
+    if method == "uce":
+        assert training["loss_last"] == training["losses"][0]
     assert first.hyperparameters["method"] == method
 
 
