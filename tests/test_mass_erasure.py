@@ -325,10 +325,20 @@ SINGLE = {
 }
 
 
+# the sum of the tiny pipeline's weights the losses were pinned on: other diffusers/transformers releases initialise
+# the tiny components differently, and there the pinned losses say nothing
+PINNED_WEIGHTS_SUM = 1549.6240573654438
+
+
 @pytest.mark.parametrize("method", sorted(SINGLE))
 def test_single_concept_runs_are_unchanged(method):
     settings, losses = SINGLE[method]
-    adapter = make_trainer(method, **settings).train(tiny_sd_pipeline())
+    pipe = tiny_sd_pipeline()
+    weights_sum = sum(float(t.double().sum()) for m in (pipe.unet, pipe.text_encoder, pipe.vae)
+                      for t in m.state_dict().values())
+    if weights_sum != pytest.approx(PINNED_WEIGHTS_SUM, rel=1e-9):
+        pytest.skip("these library releases build other tiny weights than the ones the losses were pinned on")
+    adapter = make_trainer(method, **settings).train(pipe)
     assert adapter.concepts == ["circle"] and "concept_draws" not in adapter.training
     assert adapter.training["losses"] == pytest.approx(losses, rel=1e-3)
 
