@@ -51,7 +51,7 @@ from unsee.erasure import METHODS, ConfigError, TrainingError, make_trainer  # n
 from unsee import __version__  # noqa: E402
 from unsee.files import atomic_write, slug  # noqa: E402
 from unsee.guidance import FDG, NASA, PAG, CFGpp, GuidanceError, NegativeSteer, validate_combination  # noqa: E402
-from unsee.jobs import before_after_images, grid_prompts  # noqa: E402
+from unsee.jobs import grid_prompts  # noqa: E402
 from unsee.loading import ModelLoadError, load_pipeline  # noqa: E402
 from unsee.model_card import card_path, write_model_card  # noqa: E402
 from unsee.png_metadata import (PARAMETERS_KEY, file_hash, generation_parameters, guidance_options,  # noqa: E402
@@ -478,7 +478,14 @@ class DemoApp:
             adapter.save(path)
             report(1.0, "before/after images")
             prompts = grid_prompts(concept, 4, seed=0, toy=is_toy_pipeline(pipe))
-            before, after = before_after_images(pipe, adapter, prompts, seed=0, steps=25)
+            # one image per prompt and seed 0, each with its settings in its text (as the Generate tab's)
+            before = [self._render(p, "", 25, 5.0, 0, []) for p in prompts]
+            name = pipe.load_erasure(adapter, adapter_name="unsee-demo-preview")
+            try:
+                named = [(path.name, 1.0, file_hash(path))]
+                after = [self._render(p, "", 25, 5.0, 0, [], named) for p in prompts]
+            finally:
+                pipe.unload_erasure(name)
             figures = self._figures(adapter, concept, report)
             card = card_path(path)  # its model card, <name>.README.md; a file already there is never replaced
             if not os.path.lexists(card):

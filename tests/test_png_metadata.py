@@ -229,3 +229,26 @@ def test_demo_images_carry_parameters_that_reproduce_them(tmp_path, monkeypatch)
     (again,) = _png_files(tmp_path / "again")
     assert np.array_equal(np.asarray(Image.open(again)), np.asarray(after))
     assert Image.open(again).info["parameters"] == after.info["parameters"]
+
+
+def test_demo_erase_previews_are_the_generate_tabs_images_with_their_parameters(tmp_path):
+    pytest.importorskip("gradio")
+    import numpy as np
+
+    from unsee.apps.demo import DemoApp
+    from unsee.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    app = DemoApp(pipe=pipe, model="tiny", workdir=tmp_path)
+    result = app.erase("esd-x", "circle", "paper", 1)
+    file = result["file"].name
+    before = [(image, caption) for image, caption in result["gallery"] if caption.startswith("before")]
+    after = [(image, caption) for image, caption in result["gallery"] if caption.startswith("after")]
+    assert len(before) == len(after) == 4
+    for (old, caption), (new, _) in zip(before, after):
+        prompt = caption.split(" · ", 1)[1]
+        (plain, _), (erased, _) = app.generate(prompt, steps=25, guidance_scale=5.0, seed=0, adapters=[(file, 1.0)])
+        assert np.array_equal(np.asarray(old), np.asarray(plain)) and np.array_equal(np.asarray(new), np.asarray(erased))
+        assert old.info["parameters"] == plain.info["parameters"] and "Adapter 1" not in old.info["parameters"]
+        assert new.info["parameters"] == erased.info["parameters"] and file in new.info["parameters"]
