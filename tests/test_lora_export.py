@@ -368,3 +368,25 @@ def test_plain_diffusers_lora_converts_with_export(tmp_path):
     assert main(["export", str(plain_path / "pytorch_lora_weights.safetensors"), "--format", "diffusers",
                  "--out", str(out)]) == 0
     close(erased_image(tiny_sd_pipeline, out), erased_image(tiny_sd_pipeline, adapter))
+
+
+def test_generate_with_a_kohya_export_makes_the_images_of_the_unsee_file(tmp_path):
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    example = Path(__file__).resolve().parents[1] / "weights" / "examples" / "spm-circle.safetensors"
+    kohya = tmp_path / "spm-circle-kohya.safetensors"
+    assert main(["export", str(example), "--format", "kohya", "--out", str(kohya)]) == 0
+    assert lora_formats.foreign_format(list(safetensors.safe_open(str(kohya), "pt").keys()), {})[0] == "kohya"
+    images = {}
+    for name, adapter in (("unsee", example), ("kohya", kohya), ("none", None)):
+        out = tmp_path / name
+        flags = ["--adapter", str(adapter)] if adapter else []
+        assert main(["generate", "--model", "toy", "--prompt", "a red circle on a gray background", "--steps", "3",
+                     *flags, "--out", str(out), "--device", "cpu"]) == 0
+        (png,) = sorted(out.glob("*.png"))
+        images[name] = np.asarray(Image.open(png)).astype(np.int16)
+    assert np.abs(images["unsee"] - images["kohya"]).max() <= 1  # the same image, up to 8-bit rounding
+    assert np.abs(images["unsee"] - images["none"]).mean() > 1  # and the adapter did change it
