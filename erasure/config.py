@@ -11,7 +11,8 @@ from .errors import ConfigError
 from .fields import DEVICE, DTYPE, TEXT, check_settings, check_size, choice, integer, number, prompt_list, setting
 
 __all__ = ["TrainerConfig", "MIXED_PRECISION", "MAX_CONCEPTS", "CONCEPTS", "fill_concept", "erase_from_prompts",
-           "names_concept", "erased_concepts", "check_concept_list", "contexts_by_concept"]
+           "names_concept", "erased_concepts", "check_concept_list", "contexts_by_concept",
+           "ConceptsInContext"]
 
 #: the most concepts one run erases
 MAX_CONCEPTS = 1024
@@ -68,6 +69,11 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def erased(self) -> list[str]:
+        """Every erased concept: ``concept``, then the ``concepts`` setting where a method has one."""
+        return erased_concepts(self)
 
     def validate(self) -> None:
         """Raise :class:`~unsee.erasure.ConfigError` naming the first invalid field (each field is checked with its
@@ -132,3 +138,13 @@ def contexts_by_concept(concepts: Sequence[str], erase_from: Union[str, Sequence
                               f"must name the concept it erases in context")
         found[index].append(prompt)
     return [tuple(p) for p in found]
+
+
+class ConceptsInContext:
+    """Mixin for the configs of methods that erase several concepts (``concepts``) and erase in context
+    (``erase_from``): the concepts are checked as a list, and each ``erase_from`` prompt must name one of them."""
+
+    def validate(self) -> None:
+        super().validate()  # type: ignore[misc]
+        check_concept_list(self.erased)  # type: ignore[attr-defined]
+        contexts_by_concept(self.erased, self.erase_from)  # type: ignore[attr-defined]

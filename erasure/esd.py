@@ -56,8 +56,7 @@ import torch
 from torch import nn
 
 from .conditioning import Conditioning, encode_concepts, encode_prompts
-from .config import (CONCEPTS, TrainerConfig, check_concept_list, contexts_by_concept, erase_from_prompts,
-                     erased_concepts)
+from .config import CONCEPTS, ConceptsInContext, TrainerConfig, erase_from_prompts
 from .fields import (BATCH_SIZE, DDIM_STEPS, ERASE_FROM, GUIDANCE, LORA_ALPHA, LOSS_SPACE, NUMBER, OUTPUT_KIND, RANK,
                      RESOLUTION, choice, number, prompt_list, setting)
 from .registry import register_method
@@ -74,7 +73,7 @@ SAMPLERS = ("trained", "frozen")
 
 
 @dataclass
-class ESDConfig(TrainerConfig):
+class ESDConfig(ConceptsInContext, TrainerConfig):
     """ESD settings; defaults from the paper (Gandikota et al., ICCV 2023) and its original code.
 
     Args:
@@ -136,15 +135,6 @@ class ESDConfig(TrainerConfig):
         """``erase_from`` as a tuple of prompts (empty: erase everywhere)."""
         return erase_from_prompts(self.erase_from)
 
-    @property
-    def erased(self) -> list[str]:
-        """Every erased concept: ``concept``, then ``concepts``."""
-        return erased_concepts(self)
-
-    def validate(self) -> None:
-        super().validate()
-        check_concept_list(self.erased)
-        contexts_by_concept(self.erased, self.erase_from)
 
 
 def esd_modules(unet: nn.Module, variant: str) -> list[str]:

@@ -52,7 +52,7 @@ from torch import nn
 from unsee.pipelines.encoding import encode_text
 
 from .conditioning import Conditioning, encode_concepts
-from .config import CONCEPTS, TrainerConfig, check_concept_list, contexts_by_concept, erased_concepts
+from .config import CONCEPTS, ConceptsInContext, TrainerConfig
 from .errors import ConfigError
 from .fields import ERASE_FROM, FLAG, GUIDANCE, NUMBER, RANK, RESOLUTION, integer, number, setting
 from .registry import register_method
@@ -64,7 +64,7 @@ __all__ = ["SPMConfig", "SPMTrainer", "spm_modules", "transport_strength"]
 
 
 @dataclass
-class SPMConfig(TrainerConfig):
+class SPMConfig(ConceptsInContext, TrainerConfig):
     """SPM settings; defaults from the paper and its official configs (Lyu et al., CVPR 2024).
 
     Args:
@@ -103,16 +103,6 @@ class SPMConfig(TrainerConfig):
                                                           "adapter)")
 
     method: ClassVar[str] = "spm"
-
-    @property
-    def erased(self) -> list[str]:
-        """Every erased concept: ``concept``, then ``concepts``."""
-        return erased_concepts(self)
-
-    def validate(self) -> None:
-        super().validate()
-        check_concept_list(self.erased)
-        contexts_by_concept(self.erased, self.erase_from)
 
 
 def spm_modules(unet: nn.Module) -> list[str]:

@@ -76,9 +76,9 @@ from torch import nn
 from unsee.adapters import Adapter, AdapterError, component_fingerprint, validate_adapter
 from unsee.pipelines.encoding import encode_text
 
-from .config import TrainerConfig, names_concept
+from .config import TrainerConfig, check_concept_list, names_concept
 from .errors import ConfigError, TrainingError
-from .fields import Kind, check_size, choice, is_int, number, prompt_list, setting
+from .fields import Kind, choice, is_int, number, prompt_list, setting
 from .registry import register_method
 from .selectors import linear_modules
 from .trainer import ProgressCallback, Trainer
@@ -139,11 +139,6 @@ class UCEConfig(TrainerConfig):
     method: ClassVar[str] = "uce"
 
     @property
-    def erased(self) -> list[str]:
-        """Every erased concept: ``concept``, then ``concepts``."""
-        return [self.concept, *self.concepts]
-
-    @property
     def guides(self) -> list[str]:
         """One guide per erased concept."""
         return list(self.guide) if isinstance(self.guide, tuple) else [self.guide] * len(self.erased)
@@ -151,11 +146,7 @@ class UCEConfig(TrainerConfig):
     def validate(self) -> None:
         super().validate()
         erased = self.erased
-        check_size("concepts", len(erased), (1, 1024))
-        lowered = [c.strip().lower() for c in erased]
-        repeated = next((c for i, c in enumerate(erased) if lowered[i] in lowered[:i]), None)
-        if repeated is not None:
-            raise ConfigError(f"concept {repeated!r} is erased twice; name each concept once")
+        check_concept_list(erased)
         if isinstance(self.guide, tuple) and len(self.guide) != len(erased):
             raise ConfigError(f"guide has {len(self.guide)} entries for {len(erased)} erased concepts; give one guide, "
                               f"or one per concept")

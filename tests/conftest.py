@@ -30,6 +30,32 @@ def tiny_sd_folder(tmp_path_factory):
     return folder
 
 
+@pytest.fixture
+def accelerate_state():
+    """accelerate's process-wide state, emptied for the test and put back after it."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    saved = [(cls, dict(cls._shared_state)) for cls in (AcceleratorState, PartialState, GradientState)]
+    for cls, _ in saved:
+        cls._shared_state.clear()
+    yield
+    for cls, state in saved:
+        cls._shared_state.clear()
+        cls._shared_state.update(state)
+
+
+@pytest.fixture(scope="module")
+def erased():
+    """A tiny SD pipeline with a 2-step ESD-x "circle" adapter loaded (one per test module)."""
+    from unsee.erasure import make_trainer
+
+    pipe = tiny_sd_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    adapter = make_trainer("esd-x", concept="circle", steps=2, ddim_steps=2, lr=1e-3).train(pipe)
+    pipe.load_erasure(adapter, adapter_name="esd-x-circle")
+    return pipe
+
+
 def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

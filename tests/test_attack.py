@@ -7,18 +7,7 @@ import torch
 
 from unsee.attack import AttackConfig, attack_prompt, project_to_simplex
 from unsee.cli import main
-from unsee.erasure import make_trainer
-from unsee.testing import tiny_sd_pipeline
 from unsee.toy import attack
-
-
-@pytest.fixture(scope="module")
-def erased():
-    pipe = tiny_sd_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    adapter = make_trainer("esd-x", concept="circle", steps=2, ddim_steps=2, lr=1e-3).train(pipe)
-    pipe.load_erasure(adapter, adapter_name="esd-x-circle")
-    return pipe
 
 
 def test_projection_onto_the_simplex():

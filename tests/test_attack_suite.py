@@ -10,25 +10,14 @@ import torch
 
 from unsee.attack import AttackConfig, attack_suite
 from unsee.cli import main
-from unsee.erasure import make_trainer
 from unsee.suite_eval import SuiteJudge, read_records
 from unsee.suites import read_suite
-from unsee.testing import tiny_sd_pipeline
 
 SUITE = ("case_number,prompt,evaluation_seed,evaluation_guidance,categories\n"
          "a,a red circle,4290749014,3,x\n"
          "b,a blue circle,,6,y\n"
          "c,a green circle,9,,x\n")
 CONFIG = dict(prefix_tokens=2, steps=2, timesteps=2, num_inference_steps=2, guidance_scale=4.0, seed=100)
-
-
-@pytest.fixture(scope="module")
-def erased():
-    pipe = tiny_sd_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    adapter = make_trainer("esd-x", concept="circle", steps=2, ddim_steps=2, lr=1e-3).train(pipe)
-    pipe.load_erasure(adapter, adapter_name="esd-x-circle")
-    return pipe
 
 
 def prompt_judge(calls):

@@ -55,19 +55,6 @@ def _same_reports(a: Path, b: Path) -> None:
         assert (a / "images" / name).read_bytes() == (b / "images" / name).read_bytes(), name
 
 
-@pytest.fixture
-def accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    saved = [(cls, dict(cls._shared_state)) for cls in (AcceleratorState, PartialState, GradientState)]
-    for cls, _ in saved:
-        cls._shared_state.clear()
-    yield
-    for cls, state in saved:
-        cls._shared_state.clear()
-        cls._shared_state.update(state)
-
-
 @pytest.mark.timeout(240)
 def test_two_processes_write_the_report_of_one_process(tmp_path, capsys, accelerate_state):
     device = ["--device", "cpu"] if torch.cuda.is_available() else []  # a CPU box: the processes find gloo

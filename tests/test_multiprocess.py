@@ -67,20 +67,6 @@ def _files(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
-@pytest.fixture
-def accelerate_state():
-    """accelerate's process-wide state, emptied for the test and put back after it."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    saved = [(cls, dict(cls._shared_state)) for cls in (AcceleratorState, PartialState, GradientState)]
-    for cls, _ in saved:
-        cls._shared_state.clear()
-    yield
-    for cls, state in saved:
-        cls._shared_state.clear()
-        cls._shared_state.update(state)
-
-
 # ------------------------------------------------------------------------ 2 processes through the CLI
 
 

@@ -29,7 +29,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from . import __version__
 
@@ -827,6 +827,19 @@ def _apply_protocol(args: argparse.Namespace) -> Optional[dict]:
     return record
 
 
+def _read_suite_flags(args: argparse.Namespace) -> Any:
+    """The prompt suite --suite, --category, --prompt-column and --limit describe (eval and attack)."""
+    from .suites import SuiteError, read_suite
+
+    try:
+        suite = read_suite(args.suite, categories=args.category, prompt_column=args.prompt_column)
+    except SuiteError as error:
+        raise UsageError(f"--suite: {error}") from None
+    if args.limit is not None and args.limit < len(suite.rows):
+        suite = dataclasses.replace(suite, rows=suite.rows[:args.limit])
+    return suite
+
+
 def _check_scheduler(name: Optional[str]) -> None:
     """A --scheduler (given or the protocol's) whose class or dependency is missing fails before any model loads."""
     if name is not None:
@@ -963,7 +976,6 @@ def _eval_suite(args: argparse.Namespace) -> int:
     from .erasure import ConfigError
     from .erasure.processes import launch_problem, launched_processes, process_rank, process_state
     from .suite_eval import EvaluationSettingsError, run_suite, weights_sha256
-    from .suites import SuiteError, read_suite
 
     given = [flag for flag, value in (("--prompt", args.prompt), ("--n", args.n)) if value]
     if given:
@@ -971,12 +983,7 @@ def _eval_suite(args: argparse.Namespace) -> int:
                          "its first N rows)")
     protocol = _apply_protocol(args)
     _check_scheduler(args.scheduler)
-    try:
-        suite = read_suite(args.suite, categories=args.category, prompt_column=args.prompt_column)
-    except SuiteError as error:
-        raise UsageError(f"--suite: {error}") from None
-    if args.limit is not None and args.limit < len(suite.rows):
-        suite = dataclasses.replace(suite, rows=suite.rows[:args.limit])
+    suite = _read_suite_flags(args)
     problem = launch_problem("eval")  # accelerate launch --cpu --num_processes N: one process
     if problem is not None:
         raise UsageError(problem)
@@ -1231,18 +1238,12 @@ def cmd_attack(args: argparse.Namespace) -> int:
 def _attack_suite(args: argparse.Namespace) -> int:
     from .attack import AttackConfig, attack_suite
     from .suite_eval import weights_sha256
-    from .suites import SuiteError, read_suite
 
     if args.n != 16:
         raise UsageError("--n does not go with --suite (the file gives the prompts; --limit N takes its first N rows)")
     protocol = _apply_protocol(args)
     _check_scheduler(args.scheduler)
-    try:
-        suite = read_suite(args.suite, categories=args.category, prompt_column=args.prompt_column)
-    except SuiteError as error:
-        raise UsageError(f"--suite: {error}") from None
-    if args.limit is not None and args.limit < len(suite.rows):
-        suite = dataclasses.replace(suite, rows=suite.rows[:args.limit])
+    suite = _read_suite_flags(args)
     judge = _suite_judge(args, device=_default_device(args.device))
     if judge.present is None:
         raise UsageError(f"--judge {args.judge or 'toy'} cannot say whether the concept is back: give --concept (the "
