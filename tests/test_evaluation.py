@@ -85,3 +85,45 @@ def test_the_core_evaluation_takes_its_prompts_parser_and_judge_from_the_caller(
         unsee.evaluate(tiny_sd, "a photo of a cat", judge, concept="cat")
     with pytest.raises(TypeError):
         unsee.evaluate(tiny_sd, concept="circle")  # no prompts, no judge: nothing is taken from the toy world
+
+
+def test_evaluate_makes_its_images_through_the_suite_path(tiny_sd, monkeypatch):
+    """``unsee eval --concept`` (toy.evaluate) is a preset of the suite path: its images come from
+    ``generate_rows`` with one generator shared by the batches, which is what diffusers gives for each batch of
+    prompts called with that generator (the figures in BENCHMARKS.md were made that way)."""
+    import torch
+
+    import unsee.suite_eval as suite_eval
+
+    calls = []
+    real = suite_eval.generate_rows
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("generator"))
+        yield from real(*args, **kwargs)
+
+    monkeypatch.setattr(unsee.evaluation, "generate_rows", spy)
+    prompts = ["a red star", "a blue circle", "a green star"]
+    result = toy.evaluate(tiny_sd, prompts, judge=lambda images: [{} for _ in images], n=5, seed=7, batch_size=2,
+                          num_inference_steps=2, keep_images=True)
+    assert len(calls) == 1 and isinstance(calls[0], torch.Generator)
+    generator = torch.Generator().manual_seed(7)
+    cycled = [prompts[i % 3] for i in range(5)]
+    direct = [image for start in range(0, 5, 2) for image in tiny_sd(
+        cycled[start:start + 2], generator=generator, num_inference_steps=2, guidance_scale=5.0,
+        output_type="pil").images]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(result.images, direct))
+    assert len(result.images) == 5
+
+
+def test_a_shared_generator_cannot_skip_batches(tiny_sd):
+    import torch
+
+    from unsee.suite_eval import generate_rows
+    from unsee.suites import SuiteRow
+
+    rows = [SuiteRow(index=i, row_id=str(i), prompt="a star") for i in range(3)]
+    for skip in (dict(done={"0"}), dict(processes=2, rank=1)):
+        with pytest.raises(ValueError, match="depend on the batches before it"):
+            next(generate_rows(tiny_sd, rows, guidance_scale=5.0, steps=2, batch_size=1,
+                               generator=torch.Generator().manual_seed(0), **skip))

@@ -267,7 +267,7 @@ def attack_suite(pipe: Any, suite: Any, judge: Any, out: Any = None, *, config: 
     from pathlib import Path
 
     from .files import atomic_write
-    from .suite_eval import _generate, _image_name, _json_safe, _row_seed, file_sha256, weights_sha256
+    from .suite_eval import _image_name, _json_safe, _row_seed, file_sha256, generate_rows, weights_sha256
 
     config = config or AttackConfig()
     if getattr(judge, "present", None) is None:
@@ -281,14 +281,10 @@ def attack_suite(pipe: Any, suite: Any, judge: Any, out: Any = None, *, config: 
     rows = list(suite.rows)
     if not rows:
         raise ValueError("the suite has no rows to attack")
-    common = dict(seed=config.seed, guidance_scale=config.guidance_scale, steps=config.num_inference_steps,
-                  use_row_size=False, height=height, width=width, guidance=[], negative_prompt=None, torch=torch)
-
     def generate(batch_rows: list) -> list:
-        images: list = []
-        for start in range(0, len(batch_rows), batch_size):
-            images.extend(_generate(pipe, batch_rows[start:start + batch_size], **common))
-        return images
+        return [image for _, images in generate_rows(
+            pipe, batch_rows, seed=config.seed, guidance_scale=config.guidance_scale,
+            steps=config.num_inference_steps, batch_size=batch_size, height=height, width=width) for image in images]
 
     def judged(images: list, prompts: list) -> list:
         outputs: list = []

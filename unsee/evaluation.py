@@ -16,10 +16,13 @@ sets, prompt parser and judge are the defaults of :mod:`unsee.toy.evaluation` (`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from PIL import Image
+
+from .suite_eval import generate_rows
+from .suites import SuiteRow
 
 JudgeFn = Callable[[list[Image.Image]], list[dict[str, str]]]
 PromptParser = Callable[[str], dict[str, str]]  # prompt -> the attribute values it names
@@ -51,20 +54,25 @@ class EvaluationResult:
         return out
 
 
-def generate_images(pipe, prompts: Sequence[str], seed: int = 0, batch_size: int = 8, **pipe_kwargs: Any) -> list[Image.Image]:
-    """One image per prompt, in batches, from one seeded generator (reproducible for a seed).
-
-    A ``negative_prompt`` text applies to every prompt; a list gives one per prompt."""
+def _batches(pipe, prompts: Sequence[str], seed: int, batch_size: int, num_inference_steps: Optional[int],
+             guidance_scale: Optional[float], pipe_kwargs: dict) -> Iterator[tuple[list[str], list[Image.Image]]]:
+    """(prompts, images) batch by batch, all batches drawing from one generator seeded ``seed``: the prompts as the
+    rows of a suite without seeds, made by :func:`unsee.suite_eval.generate_rows` (what ``unsee eval --suite`` uses)."""
+    rows = [SuiteRow(index=i, row_id=str(i), prompt=p) for i, p in enumerate(prompts)]
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    negative = pipe_kwargs.pop("negative_prompt", None)
-    images: list[Image.Image] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = list(prompts[start : start + batch_size])
-        if negative is not None:  # diffusers wants one negative per prompt when prompts are a list
-            pipe_kwargs["negative_prompt"] = [negative] * len(batch) if isinstance(negative, str) else \
-                list(negative[start : start + batch_size])
-        images.extend(pipe(batch, generator=generator, output_type="pil", **pipe_kwargs).images)
-    return images
+    for batch, images in generate_rows(pipe, rows, guidance_scale=guidance_scale, steps=num_inference_steps,
+                                       batch_size=batch_size, generator=generator, **pipe_kwargs):
+        yield [row.prompt for row in batch], images
+
+
+def generate_images(pipe, prompts: Sequence[str], seed: int = 0, batch_size: int = 8,
+                    num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+                    **pipe_kwargs: Any) -> list[Image.Image]:
+    """One image per prompt, in batches of ``batch_size``, all drawing from one generator seeded ``seed``
+    (reproducible for a seed and batch size). A ``negative_prompt`` text applies to every prompt; a list gives one
+    per prompt. ``num_inference_steps`` and ``guidance_scale``: the pipeline's defaults when not given."""
+    return [image for _, images in _batches(pipe, prompts, seed, batch_size, num_inference_steps, guidance_scale,
+                                            pipe_kwargs) for image in images]
 
 
 def score(
@@ -122,7 +130,8 @@ def evaluate(
     Args:
         pipe: any text-to-image pipeline (unsee's or diffusers').
         prompts: a prompt or list of prompts, cycled to ``n`` images.
-        judge: callable(list of PIL images) -> list of {attribute: value}, called once, after generation.
+        judge: callable(list of PIL images) -> list of {attribute: value}, called once per batch of
+            ``batch_size`` images, as they are made.
         n: number of images (None: one per prompt); seed: generation seed (results are reproducible for a seed).
         concept: a concept whose presence rate is reported; needs ``concept_attribute``.
         parse_prompt: callable(prompt) -> {attribute: expected value}; None measures no accuracy.
@@ -139,9 +148,16 @@ def evaluate(
     prompt_list = [prompt_list[i % len(prompt_list)] for i in range(n)]
     if concept is not None:
         _concept_attribute(concept, concept_attribute)  # fail on an unknown concept before generating anything
-    images = generate_images(pipe, prompt_list, seed=seed, batch_size=batch_size,
-                             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, **pipe_kwargs)
-    predictions = judge(images)
+    images: list[Image.Image] = []
+    predictions: list[dict[str, str]] = []
+    for batch, made in _batches(pipe, prompt_list, seed, batch_size, num_inference_steps, guidance_scale, pipe_kwargs):
+        judged = judge(made)
+        if not isinstance(judged, (list, tuple)) or len(judged) != len(made):
+            raise TypeError(f"the judge must return one output per image ({len(made)}), got "
+                            f"{len(judged) if isinstance(judged, (list, tuple)) else type(judged).__name__}")
+        predictions.extend(judged)
+        if keep_images:
+            images.extend(made)
     accuracy, presence = score(prompt_list, predictions, concept, parse_prompt, concept_attribute)
     return EvaluationResult(n=n, accuracy=accuracy, presence=presence, concept=concept, prompts=prompt_list,
-                            predictions=list(predictions), images=images if keep_images else [])
+                            predictions=predictions, images=images)

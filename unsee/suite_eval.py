@@ -44,7 +44,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 from PIL import Image, ImageDraw
 
@@ -52,7 +52,7 @@ from .files import atomic_write, slug
 from .suites import Suite, SuiteRow
 
 __all__ = ["SuiteJudge", "load_judge", "SuiteReport", "EvaluationSettingsError", "run_suite", "read_records", "summarize",
-           "default_metrics", "weights_sha256", "file_sha256", "RESULTS", "PART", "RUN", "SUMMARY_JSON", "SUMMARY_MD",
+           "default_metrics", "generate_rows", "weights_sha256", "file_sha256", "RESULTS", "PART", "RUN", "SUMMARY_JSON", "SUMMARY_MD",
            "CONTACT_SHEET", "REPORT_VERSION"]
 
 RESULTS = "results.jsonl"
@@ -501,8 +501,6 @@ def run_suite(
     """
     import sys
 
-    import torch
-
     out = Path(out)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -547,15 +545,11 @@ def run_suite(
     mine = results if processes == 1 else out / PART.format(rank=rank)
     if progress is not None:
         progress(len(done), len(rows))
-    for number, start in enumerate(range(0, len(rows), batch_size)):
-        if number % processes != rank:  # batches go round the processes: batch k to process k mod N
-            continue
-        batch = rows[start:start + batch_size]
-        if all(row.row_id in done for row in batch):
-            continue
-        images = _generate(pipe, batch, seed=seed, guidance_scale=guidance_scale, steps=num_inference_steps,
-                           use_row_size=use_row_size, height=height, width=width, guidance=guidance,
-                           negative_prompt=negative_prompt, torch=torch)
+    # batches go round the processes: batch k to process k mod N
+    for batch, images in generate_rows(pipe, rows, seed=seed, guidance_scale=guidance_scale, steps=num_inference_steps,
+                                       batch_size=batch_size, use_row_size=use_row_size, height=height, width=width,
+                                       guidance=guidance, negative_prompt=negative_prompt, done=frozenset(done),
+                                       rank=rank, processes=processes):
         outputs = judge(images, [row.prompt for row in batch])
         if not isinstance(outputs, (list, tuple)) or len(outputs) != len(images):
             raise TypeError(f"the judge {judge.name} must return one output per image ({len(images)}), got "
@@ -618,29 +612,72 @@ def _fields(method: Any) -> dict:
     return dataclasses.asdict(method) if dataclasses.is_dataclass(method) else {}
 
 
-def _generate(pipe, batch: list[SuiteRow], *, seed: int, guidance_scale: float, steps: int, use_row_size: bool,
-              height: Optional[int], width: Optional[int], guidance: list, negative_prompt: Optional[str],
-              torch: Any) -> list:
-    """The batch's images, in order: consecutive rows with the same guidance scale and size share one call, each
-    image from its own row-seeded generator."""
-    images: list = []
-    groups: list[tuple[tuple, list[SuiteRow]]] = []
-    for row in batch:
-        scale = row.guidance if row.guidance is not None else guidance_scale
-        size = (row.height, row.width) if use_row_size and row.height and row.width else (height, width)
-        key = (float(scale), size)
-        if groups and groups[-1][0] == key:
-            groups[-1][1].append(row)
-        else:
-            groups.append((key, [row]))
-    for (scale, (h, w)), rows in groups:
-        kwargs: dict = {}
-        if guidance:
-            kwargs["guidance"] = guidance
-        if negative_prompt is not None:
-            kwargs["negative_prompt"] = [negative_prompt] * len(rows)
-        result = pipe([row.prompt for row in rows], num_inference_steps=steps, guidance_scale=scale, height=h,
-                      width=w, generator=[torch.Generator(device="cpu").manual_seed(_row_seed(row, seed))
-                                          for row in rows], output_type="pil", **kwargs)
-        images.extend(result.images)
-    return images
+def generate_rows(pipe, rows: Sequence[SuiteRow], *, seed: int = 0, guidance_scale: Optional[float],
+                  steps: Optional[int],
+                  batch_size: int = 8, use_row_size: bool = False, height: Optional[int] = None,
+                  width: Optional[int] = None, guidance: Sequence = (), negative_prompt: Any = None,
+                  generator: Any = None, done: Any = frozenset(), rank: int = 0, processes: int = 1,
+                  **pipe_kwargs: Any) -> Iterator[tuple[list[SuiteRow], list]]:
+    """Make the rows' images: yields (batch rows, their PIL images), batch by batch, in suite order.
+
+    The one place where evaluation makes images (:func:`run_suite`, :func:`unsee.evaluation.evaluate`,
+    :func:`unsee.evaluation.generate_images` and the attacks call it). Rows go in fixed batches of ``batch_size``
+    consecutive rows; batch k is made by process k mod ``processes`` (the others are skipped), and a batch whose rows
+    are all in ``done`` is skipped. Consecutive rows with the same guidance scale and size share one pipeline call.
+
+    Seeds: each image comes from its own generator, seeded with its row's seed (the run's ``seed`` + the row's index
+    when the row gives none), so it depends on nothing but its row. With ``generator`` given instead, every batch
+    draws its latents from that one generator in turn, as diffusers does for a list of prompts given one generator
+    (the toy world's ``unsee eval --concept``): an image then depends on the batches before it, so no batch may be
+    skipped (neither ``done`` nor several processes).
+
+    ``guidance_scale``: for rows that give none; ``guidance_scale`` and ``steps`` None: the pipeline's defaults.
+    ``negative_prompt``: a text for every row, or a sequence giving each row's (indexed by the row's position in
+    ``rows``); ``guidance``: unsee guidance methods for every call; ``pipe_kwargs``: passed to every call.
+    """
+    import torch
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    rows = list(rows)
+    if generator is not None and (done or processes > 1):
+        raise ValueError("one generator shared by the batches makes each image depend on the batches before it: "
+                         "it cannot skip finished batches or share them among processes; give the rows seeds")
+    negatives = None if negative_prompt is None or isinstance(negative_prompt, str) else list(negative_prompt)
+    if negatives is not None and len(negatives) != len(rows):
+        raise ValueError(f"negative_prompt gives {len(negatives)} prompts for {len(rows)} rows; give one per row or "
+                         "one text")
+    for number, start in enumerate(range(0, len(rows), batch_size)):
+        if number % processes != rank:
+            continue
+        batch = rows[start:start + batch_size]
+        if done and all(row.row_id in done for row in batch):
+            continue
+        images: list = []
+        groups: list[tuple[tuple, list[int]]] = []  # (scale, size) -> positions in rows
+        for position in range(start, start + len(batch)):
+            row = rows[position]
+            scale = row.guidance if row.guidance is not None else guidance_scale
+            size = (row.height, row.width) if use_row_size and row.height and row.width else (height, width)
+            key = (None if scale is None else float(scale), size)
+            if groups and groups[-1][0] == key:
+                groups[-1][1].append(position)
+            else:
+                groups.append((key, [position]))
+        for (scale, (h, w)), positions in groups:
+            kwargs: dict = dict(pipe_kwargs)
+            if scale is not None:
+                kwargs["guidance_scale"] = scale
+            if steps is not None:
+                kwargs["num_inference_steps"] = steps
+            if guidance:
+                kwargs["guidance"] = list(guidance)
+            if negative_prompt is not None:
+                kwargs["negative_prompt"] = ([negative_prompt] * len(positions) if negatives is None
+                                             else [negatives[i] for i in positions])
+            generators = generator if generator is not None else [
+                torch.Generator(device="cpu").manual_seed(_row_seed(rows[i], seed)) for i in positions]
+            result = pipe([rows[i].prompt for i in positions], height=h, width=w, generator=generators,
+                          output_type="pil", **kwargs)
+            images.extend(result.images)
+        yield batch, images
