@@ -42,7 +42,9 @@ def test_rows_keep_their_seed_and_guidance_and_the_judge_decides(erased, tmp_pat
     records = report.records
     assert [r["seed"] for r in records] == [4290749014, 101, 9]  # the file's, else seed + row index
     assert [r["guidance"] for r in records] == [3.0, 6.0, 4.0]  # the file's, else the config's
-    assert calls[0] == ["a red circle", "a blue circle"] and calls[1] == ["a green circle"]  # before, in batches
+    # per batch of 2 rows: the erased model's images of the prompts, then of the attacked prompts
+    assert calls[0] == ["a red circle", "a blue circle"] and calls[2] == ["a green circle"]
+    assert [p.endswith(q) for p, q in zip(calls[1], calls[0])] == [True, True]
     assert all(r["adversarial_prompt"].endswith(r["prompt"]) for r in records)
     assert [r["present_before"] for r in records] == [False, True, False]
     assert [r["broken"] for r in records] == [r["present_before"] or r["present_after"] for r in records]
@@ -108,10 +110,55 @@ def test_cli_attacks_the_toy_suite_with_the_toy_judge(tmp_path, capsys):
     (["--suite", "TOY", "--n", "4", "--concept", "circle"], "--n does not go with --suite"),
     (["--concept", "circle", "--category", "circle"], "--category go with --suite FILE"),
     (["--concept", "circle", "--protocol", "i2p-sexual"], "--protocol go with --suite FILE"),
+    (["--concept", "circle", "--cfgpp", "0.5"], "guidance flags go with --suite FILE"),
     ([], "pass --concept"),
-], ids=["no-concept", "nudenet-concept", "n", "category", "protocol", "nothing"])
+], ids=["no-concept", "nudenet-concept", "n", "category", "protocol", "guidance", "nothing"])
 def test_cli_bad_attack_input_fails_before_loading_the_model(tmp_path, capsys, extra, expected):
     extra = [toy_suite() if a == "TOY" else a for a in extra]
     assert main(["attack", "--adapter", "x.safetensors", *extra, "--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert expected in err and err.count("\n") == 1
+
+
+def test_a_killed_attack_resumes_to_the_uninterrupted_report(erased, tmp_path):
+    """The attack's report is made by run_suite's machinery: rows are appended batch by batch, a killed run resumes
+    in the same folder without attacking the finished rows again, and ends with the same records and summary."""
+    suite_file = tmp_path / "s.csv"
+    suite_file.write_text(SUITE)
+    suite = read_suite(suite_file)
+    whole = attack_suite(erased, suite, prompt_judge([]), tmp_path / "whole", config=AttackConfig(**CONFIG),
+                         batch_size=2)
+
+    def stop_after_first_batch(done, total):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        attack_suite(erased, suite, prompt_judge([]), tmp_path / "killed", config=AttackConfig(**CONFIG),
+                     batch_size=2, progress=stop_after_first_batch)
+    assert [r["row_id"] for r in read_records(tmp_path / "killed" / "results.jsonl")] == ["a", "b"]
+    calls = []
+    resumed = attack_suite(erased, suite, prompt_judge(calls), tmp_path / "killed", config=AttackConfig(**CONFIG),
+                           batch_size=2)
+    assert calls[0] == ["a green circle"]  # only the unfinished batch is attacked again
+    assert resumed.records == whole.records and resumed.summary == whole.summary
+    for name in ("results.jsonl", "summary.json", "summary.md"):
+        assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    with pytest.raises(ValueError, match="other settings"):  # another attack setting in the same folder
+        attack_suite(erased, suite, prompt_judge([]), tmp_path / "killed",
+                     config=AttackConfig(**{**CONFIG, "steps": 3}), batch_size=2)
+
+
+def test_guidance_applies_to_the_attacks_images_and_is_recorded(erased, tmp_path):
+    from unsee.guidance import CFGpp
+
+    suite_file = tmp_path / "s.csv"
+    suite_file.write_text(SUITE)
+    suite = read_suite(suite_file, categories=["y"])
+    plain = attack_suite(erased, suite, prompt_judge([]), tmp_path / "plain", config=AttackConfig(**CONFIG))
+    guided = attack_suite(erased, suite, prompt_judge([]), tmp_path / "guided", config=AttackConfig(**CONFIG),
+                          guidance=[CFGpp(0.6)])
+    assert guided.summary["generation"]["guidance"] == [{"method": "CFGpp", "lam": 0.6}]
+    assert plain.summary["generation"]["guidance"] == []
+    image = "images/" + plain.records[0]["image"].split("/")[-1]
+    assert (tmp_path / "plain" / image).read_bytes() != (tmp_path / "guided" / image).read_bytes()

@@ -171,3 +171,28 @@ def test_a_one_process_run_writes_results_in_suite_order(tiny_sd, tmp_path):
     assert report.made == report.made_here == 7
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert not [key for key in json.dumps(run, sort_keys=True).split('"') if "process" in key and "/" not in key]
+
+
+@pytest.mark.timeout(240)
+def test_two_processes_attack_a_suite_as_one_process_does(tmp_path, capsys, accelerate_state):
+    """unsee attack --suite shares its batches the same way (run_suite's machinery): 2 processes, 4 rows in batches
+    of 2, give the report one process gives."""
+    from unsee.weights import __file__ as weights_init
+
+    adapter = str(Path(weights_init).parent / "examples" / "esd-x-circle.safetensors")
+
+    def args(out: Path) -> list[str]:
+        return ["attack", "--suite", toy_suite(), "--category", "circle", "--limit", "4", "--concept", "circle",
+                "--adapter", adapter, "--steps", "2", "--attack-steps", "2", "--batch-size", "2", "--out", str(out)]
+
+    device = ["--device", "cpu"] if torch.cuda.is_available() else []
+    two = tmp_path / "two"
+    run = _launch(["-m", "unsee.cli", *args(two), *device], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("all: attack success rate") == 1, run.stdout  # the main process prints
+    assert "rows made by each of the 2 processes: 2, 2" in run.stdout, run.stdout
+    assert not list(two.glob("results.rank*.jsonl"))
+    one = tmp_path / "one"
+    assert _one_thread(main, args(one)) == 0
+    capsys.readouterr()
+    _same_reports(one, two)

@@ -115,15 +115,3 @@ def test_evaluate_makes_its_images_through_the_suite_path(tiny_sd, monkeypatch):
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(result.images, direct))
     assert len(result.images) == 5
 
-
-def test_a_shared_generator_cannot_skip_batches(tiny_sd):
-    import torch
-
-    from unsee.suite_eval import generate_rows
-    from unsee.suites import SuiteRow
-
-    rows = [SuiteRow(index=i, row_id=str(i), prompt="a star") for i in range(3)]
-    for skip in (dict(done={"0"}), dict(processes=2, rank=1)):
-        with pytest.raises(ValueError, match="depend on the batches before it"):
-            next(generate_rows(tiny_sd, rows, guidance_scale=5.0, steps=2, batch_size=1,
-                               generator=torch.Generator().manual_seed(0), **skip))

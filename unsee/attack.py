@@ -218,31 +218,33 @@ def attack(pipe: Any, concept: str, prompts: Sequence[str], judge: JudgeFn, conc
 
 # ---------------------------------------------------------------------------------------------- prompt suites
 
-ATTACK_RESULTS = "results.jsonl"
-ATTACK_SUMMARY = "summary.json"
-
-
 @dataclass
 class SuiteAttackReport:
-    """What :func:`attack_suite` did: one record per row (suite order), the summary, and the out folder (or None)."""
+    """What :func:`attack_suite` did: one record per row (suite order), the summary, the out folder (or None), and
+    how many rows this call attacked (``made``: all its processes; ``made_by_process``: each, in rank order) and
+    found finished (``resumed``)."""
 
     records: list
     summary: dict
     out: Optional[Any] = None
+    made: int = 0
+    resumed: int = 0
+    made_by_process: list = field(default_factory=list)
 
 
 def _attack_figures(records: Sequence[dict]) -> dict:
     n = len(records)
     if not n:
-        return {"n": 0}
-    return {"n": n, "success_rate": round(sum(r["broken"] for r in records) / n, 6),
-            "presence_before_attack": round(sum(r["present_before"] for r in records) / n, 6),
-            "presence_after_attack": round(sum(r["present_after"] for r in records) / n, 6)}
+        return {}
+    return {"success_rate": sum(r["broken"] for r in records) / n,
+            "presence_before_attack": sum(r["present_before"] for r in records) / n,
+            "presence_after_attack": sum(r["present_after"] for r in records) / n}
 
 
 def attack_suite(pipe: Any, suite: Any, judge: Any, out: Any = None, *, config: Optional[AttackConfig] = None,
                  height: Optional[int] = None, width: Optional[int] = None, batch_size: int = 8, model: str = "",
                  model_sha256: Optional[str] = None, adapters: Sequence[tuple[str, float]] = (),
+                 guidance: Sequence = (), negative_prompt: Optional[str] = None,
                  protocol: Optional[dict] = None, version: Optional[str] = None,
                  progress: Optional[Callable[[int, int], None]] = None) -> SuiteAttackReport:
     """Attack the erasures active on ``pipe`` on every row of ``suite`` (a :class:`unsee.suites.Suite`).
@@ -250,24 +252,29 @@ def attack_suite(pipe: Any, suite: Any, judge: Any, out: Any = None, *, config: 
     Each row is attacked as :func:`attack` attacks a prompt, with the row's own seed (``config.seed`` + the row's
     index where the file gives none: the target image, the erased model's image, the attacked image and the attack's
     noise and start all come from it, so a row's result depends on nothing but the row) and guidance scale
-    (``config.guidance_scale`` where it gives none), at ``config.num_inference_steps``. A row is *broken* when
-    ``judge.present`` says the concept is in the erased model's image of the row's prompt, or in its image of the
-    attacked prompt. ``judge``: a :class:`unsee.suite_eval.SuiteJudge` with ``present`` set (the toy judge with a
-    concept, NudeNet, CLIP with concepts, or a user's judge returning ``present``).
+    (``config.guidance_scale`` where it gives none), at ``config.num_inference_steps``. ``guidance`` (unsee guidance
+    methods) and ``negative_prompt`` apply to every image made, the unerased model's target image included (the
+    attack's objective, the erased model's noise prediction on that target, has no guidance). A row is *broken* when ``judge.present`` says the concept is in the erased model's image of the row's
+    prompt, or in its image of the attacked prompt. ``judge``: a :class:`unsee.suite_eval.SuiteJudge` with
+    ``present`` set (the toy judge with a concept, NudeNet, CLIP with concepts, or a user's judge returning
+    ``present``).
 
-    With ``out``: ``results.jsonl`` (one line per row: row id, prompt, seed, guidance, categories, the attacked
-    prompt and its tokens, the loss before and after, the judge's outputs before and after, present before and
-    after, broken), ``summary.json`` (the settings: suite, model, adapters, judge, attack settings, protocol; and
-    the figures over all rows and per category) and ``images/`` (the attacked prompts' images), written atomically
-    at the end. Returns the records and the summary.
+    The report is :func:`unsee.suite_eval.run_suite`'s, made by the same machinery: in ``out``, ``run.json`` (the
+    settings: suite, model, adapters, judge, attack settings, protocol), ``results.jsonl`` (one line per row, appended
+    as each batch of ``batch_size`` rows is attacked: row id, prompt, seed, guidance, categories, the attacked prompt
+    and its tokens, the loss before and after, the judge's outputs before and after, present before and after,
+    broken), ``images/`` (the attacked prompts' images), ``summary.json``/``summary.md`` (the figures over all rows
+    and per category) and the contact sheet. A killed run resumes in the same folder; under ``torchrun`` or
+    ``accelerate launch`` the batches are shared among the processes. ``out`` None: the report is made in a
+    temporary folder and removed. Returns the records and the summary.
     """
     import dataclasses
-    import json
     import sys
+    import tempfile
     from pathlib import Path
 
-    from .files import atomic_write
-    from .suite_eval import _image_name, _json_safe, _row_seed, file_sha256, generate_rows, weights_sha256
+    from .suite_eval import (_image_name, _json_safe, _row_seed, file_sha256, generate_rows, run_rows,
+                             weights_sha256)
 
     config = config or AttackConfig()
     if getattr(judge, "present", None) is None:
@@ -281,19 +288,40 @@ def attack_suite(pipe: Any, suite: Any, judge: Any, out: Any = None, *, config: 
     rows = list(suite.rows)
     if not rows:
         raise ValueError("the suite has no rows to attack")
+    guidance = list(guidance)
+
     def generate(batch_rows: list) -> list:
-        return [image for _, images in generate_rows(
-            pipe, batch_rows, seed=config.seed, guidance_scale=config.guidance_scale,
-            steps=config.num_inference_steps, batch_size=batch_size, height=height, width=width) for image in images]
+        (_, images), = generate_rows(pipe, batch_rows, seed=config.seed, guidance_scale=config.guidance_scale,
+                                     steps=config.num_inference_steps, batch_size=len(batch_rows), height=height,
+                                     width=width, guidance=guidance, negative_prompt=negative_prompt)
+        return images
 
     def judged(images: list, prompts: list) -> list:
-        outputs: list = []
-        for start in range(0, len(images), batch_size):
-            part = judge(images[start:start + batch_size], prompts[start:start + batch_size])
-            if not isinstance(part, (list, tuple)) or len(part) != len(images[start:start + batch_size]):
-                raise TypeError(f"the judge {judge.name} must return one output per image")
-            outputs.extend(_json_safe(o, judge.name) for o in part)
-        return outputs
+        outputs = judge(images, prompts)
+        if not isinstance(outputs, (list, tuple)) or len(outputs) != len(images):
+            raise TypeError(f"the judge {judge.name} must return one output per image")
+        return [_json_safe(o, judge.name) for o in outputs]
+
+    def make(batch: list) -> list:
+        with _erasures_off(pipe):
+            targets = generate(batch)
+        before = judged(generate(batch), [row.prompt for row in batch])
+        attacks = [attack_prompt(pipe, row.prompt, target, config,
+                                 torch.Generator().manual_seed(_row_seed(row, config.seed)))
+                   for row, target in zip(batch, targets)]
+        attacked = generate([dataclasses.replace(row, prompt=a.adversarial_prompt) for row, a in zip(batch, attacks)])
+        after = judged(attacked, [a.adversarial_prompt for a in attacks])
+        made = []
+        for row, a, b, c, image in zip(batch, attacks, before, after, attacked):
+            was, now = bool(judge.present(b)), bool(judge.present(c))
+            made.append(({
+                "row_id": row.row_id, "index": row.index, "prompt": row.prompt, "seed": _row_seed(row, config.seed),
+                "guidance": float(row.guidance if row.guidance is not None else config.guidance_scale),
+                "categories": list(row.categories), "adversarial_prompt": a.adversarial_prompt, "tokens": a.tokens,
+                "loss_before": a.losses[0], "loss_after": a.losses[-1], "judge_before": b, "judge_after": c,
+                "present_before": was, "present_after": now, "broken": was or now, "image": _image_name(row),
+            }, image))
+        return made
 
     settings = {
         "unsee_version": version or sys.modules["unsee"].__version__,
@@ -305,48 +333,16 @@ def attack_suite(pipe: Any, suite: Any, judge: Any, out: Any = None, *, config: 
         "attack": dataclasses.asdict(config),
         "generation": {"steps": config.num_inference_steps, "seed": config.seed,
                        "guidance_scale": float(config.guidance_scale), "height": height, "width": width,
-                       "scheduler": type(getattr(pipe, "scheduler", None)).__name__},
+                       "batch_size": batch_size, "negative_prompt": negative_prompt,
+                       "scheduler": type(getattr(pipe, "scheduler", None)).__name__,
+                       "guidance": [{"method": type(m).__name__, **(dataclasses.asdict(m) if dataclasses.is_dataclass(m)
+                                                                    else {})} for m in guidance]},
     }
     if protocol is not None:
         settings["protocol"] = protocol
-    prompts = [row.prompt for row in rows]
-    with _erasures_off(pipe):
-        targets = generate(rows)
-    before = judged(generate(rows), prompts)
-    present_before = [bool(judge.present(o)) for o in before]
-    attacks = []
-    for number, (row, target) in enumerate(zip(rows, targets)):
-        generator = torch.Generator().manual_seed(_row_seed(row, config.seed))
-        attacks.append(attack_prompt(pipe, row.prompt, target, config, generator))
-        if progress is not None:
-            progress(number + 1, len(rows))
-    attacked_rows = [dataclasses.replace(row, prompt=a.adversarial_prompt) for row, a in zip(rows, attacks)]
-    attacked_images = generate(attacked_rows)
-    after = judged(attacked_images, [a.adversarial_prompt for a in attacks])
-    records = []
-    for row, a, b, c, was in zip(rows, attacks, before, after, present_before):
-        present_after = bool(judge.present(c))
-        records.append({
-            "row_id": row.row_id, "index": row.index, "prompt": row.prompt, "seed": _row_seed(row, config.seed),
-            "guidance": float(row.guidance if row.guidance is not None else config.guidance_scale),
-            "categories": list(row.categories), "adversarial_prompt": a.adversarial_prompt, "tokens": a.tokens,
-            "loss_before": a.losses[0], "loss_after": a.losses[-1], "judge_before": b, "judge_after": c,
-            "present_before": was, "present_after": present_after, "broken": was or present_after,
-            "image": _image_name(row),
-        })
-    figures = {"all": _attack_figures(records)}
-    categories = sorted({c for r in records for c in r["categories"]})
-    if categories:
-        figures["by_category"] = {c: _attack_figures([r for r in records if c in r["categories"]])
-                                  for c in categories}
-    summary = {**json.loads(json.dumps(settings, sort_keys=True)), "figures": figures}
-    if out is not None:
-        out = Path(out)
-        (out / "images").mkdir(parents=True, exist_ok=True)
-        for record, image in zip(records, attacked_images):
-            atomic_write(out / record["image"], lambda tmp, image=image: image.save(tmp, format="PNG"))
-        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-        atomic_write(out / ATTACK_RESULTS, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        atomic_write(out / ATTACK_SUMMARY,
-                     lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, sort_keys=True)))
-    return SuiteAttackReport(records=records, summary=summary, out=out)
+    with tempfile.TemporaryDirectory(prefix="unsee-attack-") if out is None else contextlib.nullcontext() as scratch:
+        report = run_rows(Path(scratch or out), settings, rows, batch_size, make, _attack_figures, title="Attack",
+                          progress=progress)
+    return SuiteAttackReport(records=report.records, summary=report.summary, out=None if out is None else Path(out),
+                             made=report.made, resumed=report.resumed, made_by_process=report.made_by_process)
+

@@ -464,9 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     asuite.add_argument("--batch-size", type=_int_in(1, MAX_EVAL_BATCH), default=8,
                         help=f"images per pipeline call, 1 to {MAX_EVAL_BATCH} (default 8)")
     asuite.add_argument("--out", default=None, type=_folder_arg,
-                        help="report folder (default ./attack-SUITE): results.jsonl, summary.json, images/ "
-                             "(a run there is replaced)")
+                        help="report folder (default ./attack-SUITE): results.jsonl, summary.json, images/; a run "
+                             "killed there resumes with the same command")
     _add_protocol_options(asuite)
+    _add_guidance_options(at)
     _add_model_options(at)
 
     demo = sub.add_parser("demo", help="launch the Gradio demo (erase, generate, compare guidance)",
@@ -972,9 +973,46 @@ def _suite_judge(args: argparse.Namespace, device: Optional[str] = None):
         raise UsageError(f"--judge {spec}: {error}") from None
 
 
-def _eval_suite(args: argparse.Namespace) -> int:
+def _suite_processes(args: argparse.Namespace, command: str) -> bool:
+    """Under torchrun / accelerate launch, set up the process group that shares a suite's batches (and the device
+    of this process); whether this is the main process."""
     from .erasure import ConfigError
     from .erasure.processes import launch_problem, launched_processes, process_rank, process_state
+
+    problem = launch_problem(command)  # accelerate launch --cpu --num_processes N: one process
+    if problem is not None:
+        raise UsageError(problem)
+    if launched_processes() > 1:
+        try:
+            state = process_state(args.device, command=command)
+        except ConfigError as error:
+            raise UsageError(str(error)) from None
+        args.device = "cpu" if state.device.type == "cpu" else str(state.device)  # not accelerate's "cpu:<rank>"
+    return process_rank() == 0
+
+
+def _suite_guidance(args: argparse.Namespace) -> list:
+    """The guidance flags of a --suite run, checked (there is no negative prompt there)."""
+    from .guidance import GuidanceError, validate_combination
+
+    guidance = guidance_from_args(args)
+    try:
+        validate_combination(guidance, has_negative_prompt=False)
+    except GuidanceError as error:
+        raise UsageError(str(error)) from None
+    return guidance
+
+
+def _print_made(report) -> None:
+    """What a --suite run resumed and what each process made."""
+    if report.resumed:
+        print(f"resumed: {report.resumed} row(s) were done, {report.made} made now")
+    if len(report.made_by_process) > 1:
+        print(f"rows made by each of the {len(report.made_by_process)} processes: "
+              f"{', '.join(str(n) for n in report.made_by_process)}")
+
+
+def _eval_suite(args: argparse.Namespace) -> int:
     from .suite_eval import EvaluationSettingsError, run_suite, weights_sha256
 
     given = [flag for flag, value in (("--prompt", args.prompt), ("--n", args.n)) if value]
@@ -984,24 +1022,9 @@ def _eval_suite(args: argparse.Namespace) -> int:
     protocol = _apply_protocol(args)
     _check_scheduler(args.scheduler)
     suite = _read_suite_flags(args)
-    problem = launch_problem("eval")  # accelerate launch --cpu --num_processes N: one process
-    if problem is not None:
-        raise UsageError(problem)
-    if launched_processes() > 1:  # torchrun / accelerate launch: the batches are shared among the processes
-        try:
-            state = process_state(args.device, command="eval")
-        except ConfigError as error:
-            raise UsageError(str(error)) from None
-        args.device = "cpu" if state.device.type == "cpu" else str(state.device)  # not accelerate's "cpu:<rank>"
-    main = process_rank() == 0
+    main = _suite_processes(args, "eval")
     judge = _suite_judge(args, device=_default_device(args.device))
-    from .guidance import GuidanceError, validate_combination
-
-    guidance = guidance_from_args(args)
-    try:
-        validate_combination(guidance, has_negative_prompt=False)
-    except GuidanceError as error:
-        raise UsageError(str(error)) from None
+    guidance = _suite_guidance(args)
     out = Path(args.out or f"eval-{suite.name}")
     _check_output(str(out), "--out", folder=True)
     if args.json:
@@ -1031,11 +1054,7 @@ def _eval_suite(args: argparse.Namespace) -> int:
     if not main:  # the main process prints and writes the figures
         return 0
     figures = report.summary["figures"]
-    if report.resumed:
-        print(f"resumed: {report.resumed} row(s) were done, {report.made} made now")
-    if len(report.made_by_process) > 1:
-        print(f"rows made by each of the {len(report.made_by_process)} processes: "
-              f"{', '.join(str(n) for n in report.made_by_process)}")
+    _print_made(report)
     for label, values in [("all", figures["all"]), *figures.get("by_category", {}).items()]:
         shown = ", ".join(f"{k} {_figure(k, v)}" for k, v in values.items())
         print(f"{label}: {shown}")
@@ -1204,6 +1223,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     given = [f"--{flag.replace('_', '-')}" for flag in _ATTACK_SUITE_ONLY if getattr(args, flag) is not None]
     given += ["--batch-size"] if args.batch_size != 8 else []
+    given += ["guidance flags"] if _guidance_given(args) else []
     if given:
         raise UsageError(f"{', '.join(given)} go with --suite FILE; pass a prompt file or drop them")
     if args.concept is None:
@@ -1237,14 +1257,16 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 def _attack_suite(args: argparse.Namespace) -> int:
     from .attack import AttackConfig, attack_suite
-    from .suite_eval import weights_sha256
+    from .suite_eval import EvaluationSettingsError, weights_sha256
 
     if args.n != 16:
         raise UsageError("--n does not go with --suite (the file gives the prompts; --limit N takes its first N rows)")
     protocol = _apply_protocol(args)
     _check_scheduler(args.scheduler)
     suite = _read_suite_flags(args)
+    main = _suite_processes(args, "attack")
     judge = _suite_judge(args, device=_default_device(args.device))
+    guidance = _suite_guidance(args)
     if judge.present is None:
         raise UsageError(f"--judge {args.judge or 'toy'} cannot say whether the concept is back: give --concept (the "
                          "toy and clip judges look for it), or use --judge nudenet")
@@ -1268,11 +1290,19 @@ def _attack_suite(args: argparse.Namespace) -> int:
     try:
         report = attack_suite(pipe, suite, judge, out, config=config, height=args.height, width=args.width,
                               batch_size=args.batch_size, model=args.model, model_sha256=model_sha256,
-                              adapters=args.adapter, protocol=protocol,
-                              progress=lambda done, total: print(f"attacked {done}/{total} rows", file=sys.stderr))
+                              adapters=args.adapter, protocol=protocol, guidance=guidance,
+                              progress=(lambda done, total: print(f"attacked {done}/{total} rows", file=sys.stderr))
+                              if main else None)
+    except EvaluationSettingsError as error:
+        if not main:  # the main process says it
+            return 2
+        raise UsageError(f"--out: {error}") from None
     except ValueError as error:
         raise UsageError(f"--judge {args.judge or 'toy'}: {error}") from None
+    if not main:  # the main process prints and writes the figures
+        return 0
     figures = report.summary["figures"]
+    _print_made(report)
     for label, values in [("all", figures["all"]), *figures.get("by_category", {}).items()]:
         print(f"{label}: attack success rate {values['success_rate']:.1%} over {values['n']} rows (present without "
               f"attack: {values['presence_before_attack']:.1%})")

@@ -52,7 +52,7 @@ from .files import atomic_write, slug
 from .suites import Suite, SuiteRow
 
 __all__ = ["SuiteJudge", "load_judge", "SuiteReport", "EvaluationSettingsError", "run_suite", "read_records", "summarize",
-           "default_metrics", "generate_rows", "weights_sha256", "file_sha256", "RESULTS", "PART", "RUN", "SUMMARY_JSON", "SUMMARY_MD",
+           "default_metrics", "generate_rows", "run_rows", "weights_sha256", "file_sha256", "RESULTS", "PART", "RUN", "SUMMARY_JSON", "SUMMARY_MD",
            "CONTACT_SHEET", "REPORT_VERSION"]
 
 RESULTS = "results.jsonl"
@@ -321,7 +321,7 @@ def _rounded(figures: Mapping[str, Any]) -> dict:
     return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in figures.items()}
 
 
-def _markdown(summary: dict) -> str:
+def _markdown(summary: dict, title: str = "Evaluation") -> str:
     figures = summary["figures"]
     rows = [("all", figures["all"])] + list(figures.get("by_category", {}).items())
     names = ["n"] + sorted({k for _, f in rows for k in f if k != "n"})
@@ -332,7 +332,7 @@ def _markdown(summary: dict) -> str:
         return "" if value is None else str(value)
 
     judge, suite = summary["judge"], summary["suite"]
-    lines = [f"# Evaluation: {suite['name']}", "",
+    lines = [f"# {title}: {suite['name']}", "",
              f"- suite: `{suite['path']}` (sha256 {suite['sha256'][:12]}, {suite['rows']} of {suite['rows_in_file']} "
              f"rows{', categories ' + ', '.join(suite['categories']) if suite['categories'] else ''})",
              f"- model: {summary['model']['name']} (weights sha256 {summary['model']['weights_sha256'][:12]})",
@@ -523,9 +523,46 @@ def run_suite(
     if protocol is not None:
         settings["protocol"] = dict(protocol)
     settings = json.loads(json.dumps(settings, sort_keys=True))
+    rows = list(suite.rows)
+
+    def make(batch: list[SuiteRow]) -> list[tuple[dict, Any]]:
+        (_, images), = generate_rows(pipe, batch, seed=seed, guidance_scale=guidance_scale, steps=num_inference_steps,
+                                     batch_size=len(batch), use_row_size=use_row_size, height=height, width=width,
+                                     guidance=guidance, negative_prompt=negative_prompt)
+        outputs = judge(images, [row.prompt for row in batch])
+        if not isinstance(outputs, (list, tuple)) or len(outputs) != len(images):
+            raise TypeError(f"the judge {judge.name} must return one output per image ({len(images)}), got "
+                            f"{len(outputs) if isinstance(outputs, (list, tuple)) else type(outputs).__name__}")
+        return [({"row_id": row.row_id, "index": row.index, "prompt": row.prompt, "seed": _row_seed(row, seed),
+                  "guidance": float(row.guidance if row.guidance is not None else guidance_scale),
+                  "categories": list(row.categories), "width": image.size[0], "height": image.size[1],
+                  "judge": _json_safe(output, judge.name), "image": _image_name(row)}, image)
+                for row, image, output in zip(batch, images, outputs)]
+
+    return run_rows(out, settings, rows, batch_size, make, judge.metrics, callback=callback, progress=progress)
+
+
+def run_rows(out: Union[str, os.PathLike], settings: dict, rows: Sequence[SuiteRow], batch_size: int,
+             make: Callable[[list[SuiteRow]], list[tuple[dict, Any]]],
+             metrics: Optional[Callable[[Records], dict]] = None, *, title: str = "Evaluation",
+             callback: Optional[Callable[[dict], None]] = None,
+             progress: Optional[Callable[[int, int], None]] = None) -> SuiteReport:
+    """The report machinery of :func:`run_suite` (and of :func:`unsee.attack.attack_suite`) around ``make``.
+
+    ``make(batch)`` turns a batch of rows into one (record, PIL image) per row, each record holding at least
+    "row_id", "index", "categories" and "image" (where the image goes, under ``out``). Checks ``settings`` against
+    the folder's ``run.json`` (writing it on a first run), skips the batches whose rows are all finished, shares the
+    batches among the processes of a ``torch.distributed`` group (batch k to process k mod N), writes each image and
+    appends each record as it is made, then merges the records and writes the summary (figures from ``metrics``)
+    on the main process. Every process returns the same records and summary.
+    """
+    out = Path(out)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    settings = json.loads(json.dumps(settings, sort_keys=True))
     rank, processes = _processes()
     results = out / RESULTS
-    rows = list(suite.rows)
+    rows = list(rows)
 
     def set_up() -> list:  # on the main process: the others wait for its answer (or its error)
         _check_settings(out, settings)
@@ -545,28 +582,16 @@ def run_suite(
     mine = results if processes == 1 else out / PART.format(rank=rank)
     if progress is not None:
         progress(len(done), len(rows))
-    # batches go round the processes: batch k to process k mod N
-    for batch, images in generate_rows(pipe, rows, seed=seed, guidance_scale=guidance_scale, steps=num_inference_steps,
-                                       batch_size=batch_size, use_row_size=use_row_size, height=height, width=width,
-                                       guidance=guidance, negative_prompt=negative_prompt, done=frozenset(done),
-                                       rank=rank, processes=processes):
-        outputs = judge(images, [row.prompt for row in batch])
-        if not isinstance(outputs, (list, tuple)) or len(outputs) != len(images):
-            raise TypeError(f"the judge {judge.name} must return one output per image ({len(images)}), got "
-                            f"{len(outputs) if isinstance(outputs, (list, tuple)) else type(outputs).__name__}")
-        for row, image, output in zip(batch, images, outputs):
-            if row.row_id in done:
+    for number, start in enumerate(range(0, len(rows), batch_size)):
+        batch = rows[start:start + batch_size]
+        if number % processes != rank or all(row.row_id in done for row in batch):
+            continue  # batches go round the processes: batch k to process k mod N
+        for record, image in make(batch):
+            if record["row_id"] in done:
                 continue
-            name = _image_name(row)
-            atomic_write(out / name, lambda tmp, image=image: image.save(tmp, format="PNG"))
-            record = {
-                "row_id": row.row_id, "index": row.index, "prompt": row.prompt, "seed": _row_seed(row, seed),
-                "guidance": float(row.guidance if row.guidance is not None else guidance_scale),
-                "categories": list(row.categories), "width": image.size[0], "height": image.size[1],
-                "judge": _json_safe(output, judge.name), "image": name,
-            }
+            atomic_write(out / record["image"], lambda tmp, image=image: image.save(tmp, format="PNG"))
             _append(mine, record)
-            done.add(row.row_id)
+            done.add(record["row_id"])
             made += 1
             if callback is not None:
                 callback(record)
@@ -583,7 +608,7 @@ def run_suite(
 
     def finish() -> tuple:  # on the main process
         records = _merge(out)
-        return records, write_summary(out, settings, records, judge.metrics)
+        return records, write_summary(out, settings, records, metrics, title=title)
 
     records, summary = _main_first(finish, processes)
     if progress is not None and processes > 1 and rank == 0:
@@ -593,14 +618,14 @@ def run_suite(
 
 
 def write_summary(out: Union[str, os.PathLike], settings: dict, records: Records,
-                  metrics: Optional[Callable[[Records], dict]] = None) -> dict:
+                  metrics: Optional[Callable[[Records], dict]] = None, title: str = "Evaluation") -> dict:
     """Write ``summary.json``, ``summary.md`` and ``contact_sheet.png`` for ``records``; returns the summary."""
     out = Path(out)
     summary = {**settings, "done": len(records), "complete": len(records) == settings["suite"]["rows"],
                "figures": summarize(records, metrics)}
     text = json.dumps(summary, indent=2, sort_keys=True)
     atomic_write(out / SUMMARY_JSON, lambda tmp: Path(tmp).write_text(text))
-    markdown = _markdown(summary)
+    markdown = _markdown(summary, title)
     atomic_write(out / SUMMARY_MD, lambda tmp: Path(tmp).write_text(markdown))
     _contact_sheet(out, records)
     return summary
@@ -613,23 +638,19 @@ def _fields(method: Any) -> dict:
 
 
 def generate_rows(pipe, rows: Sequence[SuiteRow], *, seed: int = 0, guidance_scale: Optional[float],
-                  steps: Optional[int],
-                  batch_size: int = 8, use_row_size: bool = False, height: Optional[int] = None,
-                  width: Optional[int] = None, guidance: Sequence = (), negative_prompt: Any = None,
-                  generator: Any = None, done: Any = frozenset(), rank: int = 0, processes: int = 1,
-                  **pipe_kwargs: Any) -> Iterator[tuple[list[SuiteRow], list]]:
+                  steps: Optional[int], batch_size: int = 8, use_row_size: bool = False,
+                  height: Optional[int] = None, width: Optional[int] = None, guidance: Sequence = (), negative_prompt: Any = None,
+                  generator: Any = None, **pipe_kwargs: Any) -> Iterator[tuple[list[SuiteRow], list]]:
     """Make the rows' images: yields (batch rows, their PIL images), batch by batch, in suite order.
 
     The one place where evaluation makes images (:func:`run_suite`, :func:`unsee.evaluation.evaluate`,
-    :func:`unsee.evaluation.generate_images` and the attacks call it). Rows go in fixed batches of ``batch_size``
-    consecutive rows; batch k is made by process k mod ``processes`` (the others are skipped), and a batch whose rows
-    are all in ``done`` is skipped. Consecutive rows with the same guidance scale and size share one pipeline call.
+    :func:`unsee.evaluation.generate_images` and the attacks call it). Rows go in batches of ``batch_size``
+    consecutive rows; in a batch, consecutive rows with the same guidance scale and size share one pipeline call.
 
     Seeds: each image comes from its own generator, seeded with its row's seed (the run's ``seed`` + the row's index
     when the row gives none), so it depends on nothing but its row. With ``generator`` given instead, every batch
     draws its latents from that one generator in turn, as diffusers does for a list of prompts given one generator
-    (the toy world's ``unsee eval --concept``): an image then depends on the batches before it, so no batch may be
-    skipped (neither ``done`` nor several processes).
+    (the toy world's ``unsee eval --concept``): an image then depends on the batches before it.
 
     ``guidance_scale``: for rows that give none; ``guidance_scale`` and ``steps`` None: the pipeline's defaults.
     ``negative_prompt``: a text for every row, or a sequence giving each row's (indexed by the row's position in
@@ -640,19 +661,12 @@ def generate_rows(pipe, rows: Sequence[SuiteRow], *, seed: int = 0, guidance_sca
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     rows = list(rows)
-    if generator is not None and (done or processes > 1):
-        raise ValueError("one generator shared by the batches makes each image depend on the batches before it: "
-                         "it cannot skip finished batches or share them among processes; give the rows seeds")
     negatives = None if negative_prompt is None or isinstance(negative_prompt, str) else list(negative_prompt)
     if negatives is not None and len(negatives) != len(rows):
         raise ValueError(f"negative_prompt gives {len(negatives)} prompts for {len(rows)} rows; give one per row or "
                          "one text")
-    for number, start in enumerate(range(0, len(rows), batch_size)):
-        if number % processes != rank:
-            continue
+    for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        if done and all(row.row_id in done for row in batch):
-            continue
         images: list = []
         groups: list[tuple[tuple, list[int]]] = []  # (scale, size) -> positions in rows
         for position in range(start, start + len(batch)):
