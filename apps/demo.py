@@ -50,7 +50,8 @@ from unsee.adapters import AdapterError, load_adapter  # noqa: E402
 from unsee.erasure import METHODS, ConfigError, TrainingError, make_trainer  # noqa: E402
 from unsee import __version__  # noqa: E402
 from unsee.files import atomic_write, slug  # noqa: E402
-from unsee.guidance import FDG, NASA, PAG, CFGpp, GuidanceError, NegativeSteer, validate_combination  # noqa: E402
+from unsee.guidance import (FDG, NAG, NASA, PAG, CFGpp, GuidanceError, NegativeSteer, registry,  # noqa: E402
+                            validate_combination)
 from unsee.jobs import grid_prompts  # noqa: E402
 from unsee.loading import ModelLoadError, load_pipeline  # noqa: E402
 from unsee.model_card import card_path, write_model_card  # noqa: E402
@@ -68,7 +69,8 @@ MAX_PROMPT_CHARS = 300
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 MAX_NAME_CHARS = 120  # adapter file names, checked before any file-system call (the OS limit is 255 bytes)
 MAX_SEED = 2**31 - 1
-NEGATIVE_MODES = ("off", "fixed", "adaptive", "dng")
+NEGATIVE_MODES = ("off",) + registry.NEGATIVE_MODES
+CONTROLS = registry.controls()  # the guidance widgets, in the order the generate API takes them
 _ADAPTER_FILE = re.compile(r"[A-Za-z0-9][\w.+-]*\.safetensors")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
@@ -119,7 +121,7 @@ def check_number(value: Any, field: str, low: float, high: float, integer: bool 
     return float(value)
 
 
-def parse_scales(text: Any) -> Optional[tuple[float, ...]]:
+def parse_scales(text: Any, low: float = 1.0, high: float = 30.0) -> Optional[tuple[float, ...]]:
     """FDG's per-band scales from "10, 5" (None for an empty field)."""
     text = check_text(text, "FDG scales", required=False, max_chars=60)
     if not text:
@@ -132,53 +134,34 @@ def parse_scales(text: Any) -> Optional[tuple[float, ...]]:
     if not 2 <= len(scales) <= 6:
         raise InputError(f"FDG needs 2 to 6 scales (one per band), got {len(scales)}")
     for scale in scales:
-        check_number(scale, "each FDG scale", 1.0, 30.0)
+        check_number(scale, "each FDG scale", low, high)
     return scales
 
 
-def guidance_methods(cfgpp: float = 0.0, pag: float = 0.0, fdg: Any = "", negative_mode: str = "off",
-                     negative_start: float = 0.3, nasa: float = 0.0) -> list:
-    """The guidance objects the Generate tab's controls ask for (0 or empty turns a method off)."""
-    methods: list = []
-    cfgpp = check_number(cfgpp, "CFG++ lambda", 0.0, 1.0)
-    if cfgpp > 0:
-        methods.append(CFGpp(cfgpp))
-    scales = parse_scales(fdg)
-    if scales is not None:
-        methods.append(FDG(scales))
-    pag = check_number(pag, "PAG scale", 0.0, 10.0)
-    if pag > 0:
-        methods.append(PAG(pag))
-    if negative_mode not in NEGATIVE_MODES:
-        raise InputError(f"negative steering mode must be one of {', '.join(NEGATIVE_MODES)}, got {negative_mode!r}")
-    negative_start = check_number(negative_start, "negative start", 0.0, 1.0)
-    if negative_mode != "off":  # the adaptive mode detects its own start: the slider does not apply
-        methods.append(NegativeSteer(mode=negative_mode,
-                                     start_fraction=None if negative_mode == "adaptive" else negative_start))
-    nasa = check_number(nasa, "NASA alpha", 0.0, 1.0)
-    if nasa > 0:
-        methods.append(NASA(nasa))
-    return methods
+def _checked(control: registry.Control, value: Any) -> Any:
+    """A guidance control's value, checked against the control's range or choices."""
+    if control.widget == "slider":
+        return check_number(value, control.what, control.low, control.high)
+    if control.widget == "dropdown":
+        if value not in control.choices:
+            raise InputError(f"{control.what} must be one of {', '.join(control.choices)}, got {value!r}")
+        return value
+    return parse_scales(value, control.low, control.high)  # the text control: FDG's comma-separated scales
+
+
+def guidance_methods(cfgpp: Any = 0.0, pag: Any = 0.0, fdg: Any = "", negative_mode: str = "off",
+                     negative_start: Any = 0.3, nasa: Any = 0.0, nag: Any = 1.0) -> list:
+    """The guidance objects the Generate tab's controls ask for (a control at its "off" value leaves its method out);
+    the controls are ``unsee.guidance.registry``'s."""
+    given = dict(cfgpp=cfgpp, pag=pag, fdg=fdg, negative_mode=negative_mode, negative_start=negative_start, nasa=nasa,
+                 nag=nag)
+    return registry.methods_from_controls({c.name: _checked(c, given[c.name]) for c in CONTROLS})
 
 
 def describe(methods: Sequence[Any], guidance_scale: float) -> str:
     if not methods:
         return f"CFG {guidance_scale:g}"
-    return " + ".join(_describe_one(m) for m in methods)
-
-
-def _describe_one(method: Any) -> str:
-    if isinstance(method, CFGpp):
-        return f"CFG++ λ={method.lam:g}"
-    if isinstance(method, FDG):
-        return "FDG " + ",".join(f"{s:g}" for s in method.scales)
-    if isinstance(method, PAG):
-        return f"PAG {method.scale:g}"
-    if isinstance(method, NegativeSteer):
-        return f"negative {method.mode} {method.describe_start()}"
-    if isinstance(method, NASA):
-        return f"NASA α={method.alpha:g}"
-    return type(method).__name__
+    return " + ".join(m.describe() for m in methods)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,7 +354,7 @@ class DemoApp:
 
     def generate(self, prompt: Any, negative: Any = "", steps: Any = 25, guidance_scale: Any = 5.0, seed: Any = 0,
                  cfgpp: Any = 0.0, pag: Any = 0.0, fdg: Any = "", negative_mode: str = "off",
-                 negative_start: Any = 0.3, nasa: Any = 0.0,
+                 negative_start: Any = 0.3, nasa: Any = 0.0, nag: Any = 1.0,
                  adapters: Sequence[tuple[Any, Any]] = ()) -> list[tuple[Any, str]]:
         """The prompt without and with the chosen adapters (same seed); [(image, caption), ...]."""
         prompt = check_text(prompt, "prompt")
@@ -379,8 +362,8 @@ class DemoApp:
         steps = check_number(steps, "steps", 1, self.max_steps, integer=True)
         guidance_scale = check_number(guidance_scale, "guidance scale", 1.0, 20.0)
         seed = check_number(seed, "seed", 0, MAX_SEED, integer=True)
-        methods = guidance_methods(cfgpp, pag, fdg, negative_mode, negative_start, nasa)
-        validate_combination(methods, has_negative_prompt=bool(negative))
+        methods = guidance_methods(cfgpp, pag, fdg, negative_mode, negative_start, nasa, nag)
+        validate_combination(methods, has_negative_prompt=bool(negative), guidance_scale=guidance_scale)
         chosen = []
         for index, (name, scale) in enumerate(adapters, start=1):
             if name in (None, "", "(none)"):
@@ -416,16 +399,17 @@ class DemoApp:
         seed = check_number(seed, "seed", 0, MAX_SEED, integer=True)
         rows: list[list] = [[], [CFGpp(0.6)], [PAG(3.0)], [FDG((2 * guidance_scale, guidance_scale))]]
         if negative:
-            rows += [[NegativeSteer(start_fraction=0.3)], [NegativeSteer(mode="adaptive")], [NASA(0.3)]]
+            rows += [[NegativeSteer(start_fraction=0.3)], [NegativeSteer(mode="adaptive")], [NASA(0.3)], [NAG()]]
         gallery = []
         with self._model_lock:
             self.pipeline()
             for methods in rows:
                 # a negative prompt fills the unconditional branch from the first step, as in diffusers, unless
-                # NegativeSteer says from when or NASA takes it into attention (README: how the negative prompt acts)
-                validate_combination(methods, has_negative_prompt=bool(negative))
+                # a method sets the unconditional branch (NegativeSteer) or takes it into attention (NASA, NAG): README,
+                # composition table
+                validate_combination(methods, has_negative_prompt=bool(negative), guidance_scale=guidance_scale)
                 image = self._render(prompt, negative, steps, guidance_scale, seed, methods)
-                plain_negative = negative and not any(isinstance(m, (NegativeSteer, NASA)) for m in methods)
+                plain_negative = negative and not any(m.contract.needs_negative for m in methods)
                 label = describe(methods, guidance_scale) + (" (negative prompt)" if plain_negative else "")
                 gallery.append((image, label))
         return gallery
@@ -620,12 +604,13 @@ def build_demo(app: DemoApp) -> gr.Blocks:
         choices = adapter_choices()
         return [gr.update(choices=choices, value=value if value in choices else "(none)") for value in selected]
 
-    def generate(prompt, negative, steps, guidance_scale, seed, cfgpp, pag, fdg, negative_mode, negative_start,
-                 nasa, *slots):
+    def generate(prompt, negative, steps, guidance_scale, seed, *rest):
+        # rest: the guidance controls (registry order), then (adapter, scale) per slot
         try:
+            controls, slots = rest[:len(CONTROLS)], rest[len(CONTROLS):]
             pairs = list(zip(slots[0::2], slots[1::2]))
-            return _own_files(app.generate(prompt, negative, steps, guidance_scale, seed, cfgpp, pag, fdg,
-                                           negative_mode, negative_start, nasa, pairs))
+            guidance = {control.name: value for control, value in zip(CONTROLS, controls)}
+            return _own_files(app.generate(prompt, negative, steps, guidance_scale, seed, **guidance, adapters=pairs))
         except Exception as error:  # noqa: BLE001 - every failure becomes a message; the app keeps serving
             raise _user_error(error, app) from None
 
@@ -659,6 +644,14 @@ def build_demo(app: DemoApp) -> gr.Blocks:
         except Exception as error:  # noqa: BLE001
             raise _user_error(error, app) from None
 
+    def guidance_widget(control: registry.Control):
+        """The Gradio widget of a guidance control of ``unsee.guidance.registry``."""
+        if control.widget == "slider":
+            return gr.Slider(control.low, control.high, value=control.default, step=control.step, label=control.label)
+        if control.widget == "dropdown":
+            return gr.Dropdown(list(control.choices), value=control.default, label=control.label)
+        return gr.Textbox(label=control.label, placeholder=control.placeholder)
+
     def prompt_controls(negative_label: str) -> tuple:
         """Prompt, negative prompt, steps, guidance scale and seed widgets (Generate and Compare share them)."""
         prompt = gr.Textbox(label="Prompt", value="a red circle on a gray background")
@@ -684,14 +677,8 @@ def build_demo(app: DemoApp) -> gr.Blocks:
             with gr.Row():
                 with gr.Column():
                     prompt, negative, steps, guidance_scale, seed = prompt_controls("Negative prompt")
-                    with gr.Accordion("Guidance methods (0 or empty: off)", open=False):
-                        cfgpp = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="CFG++ λ (replaces CFG)")
-                        pag = gr.Slider(0.0, 10.0, value=0.0, step=0.5, label="PAG scale")
-                        fdg = gr.Textbox(label="FDG scales, high to low frequency (replaces CFG)", placeholder="10, 5")
-                        with gr.Row():
-                            negative_mode = gr.Dropdown(list(NEGATIVE_MODES), value="off", label="Negative steering")
-                            negative_start = gr.Slider(0.0, 1.0, value=0.3, step=0.05, label="Negative start (fraction; fixed and DNG modes)")
-                        nasa = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="NASA α (uses the negative prompt)")
+                    with gr.Accordion("Guidance methods (0, 1 for NAG, or empty: off)", open=False):
+                        guidance_inputs = [guidance_widget(control) for control in CONTROLS]
                     with gr.Accordion("Adapters", open=True):
                         slot_inputs = []
                         for index in range(1, ADAPTER_SLOTS + 1):
@@ -710,8 +697,7 @@ def build_demo(app: DemoApp) -> gr.Blocks:
                     generate_gallery = gr.Gallery(label="Without / with adapters (same seed)", columns=2,
                                                   format="png")
             generate_button.click(
-                generate, [prompt, negative, steps, guidance_scale, seed, cfgpp, pag, fdg, negative_mode,
-                           negative_start, nasa, *slot_inputs],
+                generate, [prompt, negative, steps, guidance_scale, seed, *guidance_inputs, *slot_inputs],
                 [generate_gallery], api_name="generate")
             upload_file.upload(upload, [upload_file, *slot_dropdowns], [upload_status, *slot_dropdowns],
                                api_name="upload")

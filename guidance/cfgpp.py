@@ -30,13 +30,13 @@ Choices where implementations differ (documented in ../shared/specs/guidance.md 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from .base import Guidance, GuidanceError, check_range, vp_denoised
+from .base import Contract, Guidance, GuidanceError, MethodRun, Step, check_range, vp_denoised
 
 SUPPORTED = "DDIMScheduler (eta=0), EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler (dpmsolver++, order 2)"
 
@@ -46,14 +46,36 @@ class CFGpp(Guidance):
     """CFG++ with scale ``lam`` in [0, 1] (paper default 0.6 for 50-step DDIM on SD 1.5)."""
 
     lam: float = 0.6
-    kind = "combine"
-    needs_uncond = True
+    contract: ClassVar[Contract] = Contract(combines=True, replaces_step=True, branches=("uncond",))
 
     def validate(self) -> None:
         check_range("CFGpp", "lam", self.lam, 0.0, 1.0)
 
     def combine(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         return uncond + self.lam * (cond - uncond)
+
+    def prepare(self, call) -> "CFGppRun":
+        check_scheduler(call.scheduler, call.kwargs.get("eta", 0.0) or 0.0)
+        return CFGppRun(self)
+
+    def describe(self) -> str:
+        return f"CFG++ λ={self.lam:g}"
+
+
+class CFGppRun(MethodRun):
+    """Combines with lambda, and steps with :func:`cfgpp_step` from the guided and unconditional predictions."""
+
+    needs_uncond = True
+
+    def __init__(self, method: CFGpp) -> None:
+        self.method = method
+        self.state = CFGppState()
+
+    def combine(self, predictions: dict, step: Step) -> torch.Tensor:
+        return self.method.combine(predictions["cond"], predictions["uncond"])
+
+    def scheduler_step(self, scheduler, model_output, timestep, sample, predictions, generator):
+        return cfgpp_step(scheduler, model_output, predictions["uncond"], timestep, sample, self.state, generator)
 
 
 def check_scheduler(scheduler, eta: float = 0.0) -> None:

@@ -22,12 +22,12 @@ All scales equal to w gives exactly CFG(w).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .base import Guidance, GuidanceError, check_range
+from .base import Contract, Guidance, GuidanceError, MethodRun, Step, check_range
 
 _KERNEL_1D = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0
 
@@ -88,8 +88,7 @@ class FDG(Guidance):
 
     scales: tuple[float, ...] = (10.0, 5.0)
     parallel_weights: Optional[tuple[float, ...]] = None
-    kind = "combine"
-    needs_uncond = True
+    contract: ClassVar[Contract] = Contract(combines=True, branches=("uncond",))
 
     def __post_init__(self) -> None:
         self.scales = tuple(float(s) for s in self.scales)
@@ -124,3 +123,21 @@ class FDG(Guidance):
                 delta = self.parallel_weights[level] * parallel + orthogonal
             guided.append(u + self.scales[level] * delta)
         return reconstruct(guided)
+
+    def prepare(self, call) -> "FDGRun":
+        return FDGRun(self)
+
+    def describe(self) -> str:
+        return "FDG " + ",".join(f"{s:g}" for s in self.scales)
+
+
+class FDGRun(MethodRun):
+    """Combines cond and uncond band by band."""
+
+    needs_uncond = True
+
+    def __init__(self, method: FDG) -> None:
+        self.method = method
+
+    def combine(self, predictions: dict, step: Step) -> torch.Tensor:
+        return self.method.combine(predictions["cond"], predictions["uncond"])

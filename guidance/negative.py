@@ -40,12 +40,13 @@ CFG with an empty negative.
 from __future__ import annotations
 
 from dataclasses import InitVar, dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .base import VP_PREDICTION_TYPES, Guidance, GuidanceError, check_range, vp_denoised
+from .base import (VP_PREDICTION_TYPES, AttentionEdit, Branch, BranchInputs, Contract, Guidance, GuidanceError,
+                   GuidanceReport, MethodRun, Step, check_range, vp_denoised)
 
 MODES = ("fixed", "adaptive", "dng")
 # (start_fraction, start_step) when neither is given: Ban et al.'s ~10-25% of the steps; DNG from the first step
@@ -68,7 +69,10 @@ class NegativeSteer(Guidance):
     dng_offset: float = 0.0
     dng_p_min: float = 1e-6
     dng_p_max: float = 0.99
-    kind = "negative"
+    contract: ClassVar[Contract] = Contract(
+        adds_term=True, edits_attention=True, sets_unconditional=True, needs_negative=True, needs_cfg=True,
+        branches=("uncond", "negative"),
+        conditions={"adds_term": "dng mode", "edits_attention": "adaptive mode (a probe)", "branches": "negative: dng mode"})
 
     def __post_init__(self, start: Any) -> None:
         if start is not None:
@@ -120,6 +124,21 @@ class NegativeSteer(Guidance):
         if step is not None:
             return step
         return int(round(fraction * num_steps))
+
+    def prepare(self, call) -> "NegativeSteerRun":
+        if self.mode == "dng":
+            check_dng_scheduler(call.scheduler)
+        probe = token_mask = None
+        if self.mode == "adaptive":
+            if call.prompts is None or call.negatives is None:
+                raise GuidanceError("adaptive NegativeSteer needs prompt and negative_prompt as text")
+            token_mask = call.token_mask()
+            probe = AttentionProbe(frozenset(call.attention_modules(cross=True)))
+        # the empty prompt, encoded as diffusers encodes the unconditional rows of a call without a negative prompt
+        return NegativeSteerRun(self, call.empty_embeddings(), call.scheduler, token_mask, probe)
+
+    def describe(self) -> str:
+        return f"negative {self.mode} {self.describe_start()}"
 
 
 class AdaptiveStart:
@@ -209,3 +228,122 @@ def check_dng_scheduler(scheduler) -> None:
     if prediction not in VP_PREDICTION_TYPES:
         raise GuidanceError(f"NegativeSteer(mode='dng') needs an epsilon, v- or sample-prediction model, this one "
                             f"predicts {prediction!r}")
+
+
+class AttentionProbe(AttentionEdit):
+    """Records the cross-attention maps of its rows, averaged over heads: (rows, pixels, tokens) per module."""
+
+    def __init__(self, modules: frozenset) -> None:
+        self.modules = modules
+        self.maps: list = []
+
+    def edit_output(self, attn, name, query, key, value, out, attend):
+        rows = self.rows
+        scores = (query[rows].transpose(1, 2) @ key[rows].transpose(1, 2).transpose(-1, -2)) * attn.scale
+        self.maps.append(scores.softmax(-1).mean(1).detach())
+        return out
+
+
+class NegativeSteerRun(MethodRun):
+    """What the unconditional branch holds at each step (the empty prompt or the negative, per image), DNG's branch
+    and term, and the adaptive start's detection."""
+
+    needs_uncond = True
+
+    def __init__(self, method: NegativeSteer, empty: tuple, scheduler, token_mask: Optional[torch.Tensor],
+                 probe: Optional[AttentionProbe]) -> None:
+        self.method = method
+        self.empty = empty  # (embeds, pooled or None) of the empty prompt, one row per image
+        self.scheduler = scheduler
+        self.token_mask = token_mask
+        self.probe = probe
+        self.attention_edits = (probe,) if probe is not None else ()
+        self.negative_active: Optional[torch.Tensor] = None  # adaptive: per image, has the negative started
+        self.adaptive: Optional[AdaptiveStart] = None
+        self.dng: Optional[DNGState] = None
+        self.posterior: Optional[list] = None
+
+    # ------------------------------------------------------------ what the unconditional branch holds
+    def _negative_rows_active(self, step: Step) -> torch.Tensor:
+        """Per image: does the unconditional branch hold the negative prompt (True) or the empty prompt?"""
+        mode = self.method.mode
+        if mode == "fixed":
+            return torch.full((step.batch,), step.index >= self.method.first_step(step.num_steps), dtype=torch.bool)
+        if mode == "adaptive":
+            if self.negative_active is None:
+                self.negative_active = torch.zeros(step.batch, dtype=torch.bool)
+            return self.negative_active
+        return torch.zeros(step.batch, dtype=torch.bool)  # dng: the negative has its own branch
+
+    def branches(self, step: Step):
+        return (Branch("negative", source="uncond"),) if self.method.mode == "dng" else ()
+
+    def branch_inputs(self, step: Step, name: str, inputs: BranchInputs) -> BranchInputs:
+        if name != "uncond":
+            return inputs
+        embeds, added = inputs.embeds, dict(inputs.added)
+        active = self._negative_rows_active(step).to(embeds.device)
+        if bool(active.all()):
+            return inputs
+        empty_embeds, empty_pooled = self.empty
+        embeds = torch.where(active[:, None, None], embeds, empty_embeds.to(embeds.dtype))
+        if empty_pooled is not None and "text_embeds" in added:
+            added["text_embeds"] = torch.where(active[:, None], added["text_embeds"], empty_pooled.to(embeds.dtype))
+        return BranchInputs(inputs.sample, embeds, added)
+
+    # ------------------------------------------------------------ around the denoiser call
+    def _probing(self) -> bool:
+        return self.probe is not None and (self.negative_active is None or not bool(self.negative_active.all()))
+
+    def before_denoiser(self, step: Step) -> None:
+        if self.probe is not None:
+            self.probe.rows = step.layout["cond"] if self._probing() else None
+            self.probe.maps = []
+        if self.dng is not None:
+            self.dng.observe(step.cond_sample)
+
+    def add_term(self, guided: torch.Tensor, predictions: dict, step: Step) -> torch.Tensor:
+        if "negative" not in predictions:
+            return guided
+        if self.dng is None:
+            self.dng = DNGState(self.method, step.batch)
+            self.posterior = []
+        self.posterior.append(self.dng.p.tolist())
+        if step.index >= self.method.first_step(step.num_steps):  # delayed DNG: p_t is tracked from the first step
+            weight = self.dng.weight().to(guided.device, guided.dtype).view(-1, *([1] * (guided.ndim - 1)))
+            guided = guided - weight * (predictions["negative"] - predictions["uncond"])
+        return guided
+
+    def after_denoiser(self, predictions: dict, step: Step) -> None:
+        if "negative" in predictions:
+            self._predict_dng(step, predictions["negative"], predictions["uncond"])
+        if self.probe is not None and self.probe.rows is not None and self.probe.maps:
+            self._update_adaptive(step)
+
+    def _update_adaptive(self, step: Step) -> None:
+        if self.adaptive is None:
+            max_step = max(1, int(round(self.method.max_start * step.num_steps)))
+            self.adaptive = AdaptiveStart(step.batch, self.method.threshold, max_step)
+        maps = self.probe.maps
+        current = AdaptiveStart.token_map(maps, self.token_mask.to(maps[0].device))
+        # the decision taken after step k applies from step k + 1
+        self.negative_active = self.adaptive.update(step.index, current.cpu())
+
+    def _predict_dng(self, step: Step, output_neg: torch.Tensor, output_u: torch.Tensor) -> None:
+        scheduler = self.scheduler
+        sample, timestep = step.cond_sample, step.timestep
+        timesteps = scheduler.timesteps
+        index = int((timesteps == timestep).nonzero()[0]) if (timesteps == timestep).any() else step.index
+        alphas = scheduler.alphas_cumprod.to(sample.device)
+        a_t = alphas[int(timesteps[index])]
+        if index + 1 < len(timesteps):
+            a_prev = alphas[int(timesteps[index + 1])]
+        else:  # the last step lands on the scheduler's final alpha (DDIM's set_alpha_to_one) or on x0
+            a_prev = torch.as_tensor(getattr(scheduler, "final_alpha_cumprod", 1.0), device=alphas.device, dtype=alphas.dtype)
+        self.dng.predict(sample, output_neg, output_u, scheduler.config.prediction_type, a_t, a_prev)
+
+    def report(self, report: GuidanceReport) -> None:
+        if self.adaptive is not None:
+            report.negative_start_steps = [None if s is None else s + 1 for s in self.adaptive.start_steps]
+        if self.posterior is not None:
+            report.dng_posterior = self.posterior

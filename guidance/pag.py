@@ -16,10 +16,11 @@ every self-attention in the mid block). Layer names match whole dotted path comp
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
-from .base import Guidance, GuidanceError, check_range
+from .base import AttentionEdit, Branch, Contract, Guidance, GuidanceError, MethodRun, Step, check_range, select_layers
 
 
 @dataclass
@@ -29,7 +30,7 @@ class PAG(Guidance):
     scale: float = 3.0
     adaptive_scale: float = 0.0
     layers: tuple[str, ...] = field(default=("mid",))
-    kind = "extra"
+    contract: ClassVar[Contract] = Contract(adds_term=True, edits_attention=True, branches=("perturbed",))
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, str):
@@ -47,3 +48,43 @@ class PAG(Guidance):
 
     def term(self, cond: torch.Tensor, perturbed: torch.Tensor, timestep: float) -> torch.Tensor:
         return self.scale_at(timestep) * (cond - perturbed)
+
+    def prepare(self, call) -> "PAGRun":
+        return PAGRun(self, select_layers("PAG", call, self.layers, cross=False))
+
+    def describe(self) -> str:
+        return f"PAG {self.scale:g}"
+
+
+class IdentityAttention(AttentionEdit):
+    """PAG's perturbation: the selected self-attention layers give their rows the identity attention map, so the
+    layer outputs ``to_out(to_v(h))`` for them."""
+
+    identity = True
+
+    def __init__(self, modules: frozenset) -> None:
+        self.modules = modules
+
+
+class PAGRun(MethodRun):
+    """Adds the perturbed branch while s_t > 0; it joins the batch at the first perturbed layer's block, since up to
+    there it repeats the conditional rows' computation."""
+
+    def __init__(self, method: PAG, modules: frozenset) -> None:
+        self.method = method
+        self.edit = IdentityAttention(modules)
+        self.attention_edits = (self.edit,)
+        self.late_join = modules
+
+    def branches(self, step: Step):
+        if self.method.scale_at(step.timestep) > 0:
+            return (Branch("perturbed", source="cond", late_join=self.late_join),)
+        return ()
+
+    def before_denoiser(self, step: Step) -> None:
+        self.edit.rows = step.layout.get("perturbed")
+
+    def add_term(self, guided: torch.Tensor, predictions: dict, step: Step) -> torch.Tensor:
+        if "perturbed" not in predictions:
+            return guided
+        return guided + self.method.term(predictions["cond"], predictions["perturbed"], step.timestep)

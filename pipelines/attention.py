@@ -1,32 +1,26 @@
-"""unsee's attention processors: one family for every attention module of a UNet.
+"""unsee's attention processor: plain fused attention plus the attention edits of a guided call.
 
-Each processor computes attention with a fused kernel: xformers' memory-efficient attention on
-CUDA when xformers is installed and works, PyTorch's ``scaled_dot_product_attention`` otherwise
-(SDPA picks flash / memory-efficient kernels on GPUs by itself). On top of that, for the batch
-rows that ask for it:
-
-- **PAG** (perturbed-attention guidance): in the selected self-attention layers, the attention map
-  is replaced by the identity, so the layer's output is ``to_out(to_v(h))``;
-- **NASA** (negative-away steer attention): in the selected cross-attention layers, the output
-  before ``to_out`` is ``Z+ - alpha * Z-``, where ``Z-`` attends to the negative prompt's keys and
-  values with the same queries.
-
-Which rows and layers are affected lives in a shared :class:`AttentionControl` that the guided
-pipeline call fills in; with no control set, the processors compute plain attention and give
-the same result as diffusers' ``AttnProcessor2_0``. Installing them is scoped to a call
-(:func:`installed_processors`) and restores the previous processors afterwards.
+The processor computes attention as diffusers' ``AttnProcessor2_0`` does, with the fused kernel behind diffusers'
+attention dispatch (``dispatch_attention_fn``: the backend chosen with ``set_attention_backend`` or the
+``attention_backend`` context, SDPA by default, which gives the same numbers as ``AttnProcessor2_0``), and xformers'
+memory-efficient attention on CUDA when xformers is installed and works. On top of that it applies the
+:class:`~unsee.guidance.base.AttentionEdit` objects of its module, each one feature of one method for one call
+(PAG's identity rows, NASA's and NAG's attention-space negative, the adaptive start's probe), to the batch rows
+each asks for. The edits live in the method files; the processor knows none of them by name. With no edits it is
+plain attention. Installing processors is scoped to a call (:func:`installed_processors`) and restores the
+previous processors afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 import weakref
-from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+from unsee.guidance.base import AttentionEdit, layer_matches  # noqa: F401  (layer_matches: re-exported)
 
 _XFORMERS_WORKS: Optional[bool] = None
 
@@ -50,70 +44,22 @@ def xformers_works() -> bool:
 
 def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """softmax(QK^T/sqrt(d))V for (batch, heads, tokens, dim) tensors: xformers on CUDA if it works, else SDPA."""
-    if query.is_cuda and xformers_works():
-        import xformers.ops
+    """softmax(QK^T/sqrt(d))V for (batch, tokens, heads, dim) tensors through diffusers' attention dispatch.
 
-        # xformers takes (batch, tokens, heads, dim)
-        out = xformers.ops.memory_efficient_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_bias=mask
-        )
-        return out.transpose(1, 2)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
-
-
-def layer_matches(name: str, patterns: tuple[str, ...]) -> bool:
-    """Whether attention module ``name`` is selected by one of ``patterns``.
-
-    A pattern selects a module when it equals a whole dotted prefix of the module's path ("mid_block",
-    "down_blocks.1", "up_blocks.0.attentions.1") -- so "down_blocks.1" never matches "down_blocks.10" --
-    or when it is a regular expression in the form ``re:<pattern>`` that ``re.fullmatch``es the path.
-    The alias "mid" means "mid_block".
+    xformers on CUDA when it works; otherwise diffusers' active backend (``native``, i.e. SDPA, unless the user
+    chose another with ``set_attention_backend`` or ``attention_backend``). The native backend runs the same SDPA
+    call as diffusers' ``AttnProcessor2_0`` on the same strides, so results are bit-identical to it on the CPU.
     """
-    for pattern in patterns:
-        if pattern.startswith("re:"):
-            if re.fullmatch(pattern[3:], name):
-                return True
-            continue
-        prefix = "mid_block" if pattern == "mid" else pattern.rstrip(".")
-        if name == prefix or name.startswith(prefix + "."):
-            return True
-    return False
+    backend = "xformers" if query.is_cuda and xformers_works() else None
+    return dispatch_attention_fn(query, key, value, attn_mask=mask, backend=backend)
 
 
-@dataclass
-class AttentionControl:
-    """What the processors do beyond plain attention in the current UNet call.
+class GuidedAttnProcessor:
+    """Fused attention for one module, with the attention edits of the current call for that module."""
 
-    pag_rows / nasa_rows: batch rows (a slice of the batch the UNet sees) that get the treatment.
-    pag_layers / nasa_layers: names of the selected attention modules.
-    nasa_negative: the negative prompt's text embeddings, one row per NASA row the batch can hold (the conditional
-        rows, and PAG's perturbed rows when PAG is on); a layer that sees fewer NASA rows (before the perturbed rows
-        join the batch, or at a step where PAG's scale is 0) uses the first ones.
-    nasa_keys_values: each NASA layer's keys and values of ``nasa_negative`` by (layer, rows), computed at the
-        first step and reused: the negative prompt and the projections do not change within a call.
-    attention_probe: if set, a (module names, token indices, rows) request whose cross-attention
-        maps are recorded into ``probed_maps`` (used by adaptive negative steering).
-    """
-
-    pag_rows: Optional[slice] = None
-    pag_layers: frozenset = frozenset()
-    nasa_rows: Optional[slice] = None
-    nasa_layers: frozenset = frozenset()
-    nasa_alpha: float = 0.0
-    nasa_negative: Optional[torch.Tensor] = None
-    nasa_keys_values: dict = field(default_factory=dict)
-    probe_layers: frozenset = frozenset()
-    probe_rows: Optional[slice] = None
-    probed_maps: list = field(default_factory=list)
-
-
-class UnseeAttnProcessor:
-    """Fused attention with per-row PAG identity attention and NASA negative-away steering."""
-
-    def __init__(self, name: str, control: Optional[AttentionControl] = None) -> None:
+    def __init__(self, name: str, edits: Sequence[AttentionEdit] = ()) -> None:
         self.name = name
-        self.control = control
+        self.edits = tuple(edits)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None, temb: Optional[torch.Tensor] = None,
@@ -132,64 +78,39 @@ class UnseeAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        is_cross = encoder_hidden_states is not None
-        context = encoder_hidden_states if is_cross else hidden_states
-        if is_cross and attn.norm_cross:
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        control = self.control
-        pag_rows = control.pag_rows if control is not None and not is_cross and self.name in control.pag_layers else None
-        # PAG rows get the identity attention map (each token attends only to itself), so their output is V:
-        # they need no queries or keys, and the other rows' attention is computed without them
-        attending = hidden_states if pag_rows is None else _without_rows(hidden_states, pag_rows)
+        # rows with the identity attention map (each token attends only to itself) output V: they need no queries
+        # or keys, and the other rows' attention is computed without them (self-attention only)
+        identity = next((e.rows for e in self.edits if e.identity and e.rows is not None), None)
+        if encoder_hidden_states is not None:
+            identity = None
+        attending = hidden_states if identity is None else _without_rows(hidden_states, identity)
         query = attn.to_q(attending)
-        key = attn.to_k(attending if pag_rows is not None else context)
+        key = attn.to_k(attending if identity is not None else context)
         value = attn.to_v(context)
 
         heads = attn.heads
         head_dim = key.shape[-1] // heads
-
-        def split(t: torch.Tensor) -> torch.Tensor:
-            return t.view(t.shape[0], -1, heads, head_dim).transpose(1, 2)
-
-        q, k, v = split(query), split(key), split(value)
+        q = query.view(query.shape[0], -1, heads, head_dim)
+        k = key.view(key.shape[0], -1, heads, head_dim)
+        v = value.view(value.shape[0], -1, heads, head_dim)
         if attn.norm_q is not None:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        if pag_rows is None:
+        if identity is None:
             out = fused_attention(q, k, v, attention_mask)
         else:
-            mask = None if attention_mask is None else _without_rows(attention_mask, pag_rows)
-            attended = fused_attention(q, k, _without_rows(v, pag_rows), mask)
-            start = pag_rows.start
-            out = torch.cat([attended[:start], v[pag_rows], attended[start:]])
+            mask = None if attention_mask is None else _without_rows(attention_mask, identity)
+            attended = fused_attention(q, k, _without_rows(v, identity), mask)
+            out = torch.cat([attended[: identity.start], v[identity], attended[identity.start:]])
+        for edit in self.edits:
+            if edit.rows is not None and not edit.identity:
+                out = edit.edit_output(attn, self.name, q, k, v, out, fused_attention)
 
-        if control is not None:
-            if is_cross and control.nasa_rows is not None and self.name in control.nasa_layers and control.nasa_alpha:
-                rows = control.nasa_rows
-                steered = q[rows]  # before PAG's perturbed rows join the batch, only the conditional rows are here
-                cached = (self.name, steered.shape[0])
-                if cached not in control.nasa_keys_values:
-                    negative = control.nasa_negative[: steered.shape[0]]
-                    if attn.norm_cross:
-                        negative = attn.norm_encoder_hidden_states(negative)
-                    neg_k, neg_v = split(attn.to_k(negative)), split(attn.to_v(negative))
-                    if attn.norm_k is not None:
-                        neg_k = attn.norm_k(neg_k)
-                    control.nasa_keys_values[cached] = (neg_k, neg_v)
-                neg_k, neg_v = control.nasa_keys_values[cached]
-                neg_out = fused_attention(steered, neg_k, neg_v)
-                if steered.shape[0] == out.shape[0]:  # every row is steered (NASA without CFG or PAG)
-                    out = out - control.nasa_alpha * neg_out
-                else:
-                    out = out.clone()
-                    out[rows] = out[rows] - control.nasa_alpha * neg_out
-            if is_cross and control.probe_rows is not None and self.name in control.probe_layers:
-                rows = control.probe_rows
-                scores = (q[rows] @ k[rows].transpose(-1, -2)) * attn.scale
-                control.probed_maps.append(scores.softmax(-1).mean(1).detach())  # (rows, pixels, tokens)
-
-        hidden_states = out.transpose(1, 2).reshape(out.shape[0], -1, heads * head_dim)
+        hidden_states = out.reshape(out.shape[0], -1, heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -225,19 +146,22 @@ def attention_modules(unet) -> dict[str, torch.nn.Module]:
 
 
 @contextlib.contextmanager
-def installed_processors(unet, control: Optional[AttentionControl] = None,
-                         modules: Optional[Iterable[str]] = None) -> Iterator[dict[str, UnseeAttnProcessor]]:
-    """Install unsee's processors on the attention modules named in ``modules`` (all if None) for the ``with`` block.
+def installed_processors(unet, edits: Sequence[AttentionEdit] = (),
+                         modules: Optional[Iterable[str]] = None) -> Iterator[dict[str, GuidedAttnProcessor]]:
+    """Install unsee's processor, with ``edits``, on the attention modules the edits name (every module when
+    ``modules`` is None and there are no edits; else the edits' modules plus ``modules``) for the ``with`` block.
 
-    Other modules keep their processors, so a method touching a few layers costs nothing elsewhere.
-    The previous processors (diffusers' defaults, xformers', LoRA-aware ones...) are restored on exit,
-    also when the block raises. Only the named modules are touched (no walk over the whole UNet).
+    Other modules keep their processors, so a method touching a few layers costs nothing elsewhere. The previous
+    processors (diffusers' defaults, xformers', LoRA-aware ones...) are restored on exit, also when the block
+    raises. Only the named modules are touched (no walk over the whole UNet).
     """
     every = attention_modules(unet)
-    wanted = None if modules is None else set(modules)
+    wanted: Optional[set] = None
+    if edits or modules is not None:
+        wanted = set(modules or ()).union(*(edit.modules for edit in edits))
     names = [name for name in every if wanted is None or name in wanted]
     previous = {name: every[name].get_processor() for name in names}
-    ours = {name: UnseeAttnProcessor(name, control) for name in names}
+    ours = {name: GuidedAttnProcessor(name, [e for e in edits if name in e.modules]) for name in names}
     try:
         for name, processor in ours.items():
             every[name].set_processor(processor)
@@ -248,8 +172,10 @@ def installed_processors(unet, control: Optional[AttentionControl] = None,
 
 
 def attention_module_names(unet, cross: Optional[bool] = None) -> list[str]:
-    """Names of the UNet's attention modules; ``cross=True`` for cross-attention (attn2), False for self."""
-    names = list(attention_modules(unet))
+    """Names of the UNet's attention modules; ``cross=True`` for cross-attention, False for self-attention
+    (diffusers' ``Attention.is_cross_attention``; by name, attn2, for modules without it)."""
+    modules = attention_modules(unet)
     if cross is None:
-        return names
-    return [n for n in names if n.endswith("attn2") == cross]
+        return list(modules)
+    return [name for name, module in modules.items()
+            if bool(getattr(module, "is_cross_attention", name.endswith("attn2"))) == cross]

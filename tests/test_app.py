@@ -21,7 +21,7 @@ from unsee.testing import tiny_sd_pipeline
 pytestmark = pytest.mark.app
 NO_ADAPTERS = ("(none)", 1.0) * 3
 GENERATE_DEFAULTS = dict(negative="", steps=2, guidance_scale=5.0, seed=0, cfgpp=0.0, pag=0.0, fdg="",
-                         negative_mode="off", negative_start=0.3, nasa=0.0)
+                         negative_mode="off", negative_start=0.3, nasa=0.0, nag=1.0)
 
 
 def _free_port() -> int:
@@ -162,7 +162,8 @@ def test_compare_renders_every_method(served):
     plain = client.predict("a red circle", "", 2, 5.0, 0, api_name="/compare")
     assert [e["caption"] for e in plain] == ["CFG 5", "CFG++ λ=0.6", "PAG 3", "FDG 10,5"]
     with_negative = client.predict("a red circle", "circle", 2, 5.0, 0, api_name="/compare")
-    assert len(with_negative) == 7 and with_negative[-1]["caption"] == "NASA α=0.3"
+    assert len(with_negative) == 8 and with_negative[-2]["caption"] == "NASA α=0.3"
+    assert with_negative[-1]["caption"] == "NAG 5"
     assert with_negative[1]["caption"] == "CFG++ λ=0.6 (negative prompt)"
 
 

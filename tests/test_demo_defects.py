@@ -20,7 +20,7 @@ from unsee.testing import tiny_sd_pipeline
 
 pytestmark = pytest.mark.app
 NO_ADAPTERS = ("(none)", 1.0) * 3
-GENERATE_DEFAULTS = ("", 2, 5.0, 0, 0.0, 0.0, "", "off", 0.3, 0.0)  # negative ... nasa, as the /generate API takes them
+GENERATE_DEFAULTS = ("", 2, 5.0, 0, 0.0, 0.0, "", "off", 0.3, 0.0, 1.0)  # negative ... nag, as the /generate API takes them
 CORRUPT = b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all"
 
 

@@ -101,7 +101,7 @@ def test_pag_rows_join_the_batch_at_the_first_perturbed_block(tiny_sd, cfg_scale
 ])
 def test_late_joining_perturbed_rows_give_the_full_batch_result(tiny_sd, monkeypatch, guidance, negative):
     joined = run(tiny_sd, guidance_scale=5.0, negative_prompt=negative, guidance=guidance)
-    monkeypatch.setattr("unsee.pipelines.guided.PerturbedRowsJoin", lambda unet, layers: None)
+    monkeypatch.setattr("unsee.pipelines.guided.LateJoin", lambda unet, layers: None)
     full = run(tiny_sd, guidance_scale=5.0, negative_prompt=negative, guidance=guidance)
     assert (joined - full).abs().max() <= 1e-5
 
@@ -312,7 +312,8 @@ class ReferenceNASAProcessor:
 def test_nasa_processor_matches_the_formula_at_every_step(tiny_sd):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from unsee.pipelines.attention import AttentionControl, attention_module_names, installed_processors
+    from unsee.guidance.nasa import NASAAttention
+    from unsee.pipelines.attention import attention_module_names, installed_processors
 
     unet = tiny_sd.unet
     cross = attention_module_names(unet, cross=True)
@@ -320,10 +321,10 @@ def test_nasa_processor_matches_the_formula_at_every_step(tiny_sd):
     sample = torch.randn(2, unet.config.in_channels, 8, 8, generator=generator)
     prompt = torch.randn(2, 7, unet.config.cross_attention_dim, generator=generator)
     negative = torch.randn(2, 7, unet.config.cross_attention_dim, generator=generator)
-    control = AttentionControl(nasa_rows=slice(0, 2), nasa_layers=frozenset(cross), nasa_alpha=0.7,
-                               nasa_negative=negative)
-    with torch.no_grad(), installed_processors(unet, control):
-        # one control for two steps: the second reuses the negative's keys and values computed at the first
+    edit = NASAAttention(frozenset(cross), negative, alpha=0.7)
+    edit.rows = slice(0, 2)
+    with torch.no_grad(), installed_processors(unet, [edit]):
+        # one edit for two steps: the second reuses the negative's keys and values computed at the first
         ours = [unet(sample, t, prompt).sample for t in (900, 100)]
     unet.set_attn_processor({f"{name}.processor": ReferenceNASAProcessor(negative, 0.7) if name in cross
                              else AttnProcessor2_0() for name in attention_module_names(unet)})

@@ -20,8 +20,8 @@ FOLDERS = {"unsee": "unsee", "guidance": "unsee.guidance", "pipelines": "unsee.p
 # module name (or package prefix ending in ".") -> layer; the longest matching entry wins
 LAYERS = {
     "unsee.files": 0, "unsee.adapters": 0, "unsee.lora_formats": 0, "unsee.adapter_export": 0, "unsee.fuse": 0,
-    "unsee.png_metadata": 0, "unsee.model_card": 0, "unsee.hub": 0, "unsee.suites": 0, "unsee.protocols": 0,
-    "unsee.guidance.": 1,
+    "unsee.png_metadata": 1, "unsee.model_card": 0, "unsee.hub": 0, "unsee.suites": 0, "unsee.protocols": 0,
+    "unsee.guidance.": 1,  # unsee.png_metadata too: its guidance keys come from unsee.guidance.registry
     "unsee.pipelines.": 2,
     "unsee.erasure.": 3,
     "unsee.evaluation": 4, "unsee.attack": 4, "unsee.convert": 4, "unsee.suite_eval": 4, "unsee.judges": 4,

@@ -42,8 +42,7 @@ MAX_STEPS = 1000  # denoising steps (the schedulers' 1000 training timesteps)
 MAX_SIDE = 4096  # --width/--height, multiples of 8
 MAX_IMAGES = 64  # --num-images per prompt
 MAX_PIXELS = 16 * 2**20  # --num-images x width x height in one pipeline call (64 of 512x512, 16 of 1024x1024)
-MAX_GUIDANCE = 100.0  # --guidance-scale, --pag, each --fdg scale
-MAX_NASA = 10.0  # --nasa alpha
+MAX_GUIDANCE = 100.0  # --guidance-scale (the guidance methods' limits: unsee.guidance.registry)
 MAX_ADAPTER_SCALE = 100.0  # FILE:SCALE, in size
 MAX_SEED = 2**32 - 1
 MAX_EVAL_IMAGES = 10_000  # eval --n
@@ -55,7 +54,6 @@ MAX_ATTACK_STEPS = 1000  # attack --attack-steps
 MAX_TRAIN_STEPS = 100_000  # erase --steps (the other training settings: each config's, unsee.erasure.fields.setting_limits)
 MAX_RANK = 1024  # erase --rank
 MAX_GRID = 16  # erase --grid
-MAX_FDG_BANDS = 8
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 # generate's defaults, filled in after --from-png (whose image's settings come before them)
 _GENERATE_DEFAULTS = {"steps": 25, "guidance_scale": 5.0, "num_images": 1, "seed": 0, "model": "toy",
@@ -218,15 +216,21 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="cpu, cuda, cuda:1, mps... (default: cuda if available, else cpu); must exist here")
 
 
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 10,5, got {_show(text)}") from None
-    if not 1 <= len(values) <= MAX_FDG_BANDS or not all(math.isfinite(v) and 0 <= v <= MAX_GUIDANCE for v in values):
-        raise argparse.ArgumentTypeError(f"expected 1 to {MAX_FDG_BANDS} comma-separated finite scales from 0 to "
-                                         f"{MAX_GUIDANCE:g}, such as 10,5, got {_show(text)}")
-    return values
+def _floats_in(count: int, low: float, high: float) -> Callable[[str], tuple[float, ...]]:
+    """An argparse type: 1 to ``count`` comma-separated finite numbers, each from ``low`` to ``high``."""
+
+    def convert(text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 10,5, got {_show(text)}") from None
+        if not 1 <= len(values) <= count or not all(math.isfinite(v) and low <= v <= high for v in values):
+            raise argparse.ArgumentTypeError(f"expected 1 to {count} comma-separated finite scales from {low:g} to "
+                                             f"{high:g}, such as 10,5, got {_show(text)}")
+        return values
+
+    return convert
+
 
 
 def _ambiguous_start(text: str):
@@ -235,48 +239,43 @@ def _ambiguous_start(text: str):
                                      f"the steps) or --negative-start-step 5 (a step index)")
 
 
+def _option_type(option) -> Callable[[str], Any]:
+    """The argparse type of a guidance option of ``unsee.guidance.registry`` (its range checked)."""
+    if option.kind == "float":
+        return _float_in(option.low, option.high)
+    if option.kind == "int":
+        return _int_in(int(option.low), int(option.high))
+    if option.kind == "floats":
+        return _floats_in(option.count, option.low, option.high)
+    return str
+
+
 def _add_guidance_options(parser: argparse.ArgumentParser) -> None:
+    """The guidance flags, one per option of each method in ``unsee.guidance.registry``."""
+    from .guidance import registry
+
     group = parser.add_argument_group("guidance (combine freely; see unsee.guidance)")
-    group.add_argument("--cfgpp", type=_float_in(0.0, 1.0), metavar="LAMBDA",
-                       help="CFG++ with this lambda in [0, 1] (replaces CFG)")
-    group.add_argument("--pag", type=_float_in(0.0, MAX_GUIDANCE), metavar="SCALE",
-                       help=f"perturbed-attention guidance scale, 0 to {MAX_GUIDANCE:g}")
-    group.add_argument("--pag-layers", default="mid", help="comma-separated PAG layers (default: mid)")
-    group.add_argument("--fdg", type=_float_list, metavar="HIGH,...,LOW",
-                       help=f"frequency-decoupled guidance scales per band (1 to {MAX_FDG_BANDS} bands, each 0 to "
-                            f"{MAX_GUIDANCE:g})")
-    start = group.add_mutually_exclusive_group()
-    start.add_argument("--negative-start-fraction", type=_float_in(0.0, 1.0), metavar="FRACTION",
-                       help="delay the negative prompt to this fraction of the steps, 0 to 1 (1: never); default 0.2 "
-                            "in fixed mode, step 0 in dng mode, not with adaptive")
-    start.add_argument("--negative-start-step", type=_int_in(0, MAX_STEPS), metavar="STEP",
-                       help=f"delay the negative prompt to this 0-based step, 0 to {MAX_STEPS}")
-    start.add_argument("--negative-start", type=_ambiguous_start, metavar="START", help=argparse.SUPPRESS)
-    group.add_argument("--negative-mode", choices=("fixed", "adaptive", "dng"), default=None,
-                       help="negative steering mode: fixed start, adaptive (start detected per image), or dng "
-                            "(Dynamic Negative Guidance); default fixed when a start is given. Without any "
-                            "negative steering flag the negative prompt acts from the first step, as in diffusers")
-    group.add_argument("--nasa", type=_float_in(0.0, MAX_NASA), metavar="ALPHA",
-                       help=f"NASA: subtract the negative prompt inside cross-attention (alpha 0 to {MAX_NASA:g})")
+    exclusive: dict[str, Any] = {}
+    for option in registry.options():
+        target = group
+        if option.exclusive is not None:
+            if option.exclusive not in exclusive:
+                exclusive[option.exclusive] = group.add_mutually_exclusive_group()
+            target = exclusive[option.exclusive]
+        extra = {"choices": option.choices, "default": None} if option.choices else {"type": _option_type(option)}
+        if option.default is not None:
+            extra["default"] = option.default
+        target.add_argument(option.flag, metavar=option.metavar, help=option.help, **extra)
+    # the old --negative-start ('1' meant step 1 and '1.0' meant never), refused with the two flags that replace it
+    exclusive["negative_start"].add_argument("--negative-start", type=_ambiguous_start, metavar="START",
+                                             help=argparse.SUPPRESS)
 
 
 def guidance_from_args(args: argparse.Namespace) -> list:
     """The guidance objects the CLI flags ask for."""
-    from .guidance import FDG, NASA, PAG, CFGpp, NegativeSteer
+    from .guidance import registry
 
-    methods: list = []
-    if args.cfgpp is not None:
-        methods.append(CFGpp(args.cfgpp))
-    if args.fdg is not None:
-        methods.append(FDG(args.fdg))
-    if args.pag is not None:
-        methods.append(PAG(args.pag, layers=tuple(args.pag_layers.split(","))))
-    if args.negative_start_fraction is not None or args.negative_start_step is not None or args.negative_mode:
-        methods.append(NegativeSteer(mode=args.negative_mode or "fixed", start_fraction=args.negative_start_fraction,
-                                     start_step=args.negative_start_step))
-    if args.nasa is not None:
-        methods.append(NASA(args.nasa))
-    return methods
+    return registry.methods_from_options({o.dest: getattr(args, o.dest, None) for o in registry.options()})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -605,11 +604,15 @@ def _save_png(image, path: Path, parameters: Optional[str] = None) -> None:
 # seed and the number of images: see _from_png)
 _PNG_OPTIONS: dict = {
     "steps": _int_in(1, MAX_STEPS), "guidance_scale": _float_in(0.0, MAX_GUIDANCE), "width": _side,
-    "height": _side, "model": _model, "config": _existing_folder, "cfgpp": _float_in(0.0, 1.0),
-    "pag": _float_in(0.0, MAX_GUIDANCE), "pag_layers": str, "fdg": _float_list, "negative_mode": str,
-    "negative_start_fraction": _float_in(0.0, 1.0), "negative_start_step": _int_in(0, MAX_STEPS),
-    "nasa": _float_in(0.0, MAX_NASA),
+    "height": _side, "model": _model, "config": _existing_folder,
 }
+
+
+def _png_options() -> dict:
+    """_PNG_OPTIONS and the guidance options of ``unsee.guidance.registry``."""
+    from .guidance import registry
+
+    return {**_PNG_OPTIONS, **{option.dest: _option_type(option) for option in registry.options()}}
 
 
 def _from_png(args: argparse.Namespace) -> Optional[int]:
@@ -628,7 +631,7 @@ def _from_png(args: argparse.Namespace) -> Optional[int]:
     except MetadataError as error:
         raise UsageError(f"{where}: {error}; give a PNG written by unsee generate, the demo or AUTOMATIC1111") from None
     given_start = args.negative_start_fraction is not None or args.negative_start_step is not None
-    for option, check in _PNG_OPTIONS.items():
+    for option, check in _png_options().items():
         if option not in options or getattr(args, option) is not None:
             continue
         if option.startswith("negative_start_") and given_start:
@@ -716,7 +719,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     guidance = guidance_from_args(args)
     try:
-        validate_combination(guidance, has_negative_prompt=args.negative is not None)
+        validate_combination(guidance, has_negative_prompt=args.negative is not None, guidance_scale=args.guidance_scale)
     except GuidanceError as error:
         raise UsageError(str(error)) from None
     pipe = _load(args)
@@ -857,8 +860,9 @@ def _toy_suite_hint() -> str:
 
 
 def _guidance_given(args: argparse.Namespace) -> bool:
-    return any(getattr(args, flag) is not None for flag in (
-        "cfgpp", "pag", "fdg", "negative_start_fraction", "negative_start_step", "negative_mode", "nasa"))
+    from .guidance import registry
+
+    return any(getattr(args, option.dest, None) is not None and option.switches_on for option in registry.options())
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

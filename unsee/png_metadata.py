@@ -23,10 +23,11 @@ unsee writes these keys (``unsee generate --from-png FILE`` reads them back, see
                                (seeds ``Seed - pos`` onwards); omitted for a batch of one
 ``CFGpp lambda``, ``PAG        the guidance flags ``--cfgpp``, ``--pag``, ``--pag-layers``, ``--fdg``,
 scale``, ``PAG layers``,       ``--negative-mode``, ``--negative-start-fraction``,
-``FDG scales``, ``Negative     ``--negative-start-step``, ``--nasa``
-mode``, ``Negative start
+``FDG scales``, ``Negative     ``--negative-start-step``, ``--nasa``, ``--nag`` (each method's keys
+mode``, ``Negative start       are declared once, in ``unsee.guidance.registry``)
 fraction``, ``Negative start
-step``, ``NASA alpha``
+step``, ``NASA alpha``, ``NAG
+scale``
 ``Adapter N``, ``Adapter N     the N-th ``--adapter FILE:SCALE``, and the first 12 hex digits of the
 hash``                         file's SHA-256 (files up to 1 GiB)
 ``Version``                    ``unsee X.Y.Z``
@@ -45,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
+from unsee.guidance import registry
+
 __all__ = ["PARAMETERS_KEY", "MetadataError", "Infotext", "quote", "format_parameters", "parse_parameters",
            "generation_parameters", "generation_options", "guidance_options", "sampler_name", "file_hash",
            "png_info", "read_parameters"]
@@ -62,13 +65,9 @@ _SAMPLERS = {
     "DDPMScheduler": "DDPM", "LCMScheduler": "LCM",
 }
 
-# key -> (generate option, kind); the order is the order they are written in
-_OPTION_KEYS = {
-    "CFGpp lambda": ("cfgpp", float), "PAG scale": ("pag", float), "PAG layers": ("pag_layers", str),
-    "FDG scales": ("fdg", "floats"), "Negative mode": ("negative_mode", str),
-    "Negative start fraction": ("negative_start_fraction", float), "Negative start step": ("negative_start_step", int),
-    "NASA alpha": ("nasa", float),
-}
+# key -> (generate option, kind), from the guidance methods' registry; the order is the order they are written in
+_KINDS = {"float": float, "int": int, "str": str, "choice": str, "layers": str, "floats": "floats"}
+_OPTION_KEYS = {option.key: (option.dest, _KINDS[option.kind]) for option in registry.options()}
 _KEY = re.compile(r"\s*(\w[\w \-/]*?)\s*:\s*")
 _ADAPTER_KEY = re.compile(r"Adapter (\d{1,3})")
 
@@ -214,24 +213,12 @@ def sampler_name(scheduler: Any) -> str:
 
 def guidance_options(methods: Iterable[Any]) -> dict[str, Any]:
     """The ``unsee generate`` options (``cfgpp``, ``pag``, ``pag_layers``, ``fdg``, ``negative_mode``,
-    ``negative_start_fraction``, ``negative_start_step``, ``nasa``) that give these guidance objects."""
-    options: dict[str, Any] = {}
-    for method in methods:
-        name = type(method).__name__
-        if name == "CFGpp":
-            options["cfgpp"] = float(method.lam)
-        elif name == "PAG":
-            options.update(pag=float(method.scale), pag_layers=",".join(method.layers))
-        elif name == "FDG":
-            options["fdg"] = tuple(float(s) for s in method.scales)
-        elif name == "NegativeSteer":
-            options.update(negative_mode=method.mode, negative_start_fraction=method.start_fraction,
-                           negative_start_step=method.start_step)
-        elif name == "NASA":
-            options["nasa"] = float(method.alpha)
-        else:
-            raise MetadataError(f"{name} guidance has no key in the parameters text")
-    return options
+    ``negative_start_fraction``, ``negative_start_step``, ``nasa``, ``nag``: the options of
+    ``unsee.guidance.registry``) that give these guidance objects."""
+    try:
+        return registry.options_of(methods)
+    except registry.OptionError as error:
+        raise MetadataError(str(error)) from None
 
 
 def generation_parameters(
