@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -17,3 +19,68 @@ def test_gpu_speed_smoke_run_fills_every_ratio(tmp_path):
     assert [row.split("|")[1].strip() for row in rows] == ["sd15", "sdxl"] * 2  # the ratio and the ms tables
     ratios = [float(x) for x in rows[0].strip(" |").split("|")[3:]]
     assert len(ratios) == 9 and all(0 < r < 10 for r in ratios)
+
+
+# ------------------------------------------------------------------ benchmarks/delayed_negative.py (issue 24 item 6)
+
+
+def _load_benchmark(name: str):
+    """A benchmark script as a module (it puts benchmarks/ on sys.path itself, for its `common` import)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_delayed_negative_silhouette_masks_read_renders():
+    """The layout measure: the mask finds a rendered shape's silhouette, and IoU tells two shapes apart."""
+    import numpy as np
+
+    from unsee.toy import world
+
+    bench = _load_benchmark("delayed_negative")
+    assert bench.mask_check(n=48) > 0.93
+    rng = np.random.default_rng(3)
+    circles = [world.sample_scene(rng, shape="circle", style=style) for style in ("solid", "striped")] * 3
+    same = np.stack([world.render(s) for s in circles])
+    restyled = np.stack([world.render(world.Scene(s.shape, "purple", "gray", "striped", s.cx, s.cy, s.size, s.angle))
+                         for s in circles])
+    squares = np.stack([world.render(world.Scene("square", s.color, s.background, s.style, s.cx, s.cy, s.size,
+                                                 s.angle)) for s in circles])
+    assert (bench.silhouette_iou(same, same) == 1.0).all() and (bench.pixel_distance(same, same) == 0).all()
+    assert (bench.silhouette_iou(restyled, same) > 0.93).all()  # colour, stripes and background leave the outline
+    assert (bench.silhouette_iou(squares, same) < 0.9).all()
+
+
+@pytest.mark.toy
+def test_delayed_negative_endpoints_on_the_toy_model(tmp_path):
+    """Start after the last step is the image without a negative (IoU 1, distance 0); start 0 is diffusers' own
+    negative prompt."""
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+
+    import unsee
+    from unsee.guidance import NegativeSteer
+
+    bench = _load_benchmark("delayed_negative")
+    pipe = unsee.load_pipeline("toy")
+    pipe.set_progress_bar_config(disable=True)
+    prompt, negative = bench.PAIRS["style"][0]
+    latents = bench.seed_latents(pipe, [0, 1, 2])
+    plain, _ = bench.generate(pipe, prompt, latents)
+    never, _ = bench.generate(pipe, prompt, latents, negative, NegativeSteer(start_step=bench.STEPS))
+    assert (bench.silhouette_iou(never, plain) == 1.0).all() and (bench.pixel_distance(never, plain) == 0).all()
+
+    start0, _ = bench.generate(pipe, prompt, latents, negative, NegativeSteer(start_fraction=0.0))
+    diffusers_pipe = StableDiffusionPipeline(**pipe.components)
+    diffusers_pipe.set_progress_bar_config(disable=True)
+    reference = diffusers_pipe([prompt] * 3, negative_prompt=[negative] * 3, latents=latents.clone(),
+                               guidance_scale=bench.CFG_SCALE, num_inference_steps=bench.STEPS, output_type="np").images
+    reference = np.round(reference * 255).astype(np.uint8)
+    assert np.abs(start0.astype(int) - reference.astype(int)).max() <= 1
+    assert bench.pixel_distance(start0, plain).max() > 1  # the negative changes something
+
+
