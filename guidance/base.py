@@ -121,8 +121,10 @@ class CallContext:
 class Step:
     """One denoiser call as the methods see it.
 
-    index: 0-based step; num_steps: steps in the call; timestep: the denoiser's timestep; batch: images per
-    branch; sample: the sample diffusers passed (with its CFG rows); cond_sample: the conditional rows of it;
+    index: 0-based step; num_steps: steps the call runs (img2img and inpainting start part way down the schedule:
+    the steps from there); timestep: the denoiser's timestep; batch: images per branch; sample: the sample diffusers
+    passed (with its CFG rows; a 9-channel inpainting UNet's carries the mask and masked image after the latents);
+    cond_sample: the latent channels of its conditional rows;
     layout: branch name -> its rows in the batched denoiser call; dtype: the text embeddings' dtype.
     """
 
@@ -201,6 +203,8 @@ class MethodRun:
         return ()
 
     def branch_inputs(self, step: Step, name: str, inputs: BranchInputs) -> BranchInputs:
+        """The inputs of branch ``name``: return ``inputs`` itself when the method leaves them as they are (a new
+        object tells the executor that the branch differs from its source rows, e.g. for its ControlNet residuals)."""
         return inputs
 
     def before_denoiser(self, step: Step) -> None:

@@ -8,7 +8,8 @@ Three modes of ``NegativeSteer``:
   the unconditional branch holds the empty prompt until the start step and the negative prompt from
   then on. The start is given either as ``start_fraction`` (a fraction of the steps, rounded to the
   nearest step, ties to the even one as Python's round: 0.1 of 25 steps is step 2) or as ``start_step`` (a
-  0-based step index), never both; the paper reports the critical step around 10-25% of the steps, our default is ``start_fraction=0.2``.
+  0-based step index), never both; the paper reports the critical step around 10-25% of the steps, our
+  default is ``start_fraction=0.2``.
 - ``"adaptive"``: the start is detected per image from the positive prompt's cross-attention maps.
   The paper's exact rule is not public; **our rule**: take the cross-attention map of the positive
   prompt's tokens that the negative prompt also contains (all positive tokens if none), averaged over

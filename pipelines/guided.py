@@ -16,7 +16,17 @@ for the duration of the call unsee
 - installs unsee's attention processor, with the methods' attention edits, on the modules they name;
 - lets a branch that repeats its source rows' computation up to some layer (PAG's perturbed rows) join the
   batch only at the UNet block holding the first of those layers (``LateJoin``);
-- replaces ``scheduler.step`` by the step of the method whose contract says it replaces it (CFG++).
+- replaces ``scheduler.step`` by the step of the method whose contract says it replaces it (CFG++);
+- on ControlNet pipelines, registers a hook on the ControlNet too (``GuidedControlNetHook``): a branch whose inputs
+  a method changed (the empty prompt ``NegativeSteer`` puts in the unconditional branch) gets ControlNet rows of
+  its own in the same ControlNet call.
+
+Every per-row input of the UNet call is re-rowed for each branch from the branch's source rows: the sample (with a
+9-channel inpainting UNet's mask and masked-image channels), the text embeddings, each tensor of
+``added_cond_kwargs`` (SDXL's ``text_embeds`` and ``time_ids``), per-row timesteps, ``timestep_cond``, and each
+element of the ControlNet residual tuples (guess mode's zero rows included); ``cross_attention_kwargs`` are shared.
+The steps a method counts are the steps the call runs (``pipe._num_timesteps``, which img2img and inpainting set
+to the truncated schedule's length).
 
 All of it is undone when the call returns or raises. The executor knows no method by name: it reads the
 methods' contracts and calls their runs' hooks.
@@ -62,6 +72,15 @@ def _rows(value: Any, index: torch.Tensor, total: int) -> Any:
     """Select batch rows of a tensor that has ``total`` rows; anything else passes through."""
     if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == total:
         return value.index_select(0, index.to(value.device))
+    return value
+
+
+def _gather(value: Any, index: torch.Tensor) -> Any:
+    """Rows ``index`` of a tensor, or of each tensor in a tuple or list (ControlNet's residuals); else unchanged."""
+    if isinstance(value, torch.Tensor) and value.ndim > 0:
+        return value.index_select(0, index.to(value.device))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_gather(v, index) for v in value)
     return value
 
 
@@ -150,16 +169,22 @@ class GuidedStep:
         self.join: Optional[LateJoin] = LateJoin(pipe.unet, late) if late else None
         self.stepper: Optional[MethodRun] = next((r for r in self.runs if type(r).scheduler_step
                                                   is not MethodRun.scheduler_step), None)
+        # branch -> its rows in this step's ControlNet residuals, for branches whose inputs a method changed (set by
+        # the ControlNet call, read by the UNet call of the same step)
+        self.control_rows: Optional[dict] = None
 
-    def forward(self, original_forward, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
-                *args, added_cond_kwargs: Optional[dict] = None, return_dict: bool = True, **kwargs):
-        self.report.unet_calls += 1
+    def plan(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, added: dict):
+        """This step's branches and each branch's inputs, built from the rows diffusers prepared.
+
+        Returns (step, branches in batch order, inputs by branch, sources: "cond"/"uncond" -> the rows of diffusers'
+        batch they are, changed: the branches whose inputs a method changed from their source rows'). The same rows
+        give the same plan, so the ControlNet (called first) and the UNet of one step see the same branches.
+        """
         total = sample.shape[0]
         batch = total // 2 if self.diffusers_cfg else total
         sources = {"cond": torch.arange(batch, 2 * batch) if self.diffusers_cfg else torch.arange(batch)}
         if self.diffusers_cfg:
             sources["uncond"] = torch.arange(batch)
-        added = dict(added_cond_kwargs or {})
         if "image_embeds" in added:
             raise GuidanceError("unsee guidance does not support IP-Adapter image embeddings yet")
 
@@ -168,10 +193,13 @@ class GuidedStep:
             return BranchInputs(sample.index_select(0, index), encoder_hidden_states.index_select(0, index),
                                 {k: _rows(v, index, total) for k, v in added.items()})
 
-        # the branches of this step and their rows in the batched call
-        step = Step(index=self.step, num_steps=len(self.pipe.scheduler.timesteps), timestep=timestep, batch=batch,
-                    sample=sample, cond_sample=sample.index_select(0, sources["cond"]), layout={},
-                    dtype=encoder_hidden_states.dtype)
+        # the steps this call runs: an img2img or inpainting call starts its loop part way down the schedule
+        num_steps = getattr(self.pipe, "_num_timesteps", None) or len(self.pipe.scheduler.timesteps)
+        cond_sample = sample.index_select(0, sources["cond"])
+        if cond_sample.ndim == 4:  # a 9-channel inpainting UNet's sample carries the mask and masked image after it
+            cond_sample = cond_sample[:, : self.pipe.unet.config.out_channels]
+        step = Step(index=self.step, num_steps=num_steps, timestep=timestep, batch=batch, sample=sample,
+                    cond_sample=cond_sample, layout={}, dtype=encoder_hidden_states.dtype)
         wanted = [Branch("uncond", "uncond")] if self.diffusers_cfg else []
         wanted.append(Branch("cond", "cond"))
         for run in self.runs:
@@ -181,22 +209,41 @@ class GuidedStep:
         branches = _ordered(wanted)
         for i, branch in enumerate(branches):
             step.layout[branch.name] = slice(i * batch, (i + 1) * batch)
-        inputs = {}
+        inputs, changed = {}, set()
         for branch in branches:
-            value = take(branch.source)
+            value = original = take(branch.source)
             for run in self.runs:
                 value = run.branch_inputs(step, branch.name, value)
             inputs[branch.name] = value
+            if value is not original:
+                changed.add(branch.name)
+        return step, branches, inputs, sources, changed
+
+    def forward(self, original_forward, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+                *args, added_cond_kwargs: Optional[dict] = None, return_dict: bool = True, **kwargs):
+        self.report.unet_calls += 1
+        total = sample.shape[0]
+        added = dict(added_cond_kwargs or {})
+        step, branches, inputs, sources, _ = self.plan(sample, timestep, encoder_hidden_states, added)
         for run in self.runs:
             run.before_denoiser(step)
 
         # one batched UNet call; a late-joining branch enters at its first block
         last = branches[-1]
         join_late = bool(last.late_join) and self.join is not None and all(kwargs.get(k) is None for k in _BLOCK_RESIDUALS)
-        batched = [inputs[b.name] for b in (branches[:-1] if join_late else branches)]
-        x_all = torch.cat([b.sample for b in batched])
-        e_all = torch.cat([b.embeds for b in batched])
-        a_all = {k: _concat([b.added[k] for b in batched]) for k in added}
+        batched = branches[:-1] if join_late else branches
+        x_all = torch.cat([inputs[b.name].sample for b in batched])
+        e_all = torch.cat([inputs[b.name].embeds for b in batched])
+        a_all = {k: _concat([inputs[b.name].added[k] for b in batched]) for k in added}
+        # every other per-row input (per-row timesteps, timestep_cond, ...) takes each branch's source rows; the
+        # ControlNet residuals (each element of the tuple) too, or the rows the ControlNet ran for the branch
+        source_rows = torch.cat([sources[b.source] for b in batched])
+        control = self.control_rows or {}
+        residual_rows = torch.cat([control.get(b.name, sources[b.source]) for b in batched])
+        self.control_rows = None
+        kwargs = {k: _gather(v, residual_rows) if k in _BLOCK_RESIDUALS else _rows(v, source_rows, total)
+                  for k, v in kwargs.items()}
+        timestep = _rows(timestep, source_rows, total)
         if join_late:
             self.join.rows_before, self.join.source = step.layout[last.name].start, step.layout[last.source]
         try:
@@ -222,6 +269,41 @@ class GuidedStep:
         result = torch.cat([guided, guided]) if self.diffusers_cfg else guided
         return UNet2DConditionOutput(sample=result) if return_dict else (result,)
 
+    def controlnet_forward(self, original_forward, *args, **kwargs):
+        """The pipeline's ControlNet call: as diffusers makes it, plus rows for the branches a method gave inputs of
+        their own (``NegativeSteer``'s empty prompt in the unconditional branch, ...), so that each branch's
+        residuals come from its own prompt. Other branches take their source rows' residuals in the UNet call.
+        In guess mode diffusers runs only the conditional rows (the unconditional ones get zeros): passed through."""
+        bound = inspect.signature(original_forward).bind(*args, **kwargs)
+        call = bound.arguments
+        sample, embeds = call["sample"], call["encoder_hidden_states"]
+        added = dict(call.get("added_cond_kwargs") or {})
+        if call.get("guess_mode") and self.diffusers_cfg:
+            return original_forward(*args, **kwargs)
+        _, branches, inputs, sources, changed = self.plan(sample, call["timestep"], embeds, added)
+        own = [b for b in branches if b.name in changed]
+        if not own:
+            return original_forward(*args, **kwargs)
+        total, batch = sample.shape[0], inputs[own[0].name].sample.shape[0]
+        rows = torch.cat([sources[b.source] for b in own])
+
+        def extended(value: Any) -> Any:  # diffusers' rows, then the source rows of the branches with their own
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == total:
+                return torch.cat([value, value.index_select(0, rows.to(value.device))])
+            if isinstance(value, (tuple, list)):
+                return type(value)(extended(v) for v in value)
+            return value
+
+        for name, value in call.items():
+            call[name] = extended(value)
+        call["sample"] = torch.cat([sample] + [inputs[b.name].sample for b in own])
+        call["encoder_hidden_states"] = torch.cat([embeds] + [inputs[b.name].embeds for b in own])
+        if added:
+            call["added_cond_kwargs"] = {k: _concat([v] + [inputs[b.name].added[k] for b in own])
+                                         for k, v in added.items()}
+        self.control_rows = {b.name: torch.arange(total + i * batch, total + (i + 1) * batch) for i, b in enumerate(own)}
+        return original_forward(*bound.args, **bound.kwargs)
+
     def scheduler_step(self, scheduler, model_output, timestep, sample, generator=None, return_dict=True):
         prev = self.stepper.scheduler_step(scheduler, model_output, timestep, sample, self.predictions, generator)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
@@ -236,6 +318,17 @@ class GuidedUNetHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         return self.state.forward(self.fn_ref.original_forward, *args, **kwargs)
+
+
+class GuidedControlNetHook(ModelHook):
+    """A diffusers model hook that routes each ControlNet call through ``GuidedStep.controlnet_forward``."""
+
+    def __init__(self, state: GuidedStep) -> None:
+        super().__init__()
+        self.state = state
+
+    def new_forward(self, module, *args, **kwargs):
+        return self.state.controlnet_forward(self.fn_ref.original_forward, *args, **kwargs)
 
 
 class PipelineCall(CallContext):
@@ -340,6 +433,11 @@ class GuidanceMixin:
         scheduler = self.scheduler
         stack = contextlib.ExitStack()
         try:
+            controlnet = getattr(self, "controlnet", None)
+            if controlnet is not None:  # ControlNet pipelines (one ControlNet or a MultiControlNetModel)
+                control_registry = HookRegistry.check_if_exists_or_initialize(controlnet)
+                control_registry.register_hook(GuidedControlNetHook(state), HOOK_NAME)
+                stack.callback(control_registry.remove_hook, HOOK_NAME, recurse=False)
             if state.edits:
                 stack.enter_context(installed_processors(self.unet, state.edits))
             if state.join is not None:

@@ -1,8 +1,9 @@
-"""unsee's Stable Diffusion 1.x/2.x pipeline: diffusers' pipeline plus guidance methods and erasure adapters.
+"""unsee's Stable Diffusion 1.x/2.x pipelines: diffusers' pipelines plus guidance methods and erasure adapters.
 
-Without unsee-specific arguments it is diffusers' ``StableDiffusionPipeline`` and gives the same
-images for the same seed. ``pipe(prompt, guidance=[CFGpp(0.6), PAG(3.0)], ...)`` adds guidance
-methods; ``pipe.load_erasure(path)`` applies erasure adapters.
+Without unsee-specific arguments each is its diffusers pipeline and gives the same images for the same seed.
+``pipe(prompt, guidance=[CFGpp(0.6), PAG(3.0)], ...)`` adds guidance methods; ``pipe.load_erasure(path)``
+applies erasure adapters. :class:`StableDiffusionGuided` holds what every SD 1.x/2.x pipeline class shares
+(text-to-image here; img2img, inpainting and ControlNet in ``unsee.pipelines.variants``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ from unsee.pipelines.encoding import empty_embeddings, encode_text
 from unsee.pipelines.guided import GuidanceMixin
 
 
-class UnseeStableDiffusionPipeline(ErasureCallMixin, GuidanceMixin, ErasureAdapterMixin, StableDiffusionPipeline):
-    """``StableDiffusionPipeline`` with ``guidance=[...]`` and ``load_erasure`` / ``unload_erasure``."""
-
-    from_pipe = keep_dtype_from_pipe(StableDiffusionPipeline)
+class StableDiffusionGuided(ErasureCallMixin, GuidanceMixin, ErasureAdapterMixin):
+    """``guidance=[...]`` and ``load_erasure`` / ``unload_erasure`` for a diffusers SD 1.x/2.x pipeline class (the
+    branch texts are encoded with the pipeline's own ``encode_prompt``)."""
 
     def encode_prompt(self, *args: Any, **kwargs: Any):
         with _text_model_alias(self.text_encoder):
@@ -35,6 +35,12 @@ class UnseeStableDiffusionPipeline(ErasureCallMixin, GuidanceMixin, ErasureAdapt
     def _unsee_empty_embeddings(self, rows: int, device, clip_skip: Optional[int] = None) -> tuple[torch.Tensor, None]:
         # diffusers' own unconditional rows for a call without a negative prompt (clip_skip does not apply to them)
         return empty_embeddings(self, rows, device)
+
+
+class UnseeStableDiffusionPipeline(StableDiffusionGuided, StableDiffusionPipeline):
+    """``StableDiffusionPipeline`` with ``guidance=[...]`` and ``load_erasure`` / ``unload_erasure``."""
+
+    from_pipe = keep_dtype_from_pipe(StableDiffusionPipeline)
 
 
 @contextlib.contextmanager

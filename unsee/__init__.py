@@ -4,6 +4,7 @@
     pipe = unsee.load_pipeline("toy")              # or a hub id, a local folder, a single file
     pipe.load_erasure("circle.safetensors")         # an erasure adapter
     image = pipe("a red circle on a gray background").images[0]
+    guided = unsee.guided(diffusers_pipe)           # any SD/SDXL pipeline (img2img, inpaint, ControlNet) + guidance=
     unsee.toy.evaluate(pipe, concept="circle")     # the toy world's prompts, scored by its judge
 
 ``unsee.toy`` (the shapes world, the embedded model's files, its judge and presets) loads on first use too.
@@ -78,6 +79,8 @@ _EXPORTS = {
     "run_suite": "unsee.suite_eval",
     "UnseeStableDiffusionPipeline": "unsee.pipelines",
     "UnseeStableDiffusionXLPipeline": "unsee.pipelines",
+    "guided": "unsee.pipelines.variants",
+    "UnsupportedPipelineError": "unsee.pipelines.variants",
 }
 
 _SUBPACKAGES = ("toy",)  # reachable as unsee.toy without importing it first
