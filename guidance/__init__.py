@@ -14,7 +14,8 @@ from typing import Any
 _EXPORTS = {
     "CFG": "cfg", "CFGpp": "cfgpp", "equivalent_cfg_scale": "cfgpp", "FDG": "fdg", "NAG": "nag", "NASA": "nasa",
     "NegativeSteer": "negative", "PAG": "pag", "Guidance": "base", "GuidanceError": "base", "Contract": "base",
-    "validate_combination": "composition",
+    "validate_combination": "composition", "as_diffusers_guider": "diffusers_guiders",
+    "DiffusersGuider": "diffusers_guiders", "FDGGuider": "diffusers_guiders", "CFGppGuider": "diffusers_guiders",
 }
 
 __all__ = sorted(_EXPORTS)

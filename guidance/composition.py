@@ -2,7 +2,8 @@
 
 The rules (the README's composition table is :func:`composition_table`, and a test keeps the two equal):
 
-1. every entry is an unsee guidance object whose fields are valid, and no method is given twice;
+1. every entry is an unsee guidance object whose fields are valid (a diffusers guider is wrapped in
+   ``unsee.guidance.diffusers_guiders.DiffusersGuider``), and no method is given twice;
 2. at most one method replaces CFG's combination of the conditional and unconditional predictions
    (without one, ``CFG(guidance_scale)`` combines);
 3. at most one method replaces the scheduler step;
@@ -25,16 +26,32 @@ def _names(methods: Sequence[Guidance]) -> str:
     return " and ".join(type(m).__name__ for m in methods)
 
 
+def _is_diffusers_guider(value: object) -> bool:
+    # by class name, so that this module does not import diffusers' guiders
+    return any(c.__name__ == "BaseGuidance" and c.__module__.startswith("diffusers.") for c in type(value).__mro__)
+
+
+def as_guidance(method: object) -> object:
+    """An entry of ``guidance=[...]`` as an unsee method: a diffusers guider is wrapped; anything else is left."""
+    if not isinstance(method, Guidance) and _is_diffusers_guider(method):
+        from .diffusers_guiders import DiffusersGuider
+
+        return DiffusersGuider(method)
+    return method
+
+
 def validate_combination(methods: Sequence[Guidance], has_negative_prompt: bool,
                          guidance_scale: Optional[float] = None) -> None:
     """Check that ``methods`` can run together in one call; raise GuidanceError naming the fix otherwise.
 
     ``guidance_scale``: the call's CFG scale, used when no method replaces the combination (None: not checked).
     """
+    methods = [as_guidance(m) for m in methods]
     for method in methods:
         if not isinstance(method, Guidance):
             raise GuidanceError(
-                f"guidance entries must be unsee.guidance objects such as CFGpp(0.6) or PAG(3.0), got {method!r}"
+                f"guidance entries must be unsee.guidance objects such as CFGpp(0.6) or PAG(3.0), or diffusers "
+                f"guiders such as AdaptiveProjectedGuidance(...), got {method!r}"
             )
         method.validate()
     seen: set[type] = set()
@@ -65,7 +82,7 @@ def validate_combination(methods: Sequence[Guidance], has_negative_prompt: bool,
 
 def plan(methods: Sequence[Guidance], has_negative_prompt: bool, guidance_scale: float) -> list[Guidance]:
     """The methods of one call, checked, with ``CFG(guidance_scale)`` first when none replaces the combination."""
-    methods = list(methods)
+    methods = [as_guidance(m) for m in methods]
     validate_combination(methods, has_negative_prompt, guidance_scale)
     if not any(m.contract.combines for m in methods):
         default = CFG(guidance_scale)

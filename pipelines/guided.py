@@ -59,7 +59,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from unsee.guidance.base import (Branch, BranchInputs, CallContext, Guidance, GuidanceError, GuidanceReport,
                                  MethodRun, Step)
-from unsee.guidance.composition import plan
+from unsee.guidance.composition import as_guidance, plan
 
 from .attention import attention_module_names, installed_processors
 
@@ -389,7 +389,7 @@ class GuidanceMixin:
         base_call = super().__call__
         if not guidance:
             return base_call(*args, **kwargs)
-        if isinstance(guidance, Guidance):
+        if isinstance(as_guidance(guidance), Guidance):  # one method (or one diffusers guider) on its own
             guidance = [guidance]
         bound = inspect.signature(base_call).bind(*args, **kwargs)
         bound.apply_defaults()
