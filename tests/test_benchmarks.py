@@ -84,3 +84,64 @@ def test_delayed_negative_endpoints_on_the_toy_model(tmp_path):
     assert bench.pixel_distance(start0, plain).max() > 1  # the negative changes something
 
 
+
+# ------------------------------------------------------------------ benchmarks/mass_erasure.py (issue 25 item 4)
+
+
+def test_mass_erasure_prompt_sets_and_bars():
+    """The curve erases five shapes, five colours and the style and keeps one shape, one colour and the backgrounds;
+    each prompt set names what it should; the tables apply the issue's bars. (The full run trains for an hour; its
+    ``--quick`` mode takes minutes, so it is not run here.)"""
+    from unsee.toy import world
+
+    bench = _load_benchmark("mass_erasure")
+    erased = [world.concept_attribute(c) for c in bench.CURVE]
+    assert bench.CURVE[:4] == bench.FOUR and len(set(erased)) == len(bench.CURVE) == max(bench.KS) == 11
+    for attribute, values in (("shape", world.SHAPES), ("color", world.COLORS)):
+        assert sorted(v for a, v in erased if a == attribute) == sorted(set(values) - {bench.KEPT[attribute]})
+    assert ("style", "striped") in erased and all(a != "background" for a, _ in erased)
+
+    n = 16
+    named, concept = bench.prompt_set(bench.set_name("named", ("red",)), n)
+    assert concept == "red" and len(named) == n and all(world.parse_prompt(p)["color"] == "red" for p in named)
+    assert bench.set_name("none", ("star", "circle")) == bench.set_name("none", ("circle", "star"))
+    for k in bench.KS:  # prompts naming none of the erased: at k = 11 only the kept shape and colour are left
+        prompts, concept = bench.prompt_set(bench.set_name("none", bench.CURVE[:k]), n)
+        parsed = [world.parse_prompt(p) for p in prompts]
+        assert concept is None and len(prompts) == n
+        assert not any(p.get(a) == v for p in parsed for a, v in erased[:k])
+    assert {(p["shape"], p["color"]) for p in parsed} == {("heart", "purple")}
+    kept, _ = bench.prompt_set(bench.set_name("kept"), n)
+    parsed = [world.parse_prompt(p) for p in kept]
+    assert {(p["shape"], p["color"]) for p in parsed} == {("heart", "purple")}
+    assert {p["background"] for p in parsed} == set(world.BACKGROUNDS)
+    assert len({bench.adapter_key("esd-x", ("circle", "star"), s) for s in (None, 400)}) == 2
+    assert bench.adapter_key("uce", ("circle", "star")) != bench.adapter_key("uce", ("star", "circle"))
+
+    def figures(presence, accuracy):
+        return {"presence": presence, "mean_accuracy": accuracy}
+
+    def adapter(key, wall):
+        return {"key": key, "wall": wall, "cpu": wall / 2, "load": 3.0, "training_seconds": 0.1}
+
+    before = {"named:circle": figures(1.0, 1.0), "other:circle": figures(None, 1.0)}
+    rows = [{"method": "uce", "adapter": adapter("uce-circle", 5.0),
+             "after": {"named:circle": figures(0.10, 1.0), "other:circle": figures(None, 0.97)}},
+            {"method": "esd-x", "adapter": adapter("esd-x-circle", 150.0),
+             "after": {"named:circle": figures(0.11, 1.0), "other:circle": figures(None, 0.9)}},
+            {"method": "salun", "adapter": None, "after": None}]
+    table = bench.time_table({"before": before, "rows": rows}).splitlines()
+    assert table[2].endswith("| yes | yes | yes |") and "| 1.0× |" in table[2]
+    assert table[3].endswith("| **no** | **no** |  |") and "| 30.0× |" in table[3] and "(-10.0 pts)" in table[3]
+    assert table[4].startswith("| salun | failed")
+    rows[0]["adapter"]["wall"] = 10.0  # the time bar is strict: under 10 s
+    assert bench.time_table({"before": before, "rows": rows}).splitlines()[2].endswith("| **no** |")
+
+    four = ("circle", "red")
+    before = {"named:circle": figures(1.0, 1.0), "named:red": figures(1.0, 1.0), "none:circle+red": figures(None, 1.0)}
+    rows = [{"how": "one run", "method": m, "seconds": 5.0, "cpu": 3.0,
+             "figures": {"named:circle": figures(0.15, 1.0), "named:red": figures(red, 1.0),
+                         "none:circle+red": figures(None, accuracy)}}
+            for m, red, accuracy in (("uce", 0.0, 0.95), ("rece", 0.16, 1.0), ("spm", 0.0, 0.94))]
+    table = bench.four_table({"concepts": four, "before": before, "rows": rows}).splitlines()
+    assert [line.rsplit("|", 2)[1].strip() for line in table[3:]] == ["yes", "**no**", "**no**"]
