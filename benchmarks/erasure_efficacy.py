@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -49,21 +50,24 @@ def figures(pipe, concept: str, n: int, judge) -> dict:
             "named_accuracy": {k: v for k, v in named.accuracy.items() if k != own}}
 
 
-def erase_and_measure(pipe, concept: str, method: str, n: int, judge, workdir: Path) -> tuple[dict, object]:
-    """Train ``method`` on ``concept`` with the toy preset, time it, save the adapter under ``workdir``, measure
-    with it loaded (``after``: presence, accuracy on other prompts, and ``named_accuracy``: the attributes the
-    concept does not own, judged on the prompts that name it). Returns the row and the adapter."""
-    settings = preset_settings("toy", method, concept=concept)
+def erase_and_measure(pipe, concept: str, method: str, n: int, judge, workdir: Path,
+                      overrides: Optional[dict] = None) -> tuple[dict, object]:
+    """Train ``method`` on ``concept`` with the toy preset (``overrides``: config fields over it), time it, save the
+    adapter under ``workdir``, measure with it loaded (``after``: presence, accuracy on other prompts, and
+    ``named_accuracy``: the attributes the concept does not own, judged on the prompts that name it). Returns the
+    row and the adapter."""
+    settings = preset_settings("toy", method, concept=concept, settings=overrides)
     trainer = make_trainer(method, concept=concept, **settings)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     adapter = trainer.train(pipe)
-    seconds = time.perf_counter() - started
-    path = workdir / f"{method}-{concept}.safetensors"
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    suffix = "".join(f"-{k}-{v}" for k, v in sorted((overrides or {}).items()))
+    path = workdir / f"{method}-{concept}{suffix}.safetensors"
     adapter.save(path)
     name = pipe.load_erasure(path)
     after = figures(pipe, concept, n, judge)
     pipe.unload_erasure(name)
-    row = {"concept": concept, "method": method, "seconds": seconds, "after": after,
+    row = {"concept": concept, "method": method, "seconds": seconds, "cpu_seconds": cpu_seconds, "after": after,
            "adapter_bytes": path.stat().st_size, "path": str(path), "settings": settings}
     return row, adapter
 

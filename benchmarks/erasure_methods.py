@@ -2,6 +2,7 @@
 """Every erasure method on the same concepts of the embedded toy model, attacked; writes its BENCHMARKS.md section.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/erasure_methods.py [--n 64] [--attack-n 16] [--concepts circle]
+        [--trajectory-reuse K]
 
 For each concept and each of ESD-u, ESD-x, SalUn, SPM, ANT and AdvUnlearn: train with the toy preset
 (``unsee.toy.preset_settings("toy", ...)``) and time it; then, with the adapter loaded, measure the concept's
@@ -10,6 +11,8 @@ on the prompts that name it (ANT's bar: the background), and the attack success 
 (UnlearnDiffAtk-style, ``attack-n`` prompts, 5 prefix tokens, 40 steps). Bars (issue 5): presence <= 15% for
 every method; AdvUnlearn's attack success rate at most half of ESD-u's; SPM's accuracy drop <= 2 points with an
 adapter under 1% of the UNet's size; ANT keeps the background right in >= 90% of the prompts naming the concept.
+``--trajectory-reuse K`` trains the methods that sample x_t with DDIM (ESD, SPM, ANT, AdvUnlearn) with
+``trajectory_reuse=K`` (it shows in the settings line); ``benchmarks/trajectory_reuse.py`` compares the two.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from erasure_efficacy import EVAL_SEED, erase_and_measure, figures, world_prompt
 
 import unsee  # noqa: E402
 from unsee.attack import AttackConfig  # noqa: E402
+from unsee.erasure import METHODS as TRAINERS  # noqa: E402
+from unsee.erasure.registry import config_fields  # noqa: E402
 from unsee.toy.evaluation import attack  # noqa: E402
 from unsee.toy.judge import Judge  # noqa: E402
 
@@ -39,6 +44,8 @@ def main() -> None:
     parser.add_argument("--attack-n", type=int, default=16, help="prompts attacked per row")
     parser.add_argument("--concepts", default="circle", help="comma-separated concepts of the toy world")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
+    parser.add_argument("--trajectory-reuse", type=int, default=1,
+                        help="trajectory_reuse of the methods that have it (1: their default)")
     parser.add_argument("--no-write", action="store_true", help="print, do not touch BENCHMARKS.md")
     parser.add_argument("--log", type=Path, default=None,
                         help="append each finished row here (JSON lines); rows already in it are not run again")
@@ -54,12 +61,15 @@ def main() -> None:
         for concept in args.concepts.split(","):
             before = None
             for method in args.methods.split(","):
-                logged = [r for r in done if (r["concept"], r["method"], r["n"]) == (concept, method, args.n)]
+                overrides = ({"trajectory_reuse": args.trajectory_reuse} if args.trajectory_reuse != 1
+                             and "trajectory_reuse" in config_fields(TRAINERS[method].config) else {})
+                logged = [r for r in done if (r["concept"], r["method"], r["n"]) == (concept, method, args.n)
+                          and r["settings"].get("trajectory_reuse", 1) == overrides.get("trajectory_reuse", 1)]
                 if logged:
                     results.append(logged[-1])
                     continue
                 before = before or figures(pipe, concept, args.n, judge)
-                row, adapter = erase_and_measure(pipe, concept, method, args.n, judge, Path(tmp))
+                row, adapter = erase_and_measure(pipe, concept, method, args.n, judge, Path(tmp), overrides)
                 name = pipe.load_erasure(row["path"])
                 started = time.perf_counter()
                 attacked = attack(pipe, concept, n=args.attack_n, config=AttackConfig(seed=EVAL_SEED), judge=judge)

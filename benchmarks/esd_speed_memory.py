@@ -2,6 +2,7 @@
 """ESD training: unsee's trainer against a straightforward reference loop; writes its BENCHMARKS.md section.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/esd_speed_memory.py [--model toy|sd15] [--iterations 12]
+        [--trajectory-reuse 4]
 
 The reference is the loop of the official ESD code, written plainly: a second, frozen fp32 copy of the UNet
 as the teacher; the teacher's two predictions and the student's as three separate forward passes; the
@@ -15,6 +16,10 @@ the peak resident memory of the process while training, counted from before the 
 weights, teacher copy, optimizer state, gradients and activations). ``--model sd15`` uses SD 1.5's UNet
 architecture (randomly initialised: no download) at 128 px with 4 DDIM steps so that an iteration takes
 seconds on a CPU; ``--model toy`` the embedded model with the paper's 50 DDIM steps.
+
+``--trajectory-reuse K`` adds a third loop, unsee's trainer with ``trajectory_reuse=K`` (one DDIM trajectory serves K
+consecutive iterations), and then times every loop as the mean over the same whole trajectories of K iterations
+after a warm-up of K (a reused run's iterations differ: one in K samples), instead of the median.
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ def build_pipe(model: str):
     return pipe, {"ddim_steps": 4, "resolution": 128}
 
 
-def worker(loop: str, model: str, variant: str, iterations: int) -> dict:
+def worker(loop: str, model: str, variant: str, iterations: int, reuse: int, window: int) -> dict:
     torch.manual_seed(0)
     base_rss = _status("VmRSS")
     pipe, settings = build_pipe(model)
@@ -78,7 +83,8 @@ def worker(loop: str, model: str, variant: str, iterations: int) -> dict:
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
     from unsee.erasure import ESDConfig, ESDTrainer
 
-    config = ESDConfig(concept="circle", variant=variant, steps=iterations, lr=1e-5, **settings)
+    config = ESDConfig(concept="circle", variant=variant, steps=iterations, lr=1e-5, trajectory_reuse=reuse,
+                       **settings)
     stamps: list[float] = []
     if loop == "ours":
         def progress(event) -> None:
@@ -88,9 +94,14 @@ def worker(loop: str, model: str, variant: str, iterations: int) -> dict:
         ESDTrainer(config).train(pipe, progress=progress)
     else:
         reference_loop(pipe, config, stamps)
-    times = [b - a for a, b in zip(stamps[1:], stamps[2:])]  # the first iteration is a warm-up
-    return {"loop": loop, "iteration_s": statistics.median(times), "iterations": len(times),
-            "peak_bytes": _status("VmHWM") - base_rss}
+    if loop != "ours":
+        stamps = stamps[1:]  # the reference stamps its start too: stamps[i] is now the end of iteration i, as ours
+    times = [b - a for a, b in zip(stamps, stamps[1:])]  # times[i] is iteration i + 1's: the first is a warm-up
+    if window > 1:  # iterations window .. (whole trajectories of ``window``)
+        start = window - 1
+        times = times[start:start + (len(times) - start) // window * window]
+    return {"loop": loop, "iteration_s": statistics.mean(times) if window > 1 else statistics.median(times),
+            "iterations": len(times), "peak_bytes": _status("VmHWM") - base_rss}
 
 
 def reference_loop(pipe, config, stamps: list[float]) -> None:
@@ -135,36 +146,50 @@ def main() -> None:
     parser.add_argument("--model", choices=("toy", "sd15"), default="sd15")
     parser.add_argument("--variant", default="esd-x")
     parser.add_argument("--iterations", type=int, default=12)
+    parser.add_argument("--trajectory-reuse", type=int, default=1,
+                        help="also time unsee's trainer with this trajectory_reuse (1: only the default)")
     parser.add_argument("--worker", choices=("ours", "reference"), default=None)
+    parser.add_argument("--reuse", type=int, default=1, help=argparse.SUPPRESS)  # a worker's trajectory_reuse
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    window = args.trajectory_reuse
     if args.worker:
-        print(json.dumps(worker(args.worker, args.model, args.variant, args.iterations)))
+        print(json.dumps(worker(args.worker, args.model, args.variant, args.iterations, args.reuse, window)))
         return
     results = {}
-    for loop in ("reference", "ours"):
+    loops = [("reference", 1), ("ours", 1)] + ([("ours", window)] if window > 1 else [])
+    for loop, reuse in loops:
         out = subprocess.run([sys.executable, __file__, "--worker", loop, "--model", args.model, "--variant",
-                              args.variant, "--iterations", str(args.iterations)],
+                              args.variant, "--iterations", str(args.iterations), "--reuse", str(reuse),
+                              "--trajectory-reuse", str(window)],
                              check=True, capture_output=True, text=True).stdout
-        results[loop] = json.loads(out.strip().splitlines()[-1])
-        print(loop, results[loop], flush=True)
-    ours, ref = results["ours"], results["reference"]
-    speedup = ref["iteration_s"] / ours["iteration_s"]
-    memory = ours["peak_bytes"] / ref["peak_bytes"]
+        results[loop, reuse] = json.loads(out.strip().splitlines()[-1])
+        print(loop, reuse, results[loop, reuse], flush=True)
+    ref = results["reference", 1]
     mb = lambda b: f"{b / 2**20:.0f} MB"  # noqa: E731
-    body = f"""## ESD training speed and memory (`benchmarks/esd_speed_memory.py --model {args.model}`)
+    names = {("ours", 1): "unsee `ESDTrainer`",
+             ("ours", window): f"unsee `ESDTrainer`, `trajectory_reuse={window}` (one DDIM trajectory per {window} iterations)"}
+    rows = [f"| reference (two UNet copies, three separate passes, gradients for every weight) "
+            f"| {ref['iteration_s']:.2f} s | {mb(ref['peak_bytes'])} | | |"]
+    for key in loops[1:]:
+        r = results[key]
+        rows.append(f"| {names[key]} | {r['iteration_s']:.2f} s | {mb(r['peak_bytes'])} "
+                    f"| **{ref['iteration_s'] / r['iteration_s']:.2f}× faster** | **{r['peak_bytes'] / ref['peak_bytes']:.2f}×** |")
+    timing = (f"{results['ours', 1]['iterations']} timed iterations each (median)" if window == 1 else
+              f"the mean of {results['ours', 1]['iterations']} timed iterations each ({window} warm-up iterations "
+              f"first; whole trajectories of the reused run)")
+    body = f"""## ESD training speed and memory (`benchmarks/esd_speed_memory.py --model {args.model}{f' --trajectory-reuse {window}' if window > 1 else ''}`)
 
 Hardware: {hardware()}.
 
-{args.variant}, fp32, batch 1, {ours['iterations']} timed iterations each (median), model `{args.model}`
+{args.variant}, fp32, batch 1, {timing}, model `{args.model}`
 ({'SD 1.5 UNet architecture, random weights, 128 px, 4 DDIM steps' if args.model == 'sd15' else 'the embedded toy model, 64 px, 50 DDIM steps'}).
 Peak memory: the process's peak resident memory while training, above what it used before loading the model.
+Ratios against the reference loop; bars: ≥ 1.3× faster, ≤ 0.6× the memory.
 
-| loop | iteration | peak memory |
-|---|---|---|
-| reference (two UNet copies, three separate passes, gradients for every weight) | {ref['iteration_s']:.2f} s | {mb(ref['peak_bytes'])} |
-| unsee `ESDTrainer` | {ours['iteration_s']:.2f} s | {mb(ours['peak_bytes'])} |
-| ratio | **{speedup:.2f}× faster** (bar ≥ 1.3×) | **{memory:.2f}×** (bar ≤ 0.6×) |
+| loop | iteration | peak memory | speed against the reference | memory against the reference |
+|---|---|---|---|---|
+{chr(10).join(rows)}
 """
     if not args.no_write:
         write_section(f"esd-speed-{args.model}", body)

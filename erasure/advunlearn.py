@@ -51,12 +51,12 @@ import torch
 from torch import nn
 
 from .conditioning import Conditioning, encode_concept, encode_prompts, is_sdxl
-from .config import TrainerConfig, fill_concept
+from .config import TrainerConfig, TrajectoryReuse, fill_concept
 from .errors import ConfigError, TrainingError
 from .fields import (DDIM_STEPS, ERASE_FROM, GUIDANCE, RESOLUTION, Kind, choice, integer, is_int, number, prompt_list,
                      setting)
 from .registry import register_method
-from .sampling import ddim_sample, esd_target, mse, predict
+from .sampling import Trajectory, ddim_latents, esd_target, mse, predict
 from .trainer import Trainer
 
 __all__ = ["AdvUnlearnConfig", "AdvUnlearnTrainer", "COCO_OBJECTS", "encoder_layer_parameters", "prefix_embedding",
@@ -83,7 +83,7 @@ LAYERS = Kind("encoder layer indices such as [0, 1] (or None for all)",
 
 
 @dataclass
-class AdvUnlearnConfig(TrainerConfig):
+class AdvUnlearnConfig(TrajectoryReuse, TrainerConfig):
     """AdvUnlearn settings; defaults from the paper and its README recipe (Zhang et al., NeurIPS 2024).
 
     Args:
@@ -101,6 +101,10 @@ class AdvUnlearnConfig(TrainerConfig):
         resolution: image size for x_t (None: the pipeline's default).
         erase_from: prompts that name the concept, to erase it from in context (one drawn per step; see the
             module docstring); None: the bare concept (the paper).
+        trajectory_reuse: training steps one pair of DDIM runs (the concept's and the retain prompts') serves (1;
+            see :class:`~unsee.erasure.config.TrajectoryReuse`): the prompt (``erase_from``) and the retain prompts
+            drawn stay the runs'; the attack runs every step. The UNet is frozen, so the runs are the ones a new
+            step would make from the same draws.
     """
 
     steps: int = 1000
@@ -230,10 +234,24 @@ class AdvUnlearnTrainer(Trainer):
 
     # -- the two levels ----------------------------------------------------------------------------
 
-    def sample_latents(self, cond: Conditioning, k: int) -> torch.Tensor:
+    def sample_latents(self, cond: Conditioning, stops: list[int]) -> dict[int, torch.Tensor]:
+        """One DDIM run from fresh noise for the rows of ``cond``, kept at each of ``stops``."""
         noise = self.randn(cond.embeds.shape[0], *self.latent_shape[1:]) * self.scheduler.init_noise_sigma
         uncond = self.prompts.empty.repeat(cond.embeds.shape[0])
-        return ddim_sample(self.unet, self.scheduler, noise, cond, uncond, self.config.start_guidance, stop_at=k)
+        return ddim_latents(self.unet, self.scheduler, noise, cond, uncond, self.config.start_guidance, stops)
+
+    def sample_trajectory(self, steps: int) -> Trajectory:
+        """A trajectory for ``steps`` steps (:meth:`~unsee.erasure.Trainer.trajectory`): the student's prompt (a
+        ``c_from``, or the concept), a stop k ~ U{0..ddim_steps-1} per step and ``retain_batch`` retain prompts
+        drawn, then a DDIM run for the student's prompt and one for the retain prompts, from their original
+        conditioning; the latents at each stop are x_t's row followed by the retain rows x_r."""
+        student, cond_student = self.prompts.draw(self.draw_index)
+        stops = [int(self.randint(0, self.config.ddim_steps)) for _ in range(steps)]
+        retain_rows = self.randint(0, len(self.retain_prompts), (self.config.retain_batch,))
+        x_t = self.sample_latents(cond_student, stops)
+        x_r = self.sample_latents(self.cond_retain.rows(retain_rows), stops)
+        latents = {k: torch.cat([x_t[k], x_r[k]]) for k in x_t}
+        return Trajectory({"student": student, "retain": retain_rows.tolist()}, [(k,) for k in stops], latents)
 
     def encode(self, ids: torch.Tensor) -> Conditioning:
         """Conditioning from the encoder being trained (with gradients to its weights)."""
@@ -267,17 +285,18 @@ class AdvUnlearnTrainer(Trainer):
 
     def training_step(self, step: int) -> torch.Tensor:
         config = self.config
-        j, cond_student = self.prompts.draw(self.draw_index)  # a c_from drawn (in context), or the concept
+        trajectory, place = self.trajectory(step, self.sample_trajectory)
+        j = trajectory.draws["student"]  # a c_from drawn (in context), or the concept
+        cond_student = self.prompts.student(j)
         in_context = bool(self.prompts.contexts)
-        k = int(self.randint(0, config.ddim_steps))
+        (k,) = trajectory.stops[place]
         t = self.scheduler.timesteps[k]
-        retain_rows = self.randint(0, len(self.retain_prompts), (config.retain_batch,))
+        retain_rows = torch.tensor(trajectory.draws["retain"])
         cond_retain = self.cond_retain.rows(retain_rows)
+        x_t, x_r = trajectory.latents[k][:1], trajectory.latents[k][1:]
         # rows c, "" (and c_from): the paper's target anchors at "", in context at c_from's own prediction
         parts = [self.prompts.concept, self.prompts.empty] + ([cond_student] if in_context else [])
         with torch.no_grad():
-            x_t = self.sample_latents(cond_student, k)
-            x_r = self.sample_latents(cond_retain, k)
             eps = predict(self.unet, x_t.repeat(len(parts), 1, 1, 1), t, Conditioning.cat(parts)).chunk(len(parts))
             eps_c, eps_empty, eps_student = eps[0], eps[1], eps[-1]  # eps_student: c_from's, or c's
             target = esd_target(eps_student if in_context else eps_empty, eps_c, eps_empty, config.eta)

@@ -69,13 +69,13 @@ import torch
 from torch import nn
 
 from .conditioning import Conditioning, encode_concept, encode_prompts
-from .config import TrainerConfig, fill_concept
+from .config import TrainerConfig, TrajectoryReuse, fill_concept
 from .errors import ConfigError
 from .fields import (BATCH_SIZE, DDIM_STEPS, ERASE_FROM, FRACTION, GUIDANCE, LORA_ALPHA, OUTPUT_KIND, RANK,
                      RESOLUTION, SEEDS, choice, integer, number, prompt_list, setting)
 from .registry import register_method
 from .saliency import PARAMETERS, SaliencyMaskedTrainer, pack_mask, top_fraction_mask, unpack_mask
-from .sampling import ddim_sample, esd_target, mse, predict
+from .sampling import Trajectory, ddim_latents, esd_target, mse, predict
 from .selectors import linear_modules, lora_config
 
 __all__ = ["ANTConfig", "ANTTrainer", "ant_lora_modules", "augmentation_prompts"]
@@ -84,7 +84,7 @@ KEEP_PHASES = ("early", "late")
 
 
 @dataclass
-class ANTConfig(TrainerConfig):
+class ANTConfig(TrajectoryReuse, TrainerConfig):
     """ANT settings; defaults from the paper's single-concept configuration (Li, Lu et al., ACM MM 2025).
 
     Args:
@@ -108,6 +108,9 @@ class ANTConfig(TrainerConfig):
         batch_size: trajectories per step (1). resolution: image size (None: the pipeline's default).
         erase_from: prompts that name the concept, to erase it from in context (one drawn per step; see the
             module docstring); None erases the concept's own words.
+        trajectory_reuse: training steps one DDIM run serves (1; see
+            :class:`~unsee.erasure.config.TrajectoryReuse`): each step takes its own pair of stops (x+ and x-) of
+            the run, whose prompt (``erase_from``) it keeps. The saliency mask's trajectories are not reused.
     """
 
     steps: int = 250
@@ -181,9 +184,8 @@ class ANTTrainer(SaliencyMaskedTrainer):
 
     # -- the trajectory and the loss ------------------------------------------------------------
 
-    def sample_pair(self, cond: Conditioning, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-        """(x+, t+, x-, t-): one DDIM run from fresh noise with the model being trained, stopped at a random step of
-        the kept phase (x+) and one of the erased phase (x-), whichever comes first, then continued to the other."""
+    def draw_stops(self, generator: torch.Generator) -> tuple[int, int]:
+        """(k+, k-): a random step of the kept phase and one of the erased phase."""
         config = self.config
         if config.keep_phase == "early":
             k_plus = int(torch.randint(0, config.before_step, (), generator=generator))
@@ -192,24 +194,38 @@ class ANTTrainer(SaliencyMaskedTrainer):
             split = config.ddim_steps - config.before_step
             k_minus = int(torch.randint(0, split, (), generator=generator))
             k_plus = int(torch.randint(split, config.ddim_steps, (), generator=generator))
+        return k_plus, k_minus
+
+    def sample_pairs(self, cond: Conditioning, generator: torch.Generator, steps: int) -> Trajectory:
+        """A trajectory for ``steps`` steps: a pair of stops (k+, k-) per step (:meth:`draw_stops`), fresh noise, and
+        one DDIM run from it with the model being trained through every stop."""
+        stops = [self.draw_stops(generator) for _ in range(steps)]
         noise = torch.randn(self.latent_shape, generator=generator).to(self.device, self.unet.dtype)
         n = self.latent_shape[0]
-        cond, uncond = cond.repeat(n), self.prompts.empty.repeat(n)
-        first, second = sorted((k_plus, k_minus))
-        x_first = ddim_sample(self.unet, self.scheduler, noise * self.scheduler.init_noise_sigma, cond, uncond,
-                              config.start_guidance, stop_at=first)
-        x_second = ddim_sample(self.unet, self.scheduler, x_first, cond, uncond, config.start_guidance,
-                               stop_at=second, start_at=first)
-        x_plus, x_minus = (x_first, x_second) if k_plus < k_minus else (x_second, x_first)
-        return x_plus, self.scheduler.timesteps[k_plus], x_minus, self.scheduler.timesteps[k_minus]
+        latents = ddim_latents(self.unet, self.scheduler, noise * self.scheduler.init_noise_sigma, cond.repeat(n),
+                               self.prompts.empty.repeat(n), self.config.start_guidance,
+                               [k for pair in stops for k in pair])
+        return Trajectory({}, stops, latents)
+
+    def pair(self, trajectory: Trajectory, place: int) -> tuple[torch.Tensor, ...]:
+        """(x+, t+, x-, t-) of the step at ``place`` in ``trajectory``."""
+        k_plus, k_minus = trajectory.stops[place]
+        timesteps = self.scheduler.timesteps
+        return trajectory.latents[k_plus], timesteps[k_plus], trajectory.latents[k_minus], timesteps[k_minus]
+
+    def sample_pair(self, cond: Conditioning, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """(x+, t+, x-, t-): one DDIM run from fresh noise with the model being trained, through a random step of
+        the kept phase (x+) and one of the erased phase (x-)."""
+        return self.pair(self.sample_pairs(cond, generator, 1), 0)
 
     def loss(self, model: nn.Module, cond: Conditioning, generator: torch.Generator,
-             concept: Optional[Conditioning] = None) -> torch.Tensor:
+             concept: Optional[Conditioning] = None, pair: Optional[tuple[torch.Tensor, ...]] = None) -> torch.Tensor:
         """The ANT loss of one trajectory pair for the conditioning ``cond``: the concept itself, or a prompt that
         names it (``c_from``) with ``concept`` the concept's own conditioning, whose direction is kept (eta 1) or
-        enhanced early and reversed late."""
+        enhanced early and reversed late. ``pair``: (x+, t+, x-, t-) sampled from ``cond`` already; None: sampled
+        here (:meth:`sample_pair`, from ``generator``)."""
         config = self.config
-        x_plus, t_plus, x_minus, t_minus = self.sample_pair(cond, generator)
+        x_plus, t_plus, x_minus, t_minus = pair if pair is not None else self.sample_pair(cond, generator)
         n = x_plus.shape[0]
         x = torch.cat([x_plus, x_minus, x_plus, x_minus])  # rows: [+ c, - c, + "", - ""]
         t = torch.cat([t_plus.expand(n), t_minus.expand(n)]).repeat(2)
@@ -232,11 +248,19 @@ class ANTTrainer(SaliencyMaskedTrainer):
         a1, a2 = config.enhance_weight, config.uncond_weight
         return erase + a2 * mse(su_minus, u_minus) + a1 * (enhance + a2 * mse(su_plus, u_plus))
 
+    def sample_trajectory(self, steps: int) -> Trajectory:
+        """A trajectory for ``steps`` steps (:meth:`~unsee.erasure.Trainer.trajectory`): the prompt drawn (a
+        ``c_from``, or the concept), then :meth:`sample_pairs` from it."""
+        student, cond = self.prompts.draw(self.draw_index)
+        trajectory = self.sample_pairs(cond, self.generator, steps)
+        trajectory.draws["student"] = student
+        return trajectory
+
     def training_step(self, step: int) -> torch.Tensor:
-        _, cond = self.prompts.draw(self.draw_index)
-        if self.prompts.contexts:
-            return self.loss(self.model, cond, self.generator, concept=self.prompts.concept)
-        return self.loss(self.model, cond, self.generator)
+        trajectory, place = self.trajectory(step, self.sample_trajectory)
+        cond = self.prompts.student(trajectory.draws["student"])
+        concept = self.prompts.concept if self.prompts.contexts else None
+        return self.loss(self.model, cond, self.generator, concept=concept, pair=self.pair(trajectory, place))
 
     # -- the augmentation-enhanced saliency mask ------------------------------------------------
 

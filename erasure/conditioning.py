@@ -83,6 +83,11 @@ class ConceptConditioning:
         j = draw_index(len(self.contexts))
         return j, self.contexts[j]
 
+    def student(self, index: int) -> Conditioning:
+        """The conditioning of :attr:`student_prompts` ``[index]`` (an index :meth:`draw` gave): a ``c_from``, or the
+        concept itself (the same object) without ``erase_from``."""
+        return self.contexts[index] if self.contexts else self.concept
+
 
 def encode_concept(pipe: Any, concept: str, erase_from: Union[str, Sequence[str], None], height: int,
                    width: int) -> ConceptConditioning:

@@ -12,7 +12,7 @@ from .fields import DEVICE, DTYPE, TEXT, check_settings, check_size, choice, int
 
 __all__ = ["TrainerConfig", "MIXED_PRECISION", "MAX_CONCEPTS", "CONCEPTS", "fill_concept", "erase_from_prompts",
            "names_concept", "erased_concepts", "check_concept_list", "contexts_by_concept",
-           "ConceptsInContext"]
+           "ConceptsInContext", "TrajectoryReuse"]
 
 #: the most concepts one run erases
 MAX_CONCEPTS = 1024
@@ -83,6 +83,30 @@ class TrainerConfig:
     def to_dict(self) -> dict[str, Any]:
         """The settings as a JSON-serialisable dict (stored in the adapter and the report)."""
         return {"method": self.method, **dataclasses.asdict(self)}
+
+
+@dataclass
+class TrajectoryReuse:
+    """The setting of the methods whose steps sample x_t with a DDIM run from fresh noise (ESD, SPM, ANT and
+    AdvUnlearn): how many training steps one such run serves.
+
+    Args:
+        trajectory_reuse: training steps that one sampled DDIM trajectory serves (1, the papers' recipe: a new run
+            every step). With r > 1, every r-th step of a draw makes the draws of the next r steps (the prompts the
+            run is conditioned on, fresh noise, and each step's random stop, as the method draws them) and runs
+            DDIM once, through the deepest of the r stops, keeping the latents at each; the r steps then train at
+            their own stops of that one run, with its prompts. Sampling is most of an ESD step's time on the
+            toy model (``benchmarks/esd_profile.py``); r = 4 trained ESD, SPM and ANT there 1.6-2.1x faster
+            (``benchmarks/trajectory_reuse.py``). The cost: the steps of one run see correlated x_t and, where the
+            model being trained samples, x_t from its weights of up to r - 1 steps before; on the toy model
+            ESD-x and AdvUnlearn lost efficacy at r = 4 (``docs/erasure.md``). The method's per-step draws outside the run (SPM's anchors, AdvUnlearn's
+            attack) stay per step. Like every setting but ``RESUMABLE_CHANGES``, it must match on resume; the
+            trajectory being served is kept in checkpoints, so a resumed run equals an uninterrupted one.
+    """
+
+    trajectory_reuse: int = setting(1, integer(1, limits=(1, 1000)),
+                                    says="a positive integer (training steps one sampled DDIM trajectory serves; "
+                                         "1: a new trajectory every step)")
 
 
 def fill_concept(prompts: Sequence[str], concept: str) -> list[str]:

@@ -17,7 +17,8 @@ concept in context, where a small text encoder's embedding of the bare word alon
 ``x_t`` is sampled as in the paper: a DDIM run (``ddim_steps`` steps, classifier-free guidance
 ``start_guidance``, prompt ``c`` or ``c_from``) from fresh noise *with the model being trained*, stopped
 at a random step ``k``; the UNet is then queried at that step's timestep. ``sample_with="frozen"``
-samples with the original model instead (the official 2025 rewrite).
+samples with the original model instead (the official 2025 rewrite). ``trajectory_reuse`` (not in the paper; 1 by
+default) lets one DDIM run serve several consecutive steps, each at its own stop of it.
 
 Variants (which parameters are trained; Linear and Conv2d modules, names as in diffusers'
 ``UNet2DConditionModel``; the official rewrite's rules, except ``esd-u``, which keeps the paper's code's rule
@@ -56,11 +57,11 @@ import torch
 from torch import nn
 
 from .conditioning import Conditioning, encode_concepts, encode_prompts
-from .config import CONCEPTS, ConceptsInContext, TrainerConfig, erase_from_prompts
+from .config import CONCEPTS, ConceptsInContext, TrainerConfig, TrajectoryReuse, erase_from_prompts
 from .fields import (BATCH_SIZE, DDIM_STEPS, ERASE_FROM, GUIDANCE, LORA_ALPHA, LOSS_SPACE, NUMBER, OUTPUT_KIND, RANK,
                      RESOLUTION, choice, number, prompt_list, setting)
 from .registry import register_method
-from .sampling import ddim_sample, esd_target, mse, predict
+from .sampling import Trajectory, ddim_latents, esd_target, mse, predict
 from .selectors import linear_modules, lora_config, module_parameters
 from .trainer import Trainer
 
@@ -73,7 +74,7 @@ SAMPLERS = ("trained", "frozen")
 
 
 @dataclass
-class ESDConfig(ConceptsInContext, TrainerConfig):
+class ESDConfig(ConceptsInContext, TrajectoryReuse, TrainerConfig):
     """ESD settings; defaults from the paper (Gandikota et al., ICCV 2023) and its original code.
 
     Args:
@@ -104,6 +105,9 @@ class ESDConfig(ConceptsInContext, TrainerConfig):
         preserve_weight: weight of that term (1.0).
         loss_space: ``"output"`` (the UNet's raw output: v on v-prediction models such as SD 2.x-v) or
             ``"epsilon"`` (noise predictions, the paper's loss); identical on epsilon-prediction models.
+        trajectory_reuse: training steps one DDIM run serves (1; see
+            :class:`~unsee.erasure.config.TrajectoryReuse`): the prompts drawn (``erase_from``, ``preserve``, the
+            concept of ``concepts``) stay those of the run.
     """
 
     variant: str = setting("esd-u", VARIANT)
@@ -187,19 +191,30 @@ class ESDTrainer(Trainer):
         self.cond_preserve = [kept.rows([i]) for i in range(len(config.preserve))] if kept is not None else []
         self.scheduler = self.ddim_scheduler(config.ddim_steps)
 
-    def sample_xt(self, cond_student: Conditioning, cond_keep: Optional[Conditioning] = None
-                  ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-        """Draw (x_t, x_keep, t): fresh noise denoised for a random number k of the DDIM steps, t = timesteps[k];
-        x_t from the student's prompt, x_keep (None without ``cond_keep``) from the preserved prompt, in one run."""
-        k = int(self.randint(0, self.config.ddim_steps))
+    def sample_trajectory(self, steps: int) -> Trajectory:
+        """A trajectory for ``steps`` steps (:meth:`~unsee.erasure.Trainer.trajectory`): the student's prompt (a
+        ``c_from`` drawn, or the concept) and the preserved prompt drawn, a stop k ~ U{0..ddim_steps-1} per step,
+        fresh noise, and one DDIM run through every stop: x_t from the student's prompt and, in the same batch,
+        x_keep from the preserved prompt."""
+        student, _ = self.prompts.draw(self.draw_index)
+        keep = self.draw_index(len(self.cond_preserve)) if self.cond_preserve else None
+        stops = [int(self.randint(0, self.config.ddim_steps)) for _ in range(steps)]
         batch = self.latent_shape[0]
-        rows = [cond_student] + ([cond_keep] if cond_keep is not None else [])
+        rows = [self.prompts.student(student)] + ([self.cond_preserve[keep]] if keep is not None else [])
         noise = self.randn(batch * len(rows), *self.latent_shape[1:]) * self.scheduler.init_noise_sigma
         sampler = self.frozen_teacher() if self.config.sample_with == "frozen" else contextlib.nullcontext(self.unet)
         with sampler as unet:
-            x = ddim_sample(unet, self.scheduler, noise, Conditioning.cat([c.repeat(batch) for c in rows]),
-                            self.prompts.empty.repeat(len(noise)), self.config.start_guidance, stop_at=k)
-        return x[:batch], (x[batch:] if cond_keep is not None else None), self.scheduler.timesteps[k]
+            latents = ddim_latents(unet, self.scheduler, noise, Conditioning.cat([c.repeat(batch) for c in rows]),
+                                   self.prompts.empty.repeat(len(noise)), self.config.start_guidance, stops)
+        return Trajectory({"student": student, "keep": keep}, [(k,) for k in stops], latents)
+
+    def sample_xt(self, trajectory: Trajectory, place: int
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        """(x_t, x_keep, t) of the step at ``place`` in ``trajectory``: the run's latents at the step's stop k,
+        t = timesteps[k]; x_keep is None without a preserved prompt."""
+        (k,) = trajectory.stops[place]
+        x, batch = trajectory.latents[k], self.latent_shape[0]
+        return x[:batch], (x[batch:] if trajectory.draws["keep"] is not None else None), self.scheduler.timesteps[k]
 
     def loss(self, x_t: torch.Tensor, t: torch.Tensor, cond_student: Optional[Conditioning] = None,
              x_keep: Optional[torch.Tensor] = None, cond_keep: Optional[Conditioning] = None) -> torch.Tensor:
@@ -235,18 +250,21 @@ class ESDTrainer(Trainer):
             loss = loss + config.preserve_weight * mse(student[n:], kept)
         return loss
 
-    def draw_concept(self, step: int) -> None:
-        """Several concepts: choose this step's (:meth:`~unsee.erasure.Trainer.cycle_index`: every concept equally
-        often, in an order shuffled from the seed; the run's generator is not used) and make it :attr:`prompts`."""
-        index = self.cycle_index(step, len(self.concept_prompts))
+    def draw_concept(self, position: int) -> None:
+        """Several concepts: choose the concept of trajectory ``position`` (with ``trajectory_reuse`` 1, the step;
+        :meth:`~unsee.erasure.Trainer.cycle_index`: every concept equally often, in an order shuffled from the seed;
+        the run's generator is not used), count it for this step and make it :attr:`prompts`."""
+        index = self.cycle_index(position, len(self.concept_prompts))
         self.concept_draws[index] += 1
         self.prompts = self.concept_prompts[index]
 
     def training_step(self, step: int) -> torch.Tensor:
-        self.draw_concept(step)
-        _, cond_student = self.prompts.draw(self.draw_index)
-        cond_keep = self.draw(self.cond_preserve) if self.cond_preserve else None
-        x_t, x_keep, t = self.sample_xt(cond_student, cond_keep)
+        self.draw_concept(self.trajectory_number(step))
+        trajectory, place = self.trajectory(step, self.sample_trajectory)
+        keep = trajectory.draws["keep"]
+        cond_student = self.prompts.student(trajectory.draws["student"])
+        cond_keep = self.cond_preserve[keep] if keep is not None else None
+        x_t, x_keep, t = self.sample_xt(trajectory, place)
         return self.loss(x_t, t, cond_student, x_keep, cond_keep)
 
     def extra_state(self) -> dict:

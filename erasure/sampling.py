@@ -16,7 +16,8 @@ identical.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,8 @@ from torch import nn
 from .conditioning import Conditioning
 from .errors import TrainingError
 
-__all__ = ["predict", "ddim_sample", "denoising_target", "epsilon_from_output", "esd_target", "mse"]
+__all__ = ["predict", "ddim_sample", "ddim_latents", "Trajectory", "denoising_target", "epsilon_from_output",
+           "esd_target", "mse"]
 
 
 def predict(unet: nn.Module, x: torch.Tensor, t: Union[int, torch.Tensor], cond: Conditioning) -> torch.Tensor:
@@ -45,14 +47,59 @@ def ddim_sample(unet: nn.Module, scheduler: Any, x: torch.Tensor, cond: Conditio
     clean latents when ``stop_at`` is None); ``x`` must be at the level of ``scheduler.timesteps[start_at]``.
     The conditional and unconditional predictions share one UNet call.
     """
-    steps = len(scheduler.timesteps) if stop_at is None else stop_at
+    stop = len(scheduler.timesteps) if stop_at is None else stop_at
+    return ddim_latents(unet, scheduler, x, cond, uncond, guidance_scale, [stop], start_at)[stop]
+
+
+@torch.no_grad()
+def ddim_latents(unet: nn.Module, scheduler: Any, x: torch.Tensor, cond: Conditioning, uncond: Conditioning,
+                 guidance_scale: float, stops: Sequence[int], start_at: int = 0) -> dict[int, torch.Tensor]:
+    """One DDIM run (as :func:`ddim_sample`) that keeps its latents at several steps: step index -> the latents at
+    the noise level of ``scheduler.timesteps[index]`` (``len(scheduler.timesteps)``: the clean latents), for each
+    index of ``stops`` (from ``start_at`` on). The run stops at the last of them; each kept latent is exactly what
+    :func:`ddim_sample` with that ``stop_at`` returns."""
+    wanted = set(stops)
+    if not wanted or min(wanted) < start_at or max(wanted) > len(scheduler.timesteps):
+        raise ValueError(f"stops {sorted(wanted)} are not DDIM step indices from {start_at} to "
+                         f"{len(scheduler.timesteps)}")
     both = Conditioning.cat([cond, uncond])
-    for t in scheduler.timesteps[start_at:steps]:
+    kept = {}
+    for index in range(start_at, max(wanted)):
+        if index in wanted:
+            kept[index] = x
+        t = scheduler.timesteps[index]
         out = predict(unet, torch.cat([x, x]), t, both)
         out_c, out_u = out.chunk(2)
         guided = out_u + guidance_scale * (out_c - out_u)
         x = scheduler.step(guided, t, x).prev_sample
-    return x
+    kept[max(wanted)] = x
+    return kept
+
+
+@dataclass
+class Trajectory:
+    """One sampled DDIM trajectory and the training steps it serves (a trainer's ``trajectory_reuse``).
+
+    ``draws``: the method's random choices the run was made with (which prompt, which preserved prompt...), the
+    same for every step it serves: numbers, lists of numbers or None. ``stops``: for each step it serves, in order,
+    the DDIM step indices that step trains at. ``latents``: the run's latents at each of those indices (see
+    :func:`ddim_latents`). ``number``: which trajectory of its draw it is (step // trajectory_reuse).
+    """
+
+    draws: dict[str, Any]
+    stops: list[tuple[int, ...]]
+    latents: dict[int, torch.Tensor]
+    number: int = 0
+
+    def state(self) -> dict[str, Any]:
+        """The trajectory as a checkpoint keeps it (plain values; the latents on the CPU)."""
+        return {"number": self.number, "draws": dict(self.draws), "stops": [list(s) for s in self.stops],
+                "latents": {k: v.detach().to("cpu", copy=True) for k, v in self.latents.items()}}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> "Trajectory":
+        return cls(draws=dict(state["draws"]), stops=[tuple(s) for s in state["stops"]],
+                   latents={int(k): v.to(device) for k, v in state["latents"].items()}, number=int(state["number"]))
 
 
 def esd_target(anchor: torch.Tensor, concept: torch.Tensor, empty: torch.Tensor, eta: float) -> torch.Tensor:

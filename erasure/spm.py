@@ -52,11 +52,11 @@ from torch import nn
 from unsee.pipelines.encoding import encode_text
 
 from .conditioning import Conditioning, encode_concepts
-from .config import CONCEPTS, ConceptsInContext, TrainerConfig
+from .config import CONCEPTS, ConceptsInContext, TrainerConfig, TrajectoryReuse
 from .errors import ConfigError
 from .fields import ERASE_FROM, FLAG, GUIDANCE, NUMBER, RANK, RESOLUTION, integer, number, setting
 from .registry import register_method
-from .sampling import ddim_sample, esd_target, mse, predict
+from .sampling import Trajectory, ddim_latents, esd_target, mse, predict
 from .selectors import linear_modules, lora_config
 from .trainer import Trainer
 
@@ -64,7 +64,7 @@ __all__ = ["SPMConfig", "SPMTrainer", "spm_modules", "transport_strength"]
 
 
 @dataclass
-class SPMConfig(ConceptsInContext, TrainerConfig):
+class SPMConfig(ConceptsInContext, TrajectoryReuse, TrainerConfig):
     """SPM settings; defaults from the paper and its official configs (Lyu et al., CVPR 2024).
 
     Args:
@@ -85,6 +85,9 @@ class SPMConfig(ConceptsInContext, TrainerConfig):
             around it; with ``erase_from`` each prompt there goes to the concept it names (it must name one).
             Facilitated Transport then scales the adapter by the prompt's relation to the closest of them. One
             concept draws nothing: a single-concept run is what it always was.
+        trajectory_reuse: training steps one DDIM run serves (1; see
+            :class:`~unsee.erasure.config.TrajectoryReuse`): the prompt drawn (``erase_from``, the concept of
+            ``concepts``) stays the run's; the anchors are drawn every step.
     """
 
     steps: int = 3000
@@ -159,26 +162,35 @@ class SPMTrainer(Trainer):
         empty = self.prompts.empty.repeat(n)  # SDXL: the anchors replace the token embeddings only
         return Conditioning(embeds, empty.pooled, empty.time_ids)
 
-    def draw_concept(self, step: int) -> None:
-        """Several concepts: choose this step's (:meth:`~unsee.erasure.Trainer.cycle_index`: every concept equally
-        often, in an order shuffled from the seed; the run's generator is not used) and make it :attr:`prompts`."""
-        index = self.cycle_index(step, len(self.concept_prompts))
+    def draw_concept(self, position: int) -> None:
+        """Several concepts: choose the concept of trajectory ``position`` (with ``trajectory_reuse`` 1, the step;
+        :meth:`~unsee.erasure.Trainer.cycle_index`: every concept equally often, in an order shuffled from the seed;
+        the run's generator is not used), count it for this step and make it :attr:`prompts`."""
+        index = self.cycle_index(position, len(self.concept_prompts))
         self.concept_draws[index] += 1
         self.prompts = self.concept_prompts[index]
 
+    def sample_trajectory(self, steps: int) -> Trajectory:
+        """A trajectory for ``steps`` steps (:meth:`~unsee.erasure.Trainer.trajectory`): the student's prompt drawn
+        (a ``c_from``, or the concept), a stop k ~ U{1..ddim_steps-1} per step, fresh noise, and one DDIM run
+        through every stop with the adapter on (the model being trained)."""
+        student, cond_student = self.prompts.draw(self.draw_index)
+        stops = [int(self.randint(1, self.config.ddim_steps)) for _ in range(steps)]
+        noise = self.randn(*self.latent_shape) * self.scheduler.init_noise_sigma
+        latents = ddim_latents(self.unet, self.scheduler, noise, cond_student, self.prompts.empty,
+                               self.config.start_guidance, stops)
+        return Trajectory({"student": student}, [(k,) for k in stops], latents)
+
     def training_step(self, step: int) -> torch.Tensor:
         config = self.config
-        self.draw_concept(step)
-        # rows: (a drawn c_from when erasing in context), c, "", then the anchors; the student erases on row 0
-        _, cond_student = self.prompts.draw(self.draw_index)
+        self.draw_concept(self.trajectory_number(step))
+        # rows: (the trajectory's c_from when erasing in context), c, "", then the anchors; the student erases on row 0
+        trajectory, place = self.trajectory(step, self.sample_trajectory)
+        cond_student = self.prompts.student(trajectory.draws["student"])
         in_context = bool(self.prompts.contexts)
         o = 1 if in_context else 0  # the row of c
-        k = int(self.randint(1, config.ddim_steps))
-        noise = self.randn(*self.latent_shape) * self.scheduler.init_noise_sigma
-        with torch.no_grad():  # sampled with the adapter on: the model being trained
-            x_t = ddim_sample(self.unet, self.scheduler, noise, cond_student, self.prompts.empty,
-                              config.start_guidance, stop_at=k)
-        t = self.scheduler.timesteps[k]
+        (k,) = trajectory.stops[place]
+        x_t, t = trajectory.latents[k], self.scheduler.timesteps[k]
         parts = ([cond_student] if in_context else []) + [self.prompts.concept, self.prompts.empty]
         if config.anchors:
             parts.append(self.sample_anchors(config.anchors))

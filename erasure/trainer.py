@@ -32,7 +32,7 @@ from .errors import ConfigError, TrainingError
 from .fields import DTYPES
 from .precision import MasterWeights
 from .processes import accelerator_session, check_draws, draw_seed, on_main_process
-from .sampling import epsilon_from_output
+from .sampling import Trajectory, epsilon_from_output
 from .snapshot import PipelineSnapshot
 
 __all__ = ["Trainer", "Progress", "ProgressCallback"]
@@ -68,6 +68,8 @@ class Trainer:
     ``device``, ``generator`` (the CPU generator of the draw being computed, see ``draws_per_step``: every random
     number of a step comes from it, directly or through :meth:`randn` and :meth:`randint`) and ``params`` (name ->
     trained parameter). A method that carries values from one step to the next names them in :attr:`draw_state`.
+    A method whose steps sample x_t with a DDIM run takes it through :meth:`trajectory`, which serves one run to
+    ``trajectory_reuse`` consecutive steps.
     """
 
     config_class: ClassVar[type] = TrainerConfig
@@ -187,6 +189,34 @@ class Trainer:
         digest = hashlib.sha256(f"unsee-cycle:{self.config.seed}:{cycle}".encode()).digest()
         order = torch.randperm(n, generator=torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
         return int(order[offset])
+
+    @property
+    def trajectory_reuse(self) -> int:
+        """Training steps one sampled DDIM trajectory serves (the config's ``trajectory_reuse``; 1 without it)."""
+        return getattr(self.config, "trajectory_reuse", 1)
+
+    def trajectory_number(self, step: int) -> int:
+        """Which trajectory of its draw serves step ``step`` (``step // trajectory_reuse``): the position to pass
+        to :meth:`cycle_index` for what the trajectory is conditioned on (with reuse 1, the step itself)."""
+        return step // self.trajectory_reuse
+
+    def trajectory(self, step: int, sample: Callable[[int], Trajectory]) -> tuple[Trajectory, int]:
+        """The DDIM trajectory that serves step ``step`` of the current draw, and the step's place in its ``stops``.
+
+        ``sample(r)`` makes a trajectory for ``r`` = ``trajectory_reuse`` steps: the method's draws for them from
+        the draw's generator (its prompts, a stop per step, fresh noise, in the order a step of reuse 1 draws them)
+        and one DDIM run through every stop. It is called at the first step a trajectory serves (every r-th step;
+        always r steps' worth, so that a run extended on resume samples what an uninterrupted one does); the
+        steps after it take their place in the stored one. With reuse 1 every step samples its own, as the papers
+        do. Each draw (``draws_per_step``) keeps its own trajectory, in checkpoints too.
+        """
+        number, place = divmod(step, self.trajectory_reuse)
+        current = self._trajectories.get(self._draw_number)
+        if current is None or current.number != number:
+            current = sample(self.trajectory_reuse)
+            current.number = number
+            self._trajectories[self._draw_number] = current
+        return current, place
 
     def draw(self, choices: Sequence[Conditioning]) -> Conditioning:
         """One of ``choices`` at random (no random number is drawn when there is only one)."""
@@ -328,6 +358,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.losses = []
         self._device_mask = {}
+        self._trajectories = {}  # draw -> the trajectory serving its steps (see trajectory())
         self.params, self._originals, self._lora = {}, {}, False  # nothing of an earlier run is restored
         started = time.perf_counter()
         was_training = {module: module.training for module in {self.unet, trained}}
@@ -414,6 +445,7 @@ class Trainer:
     _resume_changes: dict = {}
     _draws_total: int = 1
     _draw_number: int = 0
+    _trajectories: dict[int, Trajectory] = {}
 
     def _attach_trainable(self) -> None:
         """Choose the trained tensors: LoRA layers added with peft, or a subset of the UNet's own parameters."""
@@ -519,7 +551,10 @@ class Trainer:
         if not all(bool(torch.isfinite(p.detach()).all()) for p in self.params.values()):
             raise TrainingError(self._nonfinite_message(float("nan"), step - 1, what="the trained weights"))
         # every draw's generator and carried state, in draw order (each process holds a block of consecutive draws)
-        draws = sorted(gather_object([(j, self._draw_generators[j].get_state(), self._draw_values[j])
+        # (and, with trajectory_reuse > 1, the trajectory each draw is serving)
+        reuse = self.trajectory_reuse > 1
+        draws = sorted(gather_object([(j, self._draw_generators[j].get_state(), self._draw_values[j],
+                                       self._trajectories[j].state() if reuse and j in self._trajectories else None)
                                       for j in self._draw_generators]), key=lambda item: item[0])
 
         def write() -> None:
@@ -531,12 +566,13 @@ class Trainer:
                 "trained": {n: t.to("cpu", copy=True) for n, t in self._masters.values().items()},
                 "optimizer": optimizer.state_dict(),
                 "rng": {
-                    "generators": [generator for _, generator, _ in draws],
+                    "generators": [generator for _, generator, _, _ in draws],
                     "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                     "python": random.getstate(),
                 },
-                **({"draw_state": [values for _, _, values in draws]} if self.draw_state else {}),
+                **({"draw_state": [values for _, _, values, _ in draws]} if self.draw_state else {}),
+                **({"trajectories": [trajectory for _, _, _, trajectory in draws]} if reuse else {}),
                 "losses": list(self.losses),
                 "elapsed": time.perf_counter() - started + self._elapsed_before,
                 "extra": self.extra_state(),
@@ -557,10 +593,13 @@ class Trainer:
         rng = checkpoint["rng"]
         generators = rng["generators"]  # one per draw (checked against this run's draws before setup)
         carried = checkpoint.get("draw_state") or []
+        trajectories = checkpoint.get("trajectories") or []
         for j, generator in self._draw_generators.items():
             generator.set_state(generators[j])
             if j < len(carried):
                 self._draw_values[j].update({k: v for k, v in carried[j].items() if k in self.draw_state})
+            if j < len(trajectories) and trajectories[j] is not None:
+                self._trajectories[j] = Trajectory.from_state(trajectories[j], self.device)
         torch.set_rng_state(rng["torch"])
         if rng.get("cuda") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])

@@ -17,16 +17,17 @@ from typing import Optional
 
 import torch
 
-#: method -> settings: every method, each at its smallest (a few DDIM steps, tiny data sets), full weights and LoRA
+#: method -> settings: every method, each at its smallest (a few DDIM steps, tiny data sets), full weights and LoRA;
+#: ESD-u and AdvUnlearn with trajectory_reuse (each draw keeps its own trajectory, whichever process computes it)
 METHODS = {
     "esd-x": dict(ddim_steps=2),
-    "esd-u": dict(ddim_steps=2, kind="lora"),
+    "esd-u": dict(ddim_steps=2, kind="lora", trajectory_reuse=2),
     "spm": dict(ddim_steps=2),
     "salun": dict(num_forget=2, num_retain=2, generation_steps=2, batch_size=2, relabel_prompts=["a red heart"],
                   retain_prompts=["a blue square"]),
     "ant": dict(ddim_steps=3, before_step=1, saliency_iterations=1),
     "advunlearn": dict(ddim_steps=2, retain_prompts=["a red heart"], retain_batch=1, warmup=1, attack_steps=1,
-                       attack_init="latest"),
+                       attack_init="latest", trajectory_reuse=2),
 }
 
 
