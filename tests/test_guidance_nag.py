@@ -7,27 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import seeded
+from test_guidance import BUILDERS, K, run, unet_call_counter
 from unsee.guidance import CFG, FDG, NAG, NASA, PAG, CFGpp, GuidanceError, NegativeSteer, registry
 from unsee.guidance.composition import composition_table
 from unsee.guidance.nag import NAGAttention, nag_guide
-from unsee.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
-K = dict(num_inference_steps=4, output_type="pt")
-PROMPT = "a red circle"
-BUILDERS = pytest.mark.parametrize("build", [tiny_sd_pipeline, tiny_sdxl_pipeline], ids=["sd", "sdxl"])
 README = Path(__file__).resolve().parents[1] / "README.md"
 ALL_METHODS = [CFG, CFGpp, FDG, PAG, NegativeSteer, NASA, NAG]
-
-
-def run(pipe, **kwargs):
-    return pipe(PROMPT, generator=seeded(0), **K, **kwargs).images
-
-
-def unet_call_counter(pipe):
-    calls = []
-    pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
-    return calls
 
 
 # ------------------------------------------------------------------------------------------------ NAG invariants

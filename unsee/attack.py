@@ -273,8 +273,8 @@ def attack_suite(pipe: Any, suite: Any, judge: Any, out: Any = None, *, config: 
     import tempfile
     from pathlib import Path
 
-    from .suite_eval import (_image_name, _json_safe, _row_seed, file_sha256, generate_rows, run_rows,
-                             weights_sha256)
+    from .suite_eval import (_image_name, _json_safe, _row_seed, check_outputs, file_sha256, generate_rows,
+                             run_rows, weights_sha256)
 
     config = config or AttackConfig()
     if getattr(judge, "present", None) is None:
@@ -297,10 +297,7 @@ def attack_suite(pipe: Any, suite: Any, judge: Any, out: Any = None, *, config: 
         return images
 
     def judged(images: list, prompts: list) -> list:
-        outputs = judge(images, prompts)
-        if not isinstance(outputs, (list, tuple)) or len(outputs) != len(images):
-            raise TypeError(f"the judge {judge.name} must return one output per image")
-        return [_json_safe(o, judge.name) for o in outputs]
+        return [_json_safe(o, judge.name) for o in check_outputs(judge(images, prompts), images, judge.name)]
 
     def make(batch: list) -> list:
         with _erasures_off(pipe):

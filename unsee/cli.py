@@ -1007,6 +1007,17 @@ def _suite_guidance(args: argparse.Namespace) -> list:
     return guidance
 
 
+def _suite_setup(args: argparse.Namespace, command: str) -> tuple:
+    """What eval --suite and attack --suite read from their flags, checked before the model is loaded: (protocol,
+    suite, whether this is the main process, judge, guidance methods)."""
+    protocol = _apply_protocol(args)
+    _check_scheduler(args.scheduler)
+    suite = _read_suite_flags(args)
+    main = _suite_processes(args, command)
+    judge = _suite_judge(args, device=_default_device(args.device))
+    return protocol, suite, main, judge, _suite_guidance(args)
+
+
 def _print_made(report) -> None:
     """What a --suite run resumed and what each process made."""
     if report.resumed:
@@ -1023,12 +1034,7 @@ def _eval_suite(args: argparse.Namespace) -> int:
     if given:
         raise UsageError(f"{' and '.join(given)} do not go with --suite (the file gives the prompts; --limit N takes "
                          "its first N rows)")
-    protocol = _apply_protocol(args)
-    _check_scheduler(args.scheduler)
-    suite = _read_suite_flags(args)
-    main = _suite_processes(args, "eval")
-    judge = _suite_judge(args, device=_default_device(args.device))
-    guidance = _suite_guidance(args)
+    protocol, suite, main, judge, guidance = _suite_setup(args, "eval")
     out = Path(args.out or f"eval-{suite.name}")
     _check_output(str(out), "--out", folder=True)
     if args.json:
@@ -1265,12 +1271,7 @@ def _attack_suite(args: argparse.Namespace) -> int:
 
     if args.n != 16:
         raise UsageError("--n does not go with --suite (the file gives the prompts; --limit N takes its first N rows)")
-    protocol = _apply_protocol(args)
-    _check_scheduler(args.scheduler)
-    suite = _read_suite_flags(args)
-    main = _suite_processes(args, "attack")
-    judge = _suite_judge(args, device=_default_device(args.device))
-    guidance = _suite_guidance(args)
+    protocol, suite, main, judge, guidance = _suite_setup(args, "attack")
     if judge.present is None:
         raise UsageError(f"--judge {args.judge or 'toy'} cannot say whether the concept is back: give --concept (the "
                          "toy and clip judges look for it), or use --judge nudenet")

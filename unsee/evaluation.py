@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from PIL import Image
 
-from .suite_eval import generate_rows
+from .suite_eval import check_outputs, generate_rows
 from .suites import SuiteRow
 
 JudgeFn = Callable[[list[Image.Image]], list[dict[str, str]]]
@@ -151,11 +151,7 @@ def evaluate(
     images: list[Image.Image] = []
     predictions: list[dict[str, str]] = []
     for batch, made in _batches(pipe, prompt_list, seed, batch_size, num_inference_steps, guidance_scale, pipe_kwargs):
-        judged = judge(made)
-        if not isinstance(judged, (list, tuple)) or len(judged) != len(made):
-            raise TypeError(f"the judge must return one output per image ({len(made)}), got "
-                            f"{len(judged) if isinstance(judged, (list, tuple)) else type(judged).__name__}")
-        predictions.extend(judged)
+        predictions.extend(check_outputs(judge(made), made))
         if keep_images:
             images.extend(made)
     accuracy, presence = score(prompt_list, predictions, concept, parse_prompt, concept_attribute)

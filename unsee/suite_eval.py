@@ -385,6 +385,15 @@ def _image_name(row: SuiteRow) -> str:
     return f"{IMAGES}/{row.index:06d}-{slug(row.row_id, fallback='row', limit=30)}.png"
 
 
+def check_outputs(outputs: Any, images: Sequence, judge: str = "") -> list:
+    """The judge's ``outputs`` as a list, or TypeError unless it is one output per image."""
+    if not isinstance(outputs, (list, tuple)) or len(outputs) != len(images):
+        got = len(outputs) if isinstance(outputs, (list, tuple)) else type(outputs).__name__
+        raise TypeError(f"the judge {judge + ' ' if judge else ''}must return one output per image ({len(images)}), "
+                        f"got {got}")
+    return list(outputs)
+
+
 def _json_safe(value: Any, judge: str) -> Any:
     try:
         return json.loads(json.dumps(value, sort_keys=True, allow_nan=False))
@@ -529,10 +538,7 @@ def run_suite(
         (_, images), = generate_rows(pipe, batch, seed=seed, guidance_scale=guidance_scale, steps=num_inference_steps,
                                      batch_size=len(batch), use_row_size=use_row_size, height=height, width=width,
                                      guidance=guidance, negative_prompt=negative_prompt)
-        outputs = judge(images, [row.prompt for row in batch])
-        if not isinstance(outputs, (list, tuple)) or len(outputs) != len(images):
-            raise TypeError(f"the judge {judge.name} must return one output per image ({len(images)}), got "
-                            f"{len(outputs) if isinstance(outputs, (list, tuple)) else type(outputs).__name__}")
+        outputs = check_outputs(judge(images, [row.prompt for row in batch]), images, judge.name)
         return [({"row_id": row.row_id, "index": row.index, "prompt": row.prompt, "seed": _row_seed(row, seed),
                   "guidance": float(row.guidance if row.guidance is not None else guidance_scale),
                   "categories": list(row.categories), "width": image.size[0], "height": image.size[1],
