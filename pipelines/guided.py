@@ -104,6 +104,10 @@ class LateJoin:
     (hidden states, time embedding, text states, skip connections). With PAG on the mid block (the default), the
     down blocks run two rows per image instead of three. The result is the full batch's; only the repeated work is
     gone.
+
+    ControlNet residuals are added to the skip connections after the down blocks and to the mid block's output: the
+    ones made before the join get the early rows' residuals (the late branch's are copied with them, so it must take
+    its source rows' residuals), the ones made after it every row's (:meth:`residual_rows`).
     """
 
     def __init__(self, unet, layers: frozenset) -> None:
@@ -111,6 +115,11 @@ class LateJoin:
         first = next((i for i, (name, _) in enumerate(blocks)
                       if any(layer.startswith(name + ".") for layer in layers)), 0)
         self.blocks = [block for _, block in blocks[first:]]
+        # skip connections made before the join: conv_in's output, then each earlier down block's resnets and
+        # downsamplers; and whether the mid block's output is made before it
+        self.skips_before = 1 + sum(len(block.resnets) + len(getattr(block, "downsamplers", None) or [])
+                                    for name, block in blocks[:first] if name.startswith("down_blocks."))
+        self.mid_before = any(name == "mid_block" for name, _ in blocks[:first])
         self.rows_before: Optional[int] = None  # batch rows until the join, set for one UNet call
         self.source: Optional[slice] = None  # where the copied rows are in that batch
 
@@ -126,6 +135,13 @@ class LateJoin:
             return None
         return (tuple(self._joined(a) for a in args), {key: self._joined(value) for key, value in kwargs.items()})
 
+    def residual_rows(self, name: str, value: Any, early: torch.Tensor, full: torch.Tensor) -> Any:
+        """A ControlNet residual (``down_block_additional_residuals`` or ``mid_block_additional_residual``) with the
+        rows its addition meets: ``early`` rows where it is added before the join, ``full`` ones after it."""
+        if name == "mid_block_additional_residual":
+            return _gather(value, early if self.mid_before else full)
+        return type(value)(_gather(v, early if i < self.skips_before else full) for i, v in enumerate(value))
+
     @contextlib.contextmanager
     def installed(self):
         handles = [block.register_forward_pre_hook(self._hook, with_kwargs=True) for block in self.blocks]
@@ -136,10 +152,12 @@ class LateJoin:
                 handle.remove()
 
 
-# UNet inputs that carry rows of the pipeline's own batch into the blocks (ControlNet, T2I-Adapter): with them
-# a late-joining branch runs the whole UNet
+# UNet inputs that carry rows of the pipeline's own batch into the blocks: ControlNet's residuals (a late-joining
+# branch still joins late: LateJoin.residual_rows) and T2I-Adapter's, added inside the down blocks (with them a
+# late-joining branch runs the whole UNet)
 _BLOCK_RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual",
                     "down_intrablock_additional_residuals")
+_INSIDE_BLOCKS = ("down_intrablock_additional_residuals",)
 
 
 def _ordered(branches: list[Branch]) -> list[Branch]:
@@ -230,7 +248,11 @@ class GuidedStep:
 
         # one batched UNet call; a late-joining branch enters at its first block
         last = branches[-1]
-        join_late = bool(last.late_join) and self.join is not None and all(kwargs.get(k) is None for k in _BLOCK_RESIDUALS)
+        control = self.control_rows or {}
+        self.control_rows = None
+        # a late branch joins late unless residuals are added inside the blocks or it has ControlNet rows of its own
+        join_late = (bool(last.late_join) and self.join is not None and last.name not in control
+                     and all(kwargs.get(k) is None for k in _INSIDE_BLOCKS))
         batched = branches[:-1] if join_late else branches
         x_all = torch.cat([inputs[b.name].sample for b in batched])
         e_all = torch.cat([inputs[b.name].embeds for b in batched])
@@ -238,11 +260,13 @@ class GuidedStep:
         # every other per-row input (per-row timesteps, timestep_cond, ...) takes each branch's source rows; the
         # ControlNet residuals (each element of the tuple) too, or the rows the ControlNet ran for the branch
         source_rows = torch.cat([sources[b.source] for b in batched])
-        control = self.control_rows or {}
         residual_rows = torch.cat([control.get(b.name, sources[b.source]) for b in batched])
-        self.control_rows = None
-        kwargs = {k: _gather(v, residual_rows) if k in _BLOCK_RESIDUALS else _rows(v, source_rows, total)
-                  for k, v in kwargs.items()}
+        if join_late:  # residuals added after the join meet the late branch's rows too: its source's
+            full_rows = torch.cat([residual_rows, sources[last.source]])
+            kwargs = {k: self.join.residual_rows(k, v, residual_rows, full_rows)
+                      if k in _BLOCK_RESIDUALS and v is not None else v for k, v in kwargs.items()}
+        kwargs = {k: (v if join_late else _gather(v, residual_rows)) if k in _BLOCK_RESIDUALS
+                  else _rows(v, source_rows, total) for k, v in kwargs.items()}
         timestep = _rows(timestep, source_rows, total)
         if join_late:
             self.join.rows_before, self.join.source = step.layout[last.name].start, step.layout[last.source]

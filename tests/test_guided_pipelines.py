@@ -161,14 +161,41 @@ def test_each_branch_gets_the_controlnet_residuals_of_its_own_rows(guess_mode):
     seen = unet_inputs(pipe)
     pipe(PROMPT, negative_prompt="blue", generator=seeded(0), guidance_scale=5.0, guess_mode=guess_mode,
          guidance=[PAG(3.0), NegativeSteer(mode="dng")], **task_inputs(StableDiffusionControlNetPipeline))
-    residuals = [*seen[0]["down_block_additional_residuals"], seen[0]["mid_block_additional_residual"]]
-    # rows: uncond (empty prompt), negative (DNG's branch: the negative prompt), cond, perturbed (PAG: a copy of cond)
-    assert all(r.shape[0] == 4 for r in residuals)
-    assert all(torch.equal(r[3], r[2]) for r in residuals), "perturbed rows take the conditional residuals"
+    down, mid = seen[0]["down_block_additional_residuals"], seen[0]["mid_block_additional_residual"]
+    residuals = [*down, mid]
+    # rows: uncond (empty prompt), negative (DNG's branch: the negative prompt), cond, perturbed (PAG: a copy of cond);
+    # the perturbed rows join at the mid block, so the down blocks' skip connections have the first three only
+    assert all(r.shape[0] == 3 for r in down) and mid.shape[0] == 4
+    assert torch.equal(mid[3], mid[2]), "perturbed rows take the conditional residuals"
     if guess_mode:
         assert all(not r[:2].any() for r in residuals), "guess mode: zeros for the unconditional-derived branches"
     else:
         assert not torch.equal(residuals[-1][0], residuals[-1][1]), "uncond and negative from their own prompts"
+
+
+@pytest.mark.parametrize("where", ["mid", "down", "up"])
+@pytest.mark.parametrize("pipeline_class, sdxl", [(StableDiffusionControlNetPipeline, False),
+                                                  (StableDiffusionXLControlNetPipeline, True)], ids=["sd", "sdxl"])
+def test_pag_joins_late_under_controlnet_with_the_full_batch_result(pipeline_class, sdxl, where, monkeypatch):
+    pipe = unsee.guided(build(pipeline_class, sdxl=sdxl, controlnet=True))
+    down = pipe.unet.down_blocks
+    # PAG on the mid block, on the first down block with attention, or on the first up block with attention
+    first_down = next(i for i, block in enumerate(down) if hasattr(block, "attentions"))
+    first_up = next(i for i, block in enumerate(pipe.unet.up_blocks) if hasattr(block, "attentions"))
+    layer = {"mid": "mid", "down": f"down_blocks.{first_down}", "up": f"up_blocks.{first_up}"}[where]
+    call = dict(task_inputs(pipeline_class), negative_prompt="blue", guidance_scale=5.0,
+                guidance=[PAG(3.0, layers=(layer,))])
+    seen = unet_inputs(pipe)
+    joined = pipe(PROMPT, generator=seeded(0), **call).images
+    # rows: uncond and cond until the join, then the perturbed copy of cond too; the skip connections made before the
+    # join (conv_in's output, then each earlier down block's resnets and downsampler) meet the first two only
+    made_before = 1 + sum(len(block.resnets) + len(block.downsamplers or []) for block in down[:first_down])
+    rows = [r.shape[0] for r in seen[0]["down_block_additional_residuals"]]
+    assert rows == [2 if where != "down" or i < made_before else 3 for i in range(len(rows))]
+    assert seen[0]["mid_block_additional_residual"].shape[0] == (2 if where == "up" else 3)
+    monkeypatch.setattr("unsee.pipelines.guided.LateJoin", lambda unet, layers: None)
+    full = pipe(PROMPT, generator=seeded(0), **call).images
+    assert (joined - full).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("pipeline_class, sdxl", [(StableDiffusionControlNetPipeline, False),
