@@ -93,7 +93,9 @@ class ESDConfig(ConceptsInContext, TrajectoryReuse, TrainerConfig):
         steps: iterations (paper code: 1000). lr: Adam learning rate (paper code: 1e-5).
         start_guidance: CFG scale of the DDIM run that samples x_t (3).
         ddim_steps: DDIM steps of that run (50); it stops after a uniformly random number of them.
-        sample_with: ``"trained"`` (the paper: the model being fine-tuned) or ``"frozen"`` (the original model).
+        sample_with: ``"trained"`` (the paper: the model being fine-tuned) or ``"frozen"`` (the original model;
+            with ``trajectory_reuse`` > 1 and no ``erase_from``, the run's own predictions at the stops it steps on
+            from serve as the teacher's there, so only the deepest stop of a run asks the teacher).
         batch_size: x_t samples per step (1).
         resolution: image size of the sampled x_t (None: the pipeline's default, 512 for SD 1.x).
         kind: ``"delta"`` (full-weight deltas of the trained tensors) or ``"lora"``.
@@ -107,7 +109,8 @@ class ESDConfig(ConceptsInContext, TrajectoryReuse, TrainerConfig):
             ``"epsilon"`` (noise predictions, the paper's loss); identical on epsilon-prediction models.
         trajectory_reuse: training steps one DDIM run serves (1; see
             :class:`~unsee.erasure.config.TrajectoryReuse`): the prompts drawn (``erase_from``, ``preserve``, the
-            concept of ``concepts``) stay those of the run.
+            concept of ``concepts``) stay those of the run; steps at the same stop of a run share the teacher's
+            predictions there (one teacher call per stop).
     """
 
     variant: str = setting("esd-u", VARIANT)
@@ -195,18 +198,32 @@ class ESDTrainer(Trainer):
         """A trajectory for ``steps`` steps (:meth:`~unsee.erasure.Trainer.trajectory`): the student's prompt (a
         ``c_from`` drawn, or the concept) and the preserved prompt drawn, a stop k ~ U{0..ddim_steps-1} per step,
         fresh noise, and one DDIM run through every stop: x_t from the student's prompt and, in the same batch,
-        x_keep from the preserved prompt."""
+        x_keep from the preserved prompt.
+
+        With ``sample_with="frozen"`` and the bare concept as the student's prompt, the run's own predictions at
+        the stops it steps on from are the frozen model's predictions the loss needs there (c and "" at x_t, the
+        preserved prompt at x_keep): they are kept in the trajectory instead of being asked for again."""
         student, _ = self.prompts.draw(self.draw_index)
         keep = self.draw_index(len(self.cond_preserve)) if self.cond_preserve else None
         stops = [int(self.randint(0, self.config.ddim_steps)) for _ in range(steps)]
         batch = self.latent_shape[0]
         rows = [self.prompts.student(student)] + ([self.cond_preserve[keep]] if keep is not None else [])
         noise = self.randn(batch * len(rows), *self.latent_shape[1:]) * self.scheduler.init_noise_sigma
-        sampler = self.frozen_teacher() if self.config.sample_with == "frozen" else contextlib.nullcontext(self.unet)
+        frozen = self.config.sample_with == "frozen"
+        sampler = self.frozen_teacher() if frozen else contextlib.nullcontext(self.unet)
+        outputs: Optional[dict[int, torch.Tensor]] = {} if frozen and rows[0] is self.prompts.concept else None
         with sampler as unet:
             latents = ddim_latents(unet, self.scheduler, noise, Conditioning.cat([c.repeat(batch) for c in rows]),
-                                   self.prompts.empty.repeat(len(noise)), self.config.start_guidance, stops)
-        return Trajectory({"student": student, "keep": keep}, [(k,) for k in stops], latents)
+                                   self.prompts.empty.repeat(len(noise)), self.config.start_guidance, stops,
+                                   outputs=outputs)
+        trajectory = Trajectory({"student": student, "keep": keep}, [(k,) for k in stops], latents)
+        for k, out in (outputs or {}).items():  # rows: [student, (kept)] with their prompts, then with ""
+            x, t = latents[k], self.scheduler.timesteps[k]
+            view = self.loss_view(out, torch.cat([x, x]), t, self.scheduler)
+            eps_c, eps_empty = view[:batch], view[len(noise):len(noise) + batch]
+            trajectory.frozen[k] = {"concept": eps_c, "empty": eps_empty, "from": None,
+                                    "kept": view[batch:len(noise)] if keep is not None else None}
+        return trajectory
 
     def sample_xt(self, trajectory: Trajectory, place: int
                   ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
@@ -216,38 +233,54 @@ class ESDTrainer(Trainer):
         x, batch = trajectory.latents[k], self.latent_shape[0]
         return x[:batch], (x[batch:] if trajectory.draws["keep"] is not None else None), self.scheduler.timesteps[k]
 
-    def loss(self, x_t: torch.Tensor, t: torch.Tensor, cond_student: Optional[Conditioning] = None,
-             x_keep: Optional[torch.Tensor] = None, cond_keep: Optional[Conditioning] = None) -> torch.Tensor:
-        """The ESD loss at (x_t, t): student on c (or ``cond_student``, a c_from) against the negatively guided
-        teacher; with ``x_keep``, plus ``preserve_weight`` times the student's error on the preserved prompt."""
-        config = self.config
+    @torch.no_grad()
+    def frozen_predictions(self, x_t: torch.Tensor, t: torch.Tensor, cond_student: Optional[Conditioning] = None,
+                           x_keep: Optional[torch.Tensor] = None, cond_keep: Optional[Conditioning] = None
+                           ) -> dict[str, Optional[torch.Tensor]]:
+        """The frozen model's predictions the loss needs at (x_t, t), in the loss space, from one batched call:
+        ``concept`` and ``empty`` (c and ""), ``from`` (``cond_student``'s when it is a c_from, else None) and
+        ``kept`` (the preserved prompt's at x_keep, else None)."""
         n = x_t.shape[0]
         concept, empty = self.prompts.concept, self.prompts.empty
         erasing_from = cond_student is not None and cond_student is not concept
-        student_cond = cond_student if erasing_from else concept
-        rows = Conditioning.cat([concept, empty] + ([student_cond] if erasing_from else []))
+        rows = Conditioning.cat([concept, empty] + ([cond_student] if erasing_from else []))
         teacher_x, teacher_cond = x_t.repeat(len(rows), 1, 1, 1), rows.repeat(n)
-        student_x, student_cond = x_t, student_cond.repeat(n)
-        if x_keep is not None:  # the preserved prompt's rows ride along in both batched calls
-            teacher_x, student_x = torch.cat([teacher_x, x_keep]), torch.cat([student_x, x_keep])
+        if x_keep is not None:  # the preserved prompt's rows ride along in the same call
+            teacher_x = torch.cat([teacher_x, x_keep])
             teacher_cond = Conditioning.cat([teacher_cond, cond_keep.repeat(n)])
-            student_cond = Conditioning.cat([student_cond, cond_keep.repeat(n)])
-        with torch.no_grad(), self.frozen_teacher() as teacher:
-            # one batched call: rows [c, "", (c_from)] at x_t, then the preserved prompt at x_keep
-            # in the loss space: the raw outputs, or the noise predictions they stand for
+        with self.frozen_teacher() as teacher:
+            # rows [c, "", (c_from)] at x_t, then the preserved prompt at x_keep; in the loss space: the raw
+            # outputs, or the noise predictions they stand for
             out = self.loss_view(predict(teacher, teacher_x, t, teacher_cond), teacher_x, t, self.scheduler)
-            outs = out[: n * len(rows)].chunk(len(rows))
-            eps_c, eps_empty = outs[0], outs[1]
-            if erasing_from:
-                anchor = outs[2]
-            else:
-                anchor = eps_empty if config.anchor == "unconditional" else eps_c
-            target = esd_target(anchor, eps_c, eps_empty, config.eta)
-            kept = out[n * len(rows):]
+        outs = out[: n * len(rows)].chunk(len(rows))
+        return {"concept": outs[0], "empty": outs[1], "from": outs[2] if erasing_from else None,
+                "kept": out[n * len(rows):] if x_keep is not None else None}
+
+    def loss(self, x_t: torch.Tensor, t: torch.Tensor, cond_student: Optional[Conditioning] = None,
+             x_keep: Optional[torch.Tensor] = None, cond_keep: Optional[Conditioning] = None,
+             frozen: Optional[dict[str, Optional[torch.Tensor]]] = None) -> torch.Tensor:
+        """The ESD loss at (x_t, t): student on c (or ``cond_student``, a c_from) against the negatively guided
+        teacher; with ``x_keep``, plus ``preserve_weight`` times the student's error on the preserved prompt.
+        ``frozen``: the teacher's predictions there (:meth:`frozen_predictions`; None: asked for now)."""
+        config = self.config
+        n = x_t.shape[0]
+        if frozen is None:
+            frozen = self.frozen_predictions(x_t, t, cond_student, x_keep, cond_keep)
+        eps_c, eps_empty = frozen["concept"], frozen["empty"]
+        if frozen["from"] is not None:
+            anchor = frozen["from"]
+        else:
+            anchor = eps_empty if config.anchor == "unconditional" else eps_c
+        target = esd_target(anchor, eps_c, eps_empty, config.eta)
+        erasing_from = cond_student is not None and cond_student is not self.prompts.concept
+        student_x, student_cond = x_t, (cond_student if erasing_from else self.prompts.concept).repeat(n)
+        if x_keep is not None:
+            student_x = torch.cat([student_x, x_keep])
+            student_cond = Conditioning.cat([student_cond, cond_keep.repeat(n)])
         student = self.loss_view(predict(self.model, student_x, t, student_cond), student_x, t, self.scheduler)
         loss = mse(student[:n], target)
         if x_keep is not None:
-            loss = loss + config.preserve_weight * mse(student[n:], kept)
+            loss = loss + config.preserve_weight * mse(student[n:], frozen["kept"])
         return loss
 
     def draw_concept(self, position: int) -> None:
@@ -265,7 +298,14 @@ class ESDTrainer(Trainer):
         cond_student = self.prompts.student(trajectory.draws["student"])
         cond_keep = self.cond_preserve[keep] if keep is not None else None
         x_t, x_keep, t = self.sample_xt(trajectory, place)
-        return self.loss(x_t, t, cond_student, x_keep, cond_keep)
+        # the frozen model's predictions at a stop of this run are the same for every step trained there
+        (k,) = trajectory.stops[place]
+        frozen = trajectory.frozen.get(k)
+        if frozen is None:
+            frozen = self.frozen_predictions(x_t, t, cond_student, x_keep, cond_keep)
+            if self.trajectory_reuse > 1:
+                trajectory.frozen[k] = frozen
+        return self.loss(x_t, t, cond_student, x_keep, cond_keep, frozen=frozen)
 
     def extra_state(self) -> dict:
         return {"concept_draws": list(self.concept_draws)} if len(self.concept_draws) > 1 else {}

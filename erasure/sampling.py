@@ -16,7 +16,7 @@ identical.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -53,11 +53,15 @@ def ddim_sample(unet: nn.Module, scheduler: Any, x: torch.Tensor, cond: Conditio
 
 @torch.no_grad()
 def ddim_latents(unet: nn.Module, scheduler: Any, x: torch.Tensor, cond: Conditioning, uncond: Conditioning,
-                 guidance_scale: float, stops: Sequence[int], start_at: int = 0) -> dict[int, torch.Tensor]:
+                 guidance_scale: float, stops: Sequence[int], start_at: int = 0,
+                 outputs: Optional[dict[int, torch.Tensor]] = None) -> dict[int, torch.Tensor]:
     """One DDIM run (as :func:`ddim_sample`) that keeps its latents at several steps: step index -> the latents at
     the noise level of ``scheduler.timesteps[index]`` (``len(scheduler.timesteps)``: the clean latents), for each
     index of ``stops`` (from ``start_at`` on). The run stops at the last of them; each kept latent is exactly what
-    :func:`ddim_sample` with that ``stop_at`` returns."""
+    :func:`ddim_sample` with that ``stop_at`` returns.
+
+    ``outputs``, a dict, receives the UNet's raw outputs at each stop the run steps on from (every stop but the
+    last): index -> the batch ``[cond rows; uncond rows]`` at those latents and ``scheduler.timesteps[index]``."""
     wanted = set(stops)
     if not wanted or min(wanted) < start_at or max(wanted) > len(scheduler.timesteps):
         raise ValueError(f"stops {sorted(wanted)} are not DDIM step indices from {start_at} to "
@@ -69,6 +73,8 @@ def ddim_latents(unet: nn.Module, scheduler: Any, x: torch.Tensor, cond: Conditi
             kept[index] = x
         t = scheduler.timesteps[index]
         out = predict(unet, torch.cat([x, x]), t, both)
+        if outputs is not None and index in wanted:
+            outputs[index] = out
         out_c, out_u = out.chunk(2)
         guided = out_u + guidance_scale * (out_c - out_u)
         x = scheduler.step(guided, t, x).prev_sample
@@ -83,23 +89,31 @@ class Trajectory:
     ``draws``: the method's random choices the run was made with (which prompt, which preserved prompt...), the
     same for every step it serves: numbers, lists of numbers or None. ``stops``: for each step it serves, in order,
     the DDIM step indices that step trains at. ``latents``: the run's latents at each of those indices (see
-    :func:`ddim_latents`). ``number``: which trajectory of its draw it is (step // trajectory_reuse).
+    :func:`ddim_latents`). ``number``: which trajectory of its draw it is (step // trajectory_reuse). ``frozen``:
+    the frozen model's predictions a method keeps per stop index (name -> tensor or None), so that steps training at
+    the same stop of the run do not ask the frozen model again (its weights do not change).
     """
 
     draws: dict[str, Any]
     stops: list[tuple[int, ...]]
     latents: dict[int, torch.Tensor]
     number: int = 0
+    frozen: dict[int, dict[str, Optional[torch.Tensor]]] = field(default_factory=dict)
 
     def state(self) -> dict[str, Any]:
-        """The trajectory as a checkpoint keeps it (plain values; the latents on the CPU)."""
+        """The trajectory as a checkpoint keeps it (plain values; the tensors on the CPU)."""
+        cpu = lambda v: None if v is None else v.detach().to("cpu", copy=True)  # noqa: E731
         return {"number": self.number, "draws": dict(self.draws), "stops": [list(s) for s in self.stops],
-                "latents": {k: v.detach().to("cpu", copy=True) for k, v in self.latents.items()}}
+                "latents": {k: cpu(v) for k, v in self.latents.items()},
+                "frozen": {k: {name: cpu(v) for name, v in kept.items()} for k, kept in self.frozen.items()}}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: torch.device) -> "Trajectory":
+        on = lambda v: None if v is None else v.to(device)  # noqa: E731
         return cls(draws=dict(state["draws"]), stops=[tuple(s) for s in state["stops"]],
-                   latents={int(k): v.to(device) for k, v in state["latents"].items()}, number=int(state["number"]))
+                   latents={int(k): v.to(device) for k, v in state["latents"].items()}, number=int(state["number"]),
+                   frozen={int(k): {name: on(v) for name, v in kept.items()}
+                           for k, kept in (state.get("frozen") or {}).items()})
 
 
 def esd_target(anchor: torch.Tensor, concept: torch.Tensor, empty: torch.Tensor, eta: float) -> torch.Tensor:

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from unsee.erasure import ConfigError, ESDConfig, load_checkpoint, make_trainer
+from unsee.erasure import ConfigError, ESDConfig, ESDTrainer, load_checkpoint, make_trainer
 from unsee.erasure.base import encode_prompts
 from unsee.erasure.sampling import ddim_latents, ddim_sample
 from unsee.testing import tiny_sd_pipeline
@@ -88,10 +88,10 @@ def test_the_steps_of_a_trajectory_share_its_prompts_and_concept_cycles_go_by_tr
     def record(trainer):
         original = trainer.loss
 
-        def loss(x_t, t, cond_student=None, x_keep=None, cond_keep=None):
+        def loss(x_t, t, cond_student=None, x_keep=None, cond_keep=None, **kwargs):
             seen.append((trainer.prompts.concept.embeds.sum().item(), cond_student.embeds.sum().item(),
                          cond_keep.embeds.sum().item()))
-            return original(x_t, t, cond_student, x_keep, cond_keep)
+            return original(x_t, t, cond_student, x_keep, cond_keep, **kwargs)
 
         trainer.loss = loss
         return trainer
@@ -139,6 +139,70 @@ def test_a_bad_value_is_refused_naming_the_field(bad):
     assert make_trainer("ant", concept="circle", trajectory_reuse="4").config.trajectory_reuse == 4  # --set's text
     with pytest.raises(ConfigError, match="salun has no setting 'trajectory_reuse'"):
         make_trainer("salun", concept="circle", trajectory_reuse=2)
+
+
+class _CountingESD(ESDTrainer):
+    """ESD counting its teacher calls; ``cache=False`` forgets the teacher's predictions kept in each trajectory."""
+
+    cache = True
+
+    def frozen_predictions(self, *args, **kwargs):
+        self.teacher_calls = getattr(self, "teacher_calls", 0) + 1
+        return super().frozen_predictions(*args, **kwargs)
+
+    def trajectory(self, step, sample):
+        trajectory, place = super().trajectory(step, sample)
+        self.served = getattr(self, "served", []) + [(trajectory.number, trajectory.stops[place][0],
+                                                       max(s[0] for s in trajectory.stops))]
+        if not self.cache:
+            trajectory.frozen.clear()
+        return trajectory, place
+
+
+def _counting(cache: bool, steps: int = 8, **settings) -> tuple:
+    trainer = _CountingESD(ESDConfig(concept="circle", variant="esd-x", steps=steps, lr=1e-3, device="cpu",
+                                     ddim_steps=4, trajectory_reuse=4, **settings))
+    trainer.cache = cache
+    return trainer, trainer.train(tiny_sd_pipeline())
+
+
+@pytest.mark.parametrize("preserve", [(), ("a square", "a red heart")])
+def test_steps_at_one_stop_of_a_run_ask_the_teacher_once(preserve):
+    trainer, adapter = _counting(True, preserve=preserve)
+    again, recomputed = _counting(False, preserve=preserve)
+    assert trainer.served == again.served and len(trainer.served) == 8
+    assert trainer.teacher_calls == len({(number, k) for number, k, _ in trainer.served}) < 8
+    assert again.teacher_calls == 8
+    # the teacher's weights never change: the kept predictions are the ones it gives again, bit for bit
+    assert adapter.training["losses"] == recomputed.training["losses"] and _same(adapter, recomputed)
+
+
+@pytest.mark.parametrize("preserve", [(), ("a square", "a red heart")])
+def test_a_frozen_sampler_serves_as_the_teacher_at_the_stops_it_steps_on_from(preserve):
+    trainer, adapter = _counting(True, sample_with="frozen", preserve=preserve)
+    again, recomputed = _counting(False, sample_with="frozen", preserve=preserve)
+    assert trainer.served == again.served
+    # only the deepest stop of each run asks the teacher (the run never predicted there)
+    assert trainer.teacher_calls == len({number for number, _, _ in trainer.served}) < again.teacher_calls == 8
+    # the sampler's batch is not the teacher's, so the predictions agree to rounding, not bit for bit
+    assert adapter.training["losses"] == pytest.approx(recomputed.training["losses"], rel=1e-5)
+    trajectory = next(iter(trainer._trajectories.values()))
+    deepest = max(s[0] for s in trajectory.stops)
+    for k, kept in trajectory.frozen.items():
+        x, batch = trajectory.latents[k], 1
+        fresh = trainer.frozen_predictions(x[:batch], trainer.scheduler.timesteps[k], trainer.prompts.concept,
+                                           x[batch:] if preserve else None,
+                                           trainer.cond_preserve[trajectory.draws["keep"]] if preserve else None)
+        assert k <= deepest and fresh.keys() == kept.keys()
+        for name, value in fresh.items():
+            assert (value is None) == (kept[name] is None)
+            if value is not None:
+                assert torch.allclose(value, kept[name], rtol=1e-5, atol=1e-6)
+
+
+def test_in_context_the_frozen_sampler_leaves_the_teacher_to_the_teacher():
+    trainer, _ = _counting(True, steps=4, sample_with="frozen", erase_from=["a red circle", "circle on black"])
+    assert trainer.teacher_calls == len({(number, k) for number, k, _ in trainer.served})
 
 
 def test_one_run_keeps_the_latents_ddim_sample_stops_at():
