@@ -2,7 +2,7 @@
 """ESD training: unsee's trainer against a straightforward reference loop; writes its BENCHMARKS.md section.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/esd_speed_memory.py [--model toy|sd15] [--iterations 12]
-        [--trajectory-reuse 4]
+        [--trajectory-reuse 4] [--sample-with trained|frozen] [--rounds 1]
 
 The reference is the loop of the official ESD code, written plainly: a second, frozen fp32 copy of the UNet
 as the teacher; the teacher's two predictions and the student's as three separate forward passes; the
@@ -11,7 +11,8 @@ backward also computes, and keeps, gradients for the frozen weights, as the offi
 sample x_t the same way (DDIM with CFG, batched, with the model being trained, under no_grad) from the same
 seeds, and train the same parameters with the same loss.
 
-Each loop runs in its own process. Reported per loop: the median time of an iteration (after a warm-up) and
+Each loop runs in its own process (``--rounds N``: each N times, the order reversed every other round; a loop's
+time is then the median over rounds and a speed ratio the median of the ratios within each round). Reported per loop: the median time of an iteration (after a warm-up) and
 the peak resident memory of the process while training, counted from before the model is loaded (model
 weights, teacher copy, optimizer state, gradients and activations). ``--model sd15`` uses SD 1.5's UNet
 architecture (randomly initialised: no download) at 128 px with 4 DDIM steps so that an iteration takes
@@ -20,6 +21,12 @@ seconds on a CPU; ``--model toy`` the embedded model with the paper's 50 DDIM st
 ``--trajectory-reuse K`` adds a third loop, unsee's trainer with ``trajectory_reuse=K`` (one DDIM trajectory serves K
 consecutive iterations), and then times every loop as the mean over the same whole trajectories of K iterations
 after a warm-up of K (a reused run's iterations differ: one in K samples), instead of the median.
+
+``--sample-with frozen`` samples x_t with the original model in every loop (ESD's ``sample_with="frozen"``, the
+official 2025 rewrite's choice): the reference with its frozen copy, unsee's trainer with the original weights
+swapped in. With trajectory reuse, unsee's trainer then takes the teacher's predictions at a run's stops from the
+run itself (only the deepest stop of a run asks the teacher); the reference asks its teacher every iteration, as the
+official code does. The section is written under its own name (``esd-speed-sd15-frozen``).
 """
 
 from __future__ import annotations
@@ -75,7 +82,8 @@ def build_pipe(model: str):
     return pipe, {"ddim_steps": 4, "resolution": 128}
 
 
-def worker(loop: str, model: str, variant: str, iterations: int, reuse: int, window: int) -> dict:
+def worker(loop: str, model: str, variant: str, iterations: int, reuse: int, window: int,
+           sample_with: str = "trained") -> dict:
     torch.manual_seed(0)
     base_rss = _status("VmRSS")
     pipe, settings = build_pipe(model)
@@ -84,7 +92,7 @@ def worker(loop: str, model: str, variant: str, iterations: int, reuse: int, win
     from unsee.erasure import ESDConfig, ESDTrainer
 
     config = ESDConfig(concept="circle", variant=variant, steps=iterations, lr=1e-5, trajectory_reuse=reuse,
-                       **settings)
+                       sample_with=sample_with, **settings)
     stamps: list[float] = []
     if loop == "ours":
         def progress(event) -> None:
@@ -128,7 +136,8 @@ def reference_loop(pipe, config, stamps: list[float]) -> None:
         k = int(torch.randint(0, config.ddim_steps, (1,), generator=generator))
         noise = torch.randn(shape, generator=generator)
         with torch.no_grad():
-            x_t = ddim_sample(student, scheduler, noise, cond, empty, config.start_guidance, stop_at=k)
+            sampler = teacher if config.sample_with == "frozen" else student
+            x_t = ddim_sample(sampler, scheduler, noise, cond, empty, config.start_guidance, stop_at=k)
             t = scheduler.timesteps[k]
             eps_empty = predict(teacher, x_t, t, empty)
             eps_concept = predict(teacher, x_t, t, cond)
@@ -148,41 +157,65 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=12)
     parser.add_argument("--trajectory-reuse", type=int, default=1,
                         help="also time unsee's trainer with this trajectory_reuse (1: only the default)")
+    parser.add_argument("--sample-with", choices=("trained", "frozen"), default="trained",
+                        help="the model every loop samples x_t with (ESD's sample_with)")
     parser.add_argument("--worker", choices=("ours", "reference"), default=None)
     parser.add_argument("--reuse", type=int, default=1, help=argparse.SUPPRESS)  # a worker's trajectory_reuse
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every loop this many times, alternating the order; ratios are the median of the "
+                             "rounds' ratios")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     window = args.trajectory_reuse
     if args.worker:
-        print(json.dumps(worker(args.worker, args.model, args.variant, args.iterations, args.reuse, window)))
+        print(json.dumps(worker(args.worker, args.model, args.variant, args.iterations, args.reuse, window,
+                                args.sample_with)))
         return
-    results = {}
     loops = [("reference", 1), ("ours", 1)] + ([("ours", window)] if window > 1 else [])
-    for loop, reuse in loops:
-        out = subprocess.run([sys.executable, __file__, "--worker", loop, "--model", args.model, "--variant",
-                              args.variant, "--iterations", str(args.iterations), "--reuse", str(reuse),
-                              "--trajectory-reuse", str(window)],
-                             check=True, capture_output=True, text=True).stdout
-        results[loop, reuse] = json.loads(out.strip().splitlines()[-1])
-        print(loop, reuse, results[loop, reuse], flush=True)
-    ref = results["reference", 1]
+    rounds: list[dict] = []
+    for number in range(args.rounds):  # every round runs each loop once, in reverse order every other round
+        results = {}
+        for loop, reuse in (loops if number % 2 == 0 else loops[::-1]):
+            out = subprocess.run([sys.executable, __file__, "--worker", loop, "--model", args.model, "--variant",
+                                  args.variant, "--iterations", str(args.iterations), "--reuse", str(reuse),
+                                  "--trajectory-reuse", str(window), "--sample-with", args.sample_with],
+                                 check=True, capture_output=True, text=True).stdout
+            results[loop, reuse] = json.loads(out.strip().splitlines()[-1])
+            print(number, loop, reuse, results[loop, reuse], flush=True)
+        rounds.append(results)
+    # a loop's figures: the median over rounds of its time, its largest peak; a speed ratio: the median over rounds
+    # of the ratio within one round (runs minutes apart, so a drift of the machine's speed moves both)
+    times = {key: statistics.median(r[key]["iteration_s"] for r in rounds) for key in loops}
+    peaks = {key: max(r[key]["peak_bytes"] for r in rounds) for key in loops}
+    speed = {key: statistics.median(r["reference", 1]["iteration_s"] / r[key]["iteration_s"] for r in rounds)
+             for key in loops}
+    each = {key: " (rounds: " + ", ".join(f"{r['reference', 1]['iteration_s'] / r[key]['iteration_s']:.2f}×"
+                                          for r in rounds) + ")" if len(rounds) > 1 else "" for key in loops}
+    ref_key = ("reference", 1)
     mb = lambda b: f"{b / 2**20:.0f} MB"  # noqa: E731
     names = {("ours", 1): "unsee `ESDTrainer`",
              ("ours", window): f"unsee `ESDTrainer`, `trajectory_reuse={window}` (one DDIM trajectory per {window} iterations)"}
     rows = [f"| reference (two UNet copies, three separate passes, gradients for every weight) "
-            f"| {ref['iteration_s']:.2f} s | {mb(ref['peak_bytes'])} | | |"]
+            f"| {times[ref_key]:.2f} s | {mb(peaks[ref_key])} | | |"]
     for key in loops[1:]:
-        r = results[key]
-        rows.append(f"| {names[key]} | {r['iteration_s']:.2f} s | {mb(r['peak_bytes'])} "
-                    f"| **{ref['iteration_s'] / r['iteration_s']:.2f}× faster** | **{r['peak_bytes'] / ref['peak_bytes']:.2f}×** |")
+        rows.append(f"| {names[key]} | {times[key]:.2f} s | {mb(peaks[key])} "
+                    f"| **{speed[key]:.2f}× faster**{each[key]} | **{peaks[key] / peaks[ref_key]:.2f}×** |")
+    results = rounds[0]
     timing = (f"{results['ours', 1]['iterations']} timed iterations each (median)" if window == 1 else
               f"the mean of {results['ours', 1]['iterations']} timed iterations each ({window} warm-up iterations "
               f"first; whole trajectories of the reused run)")
-    body = f"""## ESD training speed and memory (`benchmarks/esd_speed_memory.py --model {args.model}{f' --trajectory-reuse {window}' if window > 1 else ''}`)
+    frozen = args.sample_with == "frozen"
+    flags = (f" --iterations {args.iterations}" + (f" --trajectory-reuse {window}" if window > 1 else "")
+             + (" --sample-with frozen" if frozen else "") + (f" --rounds {args.rounds}" if args.rounds > 1 else ""))
+    if args.rounds > 1:
+        timing += f"; {args.rounds} rounds, the loops' order reversed every other round"
+    sampler = ("x_t sampled with the original model in every loop (`sample_with=\"frozen\"`)" if frozen else
+               "x_t sampled with the model being trained in every loop (the paper)")
+    body = f"""## ESD training speed and memory (`benchmarks/esd_speed_memory.py --model {args.model}{flags}`)
 
 Hardware: {hardware()}.
 
-{args.variant}, fp32, batch 1, {timing}, model `{args.model}`
+{args.variant}, fp32, batch 1, {sampler}, {timing}, model `{args.model}`
 ({'SD 1.5 UNet architecture, random weights, 128 px, 4 DDIM steps' if args.model == 'sd15' else 'the embedded toy model, 64 px, 50 DDIM steps'}).
 Peak memory: the process's peak resident memory while training, above what it used before loading the model.
 Ratios against the reference loop; bars: ≥ 1.3× faster, ≤ 0.6× the memory.
@@ -192,7 +225,7 @@ Ratios against the reference loop; bars: ≥ 1.3× faster, ≤ 0.6× the memory.
 {chr(10).join(rows)}
 """
     if not args.no_write:
-        write_section(f"esd-speed-{args.model}", body)
+        write_section(f"esd-speed-{args.model}" + ("-frozen" if frozen else ""), body)
     print(body)
 
 
