@@ -3,6 +3,7 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/trajectory_reuse.py [--reuse 2,4] [--n 64] [--concept circle]
         [--methods esd-x,esd-u,spm,ant,advunlearn] [--log rows.jsonl]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/trajectory_reuse.py --sample-with frozen --methods esd-x,esd-u --reuse 4
 
 For each method that samples x_t with a DDIM run (ESD-x, ESD-u, SPM, ANT, AdvUnlearn), train on the concept with
 the toy preset (``unsee.toy.preset_settings("toy", ...)``) with ``trajectory_reuse=1`` (the preset: a new DDIM
@@ -12,6 +13,10 @@ loaded, the concept's presence on ``n`` prompts that name it and the judge's acc
 (25 DDIM steps, CFG 5, evaluation seed 1234, as ``benchmarks/erasure_methods.py``). Bars (issue 25): presence <= 10%,
 accuracy elsewhere at most 3 points below the original model's. ``--log`` keeps finished rows (JSON lines) so that an
 interrupted run picks up where it stopped.
+
+``--sample-with frozen`` (ESD only) trains every row with ``sample_with="frozen"`` (x_t sampled by the original model,
+whose predictions then also serve as the teacher's at the stops the run steps on from; ``docs/erasure.md``) and
+writes its own section, so both samplers' rows stand side by side.
 """
 
 from __future__ import annotations
@@ -40,17 +45,22 @@ def main() -> None:
     parser.add_argument("--concept", default="circle", help="a concept of the toy world")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     parser.add_argument("--log", type=Path, default=None, help="finished rows (JSON lines); logged rows are not rerun")
+    parser.add_argument("--sample-with", choices=("trained", "frozen"), default="trained",
+                        help="ESD's sampler of x_t (frozen: its own section)")
     parser.add_argument("--no-write", action="store_true", help="print, do not touch BENCHMARKS.md")
     args = parser.parse_args()
     values = [int(v) for v in args.reuse.split(",")]
+    frozen = args.sample_with == "frozen"
+    if frozen and not all(m.startswith("esd") for m in args.methods.split(",")):
+        parser.error("--sample-with frozen is an ESD setting: give --methods esd-x,esd-u")
     pipe = unsee.load_pipeline("toy")
     pipe.set_progress_bar_config(disable=True)
     judge = Judge.load().predict
     done = [json.loads(line) for line in args.log.read_text().splitlines()] if args.log and args.log.exists() else []
 
     def logged(method: str, reuse: int):
-        return next((r for r in done if (r["concept"], r["method"], r["n"], r["reuse"]) ==
-                     (args.concept, method, args.n, reuse)), None)
+        return next((r for r in done if (r["concept"], r["method"], r["n"], r["reuse"], r.get("sample_with", "trained"))
+                     == (args.concept, method, args.n, reuse, args.sample_with)), None)
 
     before = next((r["before"] for r in done if (r["concept"], r["n"]) == (args.concept, args.n)), None)
     rows = []
@@ -61,8 +71,9 @@ def main() -> None:
                 if row is None:
                     before = before or figures(pipe, args.concept, args.n, judge)
                     row, _ = erase_and_measure(pipe, args.concept, method, args.n, judge, Path(tmp),
-                                               {"trajectory_reuse": reuse})
-                    row.update(reuse=reuse, n=args.n, before=before)
+                                               {"trajectory_reuse": reuse,
+                                                **({"sample_with": "frozen"} if frozen else {})})
+                    row.update(reuse=reuse, n=args.n, before=before, sample_with=args.sample_with)
                     print(json.dumps(row, default=float), flush=True)
                     if args.log:
                         with open(args.log, "a") as log:
@@ -90,7 +101,11 @@ def main() -> None:
     settings = "; ".join(f"{r['method']}: steps={r['settings'].get('steps')}, ddim_steps={r['settings'].get('ddim_steps')}"
                          for r in rows if r["reuse"] == 1)
     shown = ", ".join(f"`trajectory_reuse={v}`" for v in values)
-    body = f"""## Trajectory reuse: time to erase on the toy model (`benchmarks/trajectory_reuse.py --reuse {args.reuse}`)
+    command = f"--reuse {args.reuse}" + (f" --sample-with frozen --methods {args.methods}" if frozen else "")
+    sampler = (" Every row samples x_t with the original model (`sample_with=\"frozen\"`), whose predictions at the stops "
+               "the run steps on from serve as the teacher's there (not in context: `erase_from` asks the teacher)."
+               if frozen else "")
+    body = f"""## Trajectory reuse: time to erase on the toy model (`benchmarks/trajectory_reuse.py {command}`)
 
 Hardware: {hardware()}.
 
@@ -100,12 +115,12 @@ steps, each at its own random stop of it). Speed-up: against the `trajectory_reu
 time (one thread: less disturbed than wall-clock time by other work on the machine) where the rows record it. Time to erase: the whole `train` call (ANT's
 saliency mask included). Presence: share of {args.n} images, from prompts that name the concept, in which the judge
 sees it (before → after); accuracy: the judge's mean per-attribute accuracy on {args.n} prompts that do not name it,
-and its change against the original model. 25 DDIM steps, CFG 5, evaluation seed {EVAL_SEED}.
+and its change against the original model. 25 DDIM steps, CFG 5, evaluation seed {EVAL_SEED}.{sampler}
 
 {chr(10).join(lines)}
 """
     if not args.no_write:
-        write_section("trajectory-reuse", body)
+        write_section("trajectory-reuse-frozen" if frozen else "trajectory-reuse", body)
     print(body)
 
 
