@@ -4,7 +4,6 @@ files, resuming a killed run, identical numbers on a re-run, judges from a user'
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
