@@ -272,8 +272,8 @@ class ESDTrainer(Trainer):
         else:
             anchor = eps_empty if config.anchor == "unconditional" else eps_c
         target = esd_target(anchor, eps_c, eps_empty, config.eta)
-        erasing_from = cond_student is not None and cond_student is not self.prompts.concept
-        student_x, student_cond = x_t, (cond_student if erasing_from else self.prompts.concept).repeat(n)
+        student_x = x_t
+        student_cond = (cond_student if cond_student is not None else self.prompts.concept).repeat(n)
         if x_keep is not None:
             student_x = torch.cat([student_x, x_keep])
             student_cond = Conditioning.cat([student_cond, cond_keep.repeat(n)])
