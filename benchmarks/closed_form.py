@@ -150,8 +150,8 @@ from the adapter's training record. Presence: share of {args.n} images, from pro
 which the judge sees it. Accuracy: the judge's mean per-attribute accuracy on {args.n} prompts that do not name it.
 Attack success rate: `unsee attack` on {args.attack_n} prompts naming the concept (as in the erasure-methods
 section). 25 DDIM steps, CFG 5, evaluation seed {EVAL_SEED}. Settings, the toy preset (`unsee/toy/presets.py`;
-preserve: "" and up to 16 world prompts naming the concept's siblings, for UCE also up to 32 naming none of the
-erased concepts; guide: the next value of each erased concept's attribute, `closed_form_guides`: circle → square,
+preserve: "" and up to 16 world prompts naming the concept's siblings and up to 32 naming none of the erased
+concepts; guide: the next value of each erased concept's attribute, `closed_form_guides`: circle → square,
 star → cross, red → orange, striped → solid): {shown}.
 
 {chr(10).join(lines)}

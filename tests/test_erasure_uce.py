@@ -162,6 +162,39 @@ def test_rece_is_uce_then_one_exact_edit_per_epoch():
     assert adapter.training["recovered"] == pytest.approx(recovered, rel=1e-6)
 
 
+def test_rece_hold_erased_preserves_the_uce_columns_in_every_epoch():
+    pipe = tiny_sd_pipeline()
+    settings = dict(concept="circle", concepts=["star", "red"], tokens="rest", steps=2)
+    held = RECETrainer(RECEConfig(hold_erased=True, **settings)).train(pipe)
+    free = RECETrainer(RECEConfig(**settings)).train(pipe)
+    assert not RECEConfig(concept="circle").hold_erased  # the paper's epochs by default
+    e = _embeds(pipe, ["circle", "star", "red", "square", "", ""])  # the guides: "square" for circle, "" for the others
+    erase = torch.cat([e[i, 1:].T for i in range(3)], dim=1)
+    guide = torch.cat([e[3, 1:].T, e[4, :-1].T, e[5, :-1].T], dim=1)  # "": aligned from its start token
+    p = e[4:5].reshape(-1, e.shape[-1]).T
+    original = _weights(pipe)
+    guided = RECETrainer(RECEConfig(guide=["square", "", ""], hold_erased=True, **settings)).train(pipe)
+    weights = {n: closed_form(w, erase, guide, p, 0.5, 1.0, 1.0) for n, w in original.items()}
+    edited = {n: w @ erase for n, w in weights.items()}  # where the UCE edit put the erased columns
+    concept, target = erase, torch.cat([e[3, 1:].T, e[4, 1:].T, e[5, 1:].T], dim=1)
+    for _ in range(2):
+        derived = adversarial_embeddings(weights, original, concept, 0.1)
+        weights = {n: closed_form(w, derived, target, torch.cat([p, erase], dim=1), 0.1, 1.0, 0.1)
+                   for n, w in weights.items()}
+    for name, w in original.items():
+        assert _close(w + _lora_delta(guided, name), weights[name], tol=1e-4)
+
+    def moved(adapter):  # how far the epochs moved the erased columns from the UCE edit's values
+        return sum(float(((original[n] + _lora_delta(adapter, n)) @ erase - edited[n]).norm() ** 2)
+                   for n in original) / sum(float(v.norm() ** 2) for v in edited.values())
+
+    uce = UCETrainer(UCEConfig(guide=["square", "", ""], **{k: v for k, v in settings.items() if k != "steps"}))
+    assert moved(uce.train(pipe)) < 1e-10
+    assert held.rank == free.rank and moved(guided) < moved(
+        RECETrainer(RECEConfig(guide=["square", "", ""], **settings)).train(pipe))
+    assert held.training["losses"][-1] < free.training["losses"][-1]
+
+
 # ------------------------------------------------------------------------------ settings refused, warnings
 
 
@@ -301,7 +334,8 @@ def test_the_toy_preset_guides_each_concept_to_another_value_of_its_attribute():
     toy = preset_settings("toy", "uce", model="toy", concept="circle")
     assert toy["tokens"] == "rest" and toy["guide"] == "square" and toy["templates"] == ["{concept}", "a {concept}"]
     assert toy["preserve"][0] == "" and not any(names_concept(p, "circle") for p in toy["preserve"])
-    assert "templates" not in preset_settings("toy", "rece", model="toy", concept="circle")
+    rece = preset_settings("toy", "rece", model="toy", concept="circle")
+    assert rece["hold_erased"] and {k: rece[k] for k in toy} == toy  # UCE's columns, held through the epochs
     four = preset_settings("toy", "uce", model="toy", concept="circle", settings={"concepts": ["star", "red", "striped"]})
     assert list(four["guide"]) == ["square", "cross", "orange", "solid"]
     assert not any(names_concept(p, c) for p in four["preserve"] for c in ("circle", "star", "red", "striped"))

@@ -86,9 +86,10 @@ TOY_PRESETS: dict[str, dict[str, Any]] = {
     # closed form (no training steps; RECE's steps are its epochs); the guide and the preserve set come from
     # world_prompt_sets
     # closed form: every token from the concept's on (the paper's s_e 1, λ 0.5), guided to the next value of the
-    # concept's attribute (closed_form_guides), keeping "" + the siblings (world_prompt_sets; UCE: more, and templates)
+    # concept's attribute (closed_form_guides), keeping "" + the siblings + prompts naming none (world_prompt_sets,
+    # with the templates); RECE's epochs hold the UCE edit's columns (four concepts came back without)
     "uce": {"steps": 1, "tokens": "rest"},
-    "rece": {"steps": 1, "tokens": "rest"},
+    "rece": {"steps": 1, "tokens": "rest", "hold_erased": True},
 }
 
 # Other methods on the toy model, by the attribute of the concept (a style is a texture, not a layout: it needs a
@@ -304,8 +305,8 @@ def world_prompt_sets(method: str, concept: str, settings: Mapping[str, Any]) ->
     - ANT: ``saliency_prompts``: the concept and its synonyms in the world ("circle", "ball", "disc");
     - AdvUnlearn: ``retain_prompts``: 64 world prompts that do not name the concept (seed ``seed``);
     - UCE and RECE: ``preserve``: ``""`` and :data:`TOY_CLOSED_FORM_PRESERVE` prompts naming the concept's siblings
-      (seed ``seed``), leaving out those that name any concept of the job (``concept`` and ``concepts``); for UCE
-      also up to :data:`TOY_CLOSED_FORM_UNNAMED` prompts naming none of them (seed ``seed + 1``), and ``templates``:
+      (seed ``seed``), leaving out those that name any concept of the job (``concept`` and ``concepts``), and up
+      to :data:`TOY_CLOSED_FORM_UNNAMED` prompts naming none of them (seed ``seed + 1``); ``templates``:
       :data:`TOY_CLOSED_FORM_TEMPLATES` (the concept alone and "a {concept}");
       ``guide``: what each erased concept becomes, :func:`closed_form_guides` ("circle" -> "square"). The
       empty-prompt guide cannot erase a shape on the toy model: prompts with the shape word removed ("a red on a
@@ -352,11 +353,10 @@ def world_prompt_sets(method: str, concept: str, settings: Mapping[str, Any]) ->
             erased = [concept, *(more if _prompt_list(more) else ())]
             siblings = world.other_prompts(concept, seed, TOY_CLOSED_FORM_PRESERVE)
             sets["preserve"] = [""] + [p for p in siblings if not any(_names(p, c) for c in erased)]
-            if method == "uce":
-                unnamed = world.attribute_prompts(seed + 1, 8 * TOY_CLOSED_FORM_UNNAMED)
-                sets["preserve"] += [p for p in unnamed
-                                     if not any(_names(p, c) for c in erased)][:TOY_CLOSED_FORM_UNNAMED]
-        if method == "uce" and not given("templates"):
+            unnamed = world.attribute_prompts(seed + 1, 8 * TOY_CLOSED_FORM_UNNAMED)
+            sets["preserve"] += [p for p in unnamed
+                                 if not any(_names(p, c) for c in erased)][:TOY_CLOSED_FORM_UNNAMED]
+        if not given("templates"):
             sets["templates"] = list(TOY_CLOSED_FORM_TEMPLATES)
         if not given("guide"):
             more = settings.get("concepts") or ()
