@@ -48,10 +48,10 @@ __all__ = ["PRESETS", "TOY_BY_ATTRIBUTE", "TOY_CLOSED_FORM_PRESERVE", "TOY_CLOSE
 TOY_WORLD_METHODS = ("salun", "ant", "advunlearn", "uce", "rece")
 # the closed-form methods' preserve set on the toy model: "" and this many prompts naming the concept's siblings
 TOY_CLOSED_FORM_PRESERVE = 16
-# UCE's also keeps this many world prompts (shape, colour, background) naming none of the erased concepts
+# and this many world prompts (shape, colour, background) naming none of the erased concepts
 TOY_CLOSED_FORM_UNNAMED = 32
-# UCE's templates on the toy model: the concept alone and after the article, as world prompts begin ("a striped red
-# circle ..."). RECE keeps the bare concept and the siblings alone: its epochs brought circles back (53%) with these
+# their templates on the toy model: the concept alone and after the article, as world prompts begin ("a striped red
+# circle ..."); RECE's epochs brought circles back (53%) with these until they held the erased columns (hold_erased)
 TOY_CLOSED_FORM_TEMPLATES = ("{concept}", "a {concept}")
 _PROMPT_KEYS = ("erase_from", "preserve", "guide", "templates")
 _SET_KEYS = ("forget_prompts", "relabel_prompts", "retain_prompts", "saliency_prompts")
