@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Sequence, Union
 
 from .errors import ConfigError
-from .fields import DEVICE, DTYPE, TEXT, check_settings, check_size, choice, integer, number, prompt_list, setting
+from .fields import (DEVICE, DTYPE, TEXT, check_settings, check_size, choice, declared_kind, integer, number, prompt_list,
+                     setting)
 
 __all__ = ["TrainerConfig", "MIXED_PRECISION", "MAX_CONCEPTS", "CONCEPTS", "fill_concept", "erase_from_prompts",
-           "names_concept", "erased_concepts", "check_concept_list", "contexts_by_concept",
+           "names_concept", "erased_concepts", "check_concept_list", "contexts_by_concept", "for_concept",
            "ConceptsInContext", "TrajectoryReuse"]
 
 #: the most concepts one run erases
@@ -164,11 +165,26 @@ def contexts_by_concept(concepts: Sequence[str], erase_from: Union[str, Sequence
     return [tuple(p) for p in found]
 
 
+def for_concept(value: Any, index: int) -> Any:
+    """The value of a per-concept setting (:func:`~unsee.erasure.fields.per_concept`) for erased concept ``index``:
+    its entry there when it is a list, else the value itself."""
+    return value[index] if isinstance(value, tuple) else value
+
+
 class ConceptsInContext:
     """Mixin for the configs of methods that erase several concepts (``concepts``) and erase in context
-    (``erase_from``): the concepts are checked as a list, and each ``erase_from`` prompt must name one of them."""
+    (``erase_from``): the concepts are checked as a list, each ``erase_from`` prompt must name one of them, and a
+    per-concept setting given as a list must have one entry per concept."""
 
     def validate(self) -> None:
         super().validate()  # type: ignore[misc]
-        check_concept_list(self.erased)  # type: ignore[attr-defined]
-        contexts_by_concept(self.erased, self.erase_from)  # type: ignore[attr-defined]
+        erased = self.erased  # type: ignore[attr-defined]
+        check_concept_list(erased)
+        contexts_by_concept(erased, self.erase_from)  # type: ignore[attr-defined]
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, tuple) and declared_kind(type(self), f.name).per_concept and len(value) != len(erased):
+                entries = f"{len(value)} entr{'y' if len(value) == 1 else 'ies'}"
+                raise ConfigError(f"{f.name} has {entries} for {len(erased)} erased concept"
+                                  f"{'' if len(erased) == 1 else 's'}; give one value, or one per concept (concept "
+                                  f"first, then concepts)")

@@ -30,7 +30,7 @@ import torch
 from .errors import ConfigError
 
 __all__ = ["Kind", "setting", "check_settings", "declared_kind", "setting_limits", "canonical_dtype", "MAX_NUMBER",
-           "integer", "number", "choice", "prompt_list", "TEXT", "NUMBER", "FLAG", "FRACTION", "ERASE_FROM", "DEVICE",
+           "integer", "number", "per_concept", "choice", "prompt_list", "TEXT", "NUMBER", "FLAG", "FRACTION", "ERASE_FROM", "DEVICE",
            "DTYPE", "SEEDS", "RANK", "LORA_ALPHA", "OUTPUT_KIND", "LOSS_SPACE", "RESOLUTION", "DDIM_STEPS",
            "BATCH_SIZE", "GUIDANCE"]
 
@@ -76,6 +76,8 @@ class Kind:
     normalise: Optional[Callable[[Any], Any]] = None
     limits: Optional[tuple[int, int]] = None
     message: str = "{name} must be {requirement}, got {value}"
+    #: a list holds one value per erased concept (:func:`per_concept`)
+    per_concept: bool = False
 
     def check(self, name: str, value: Any, label: str = "", says: str = "") -> Any:
         """The value to keep, or :class:`ConfigError` naming the setting (``label``: its meaning in words)."""
@@ -182,6 +184,19 @@ def number(*, low: Optional[float] = None, positive: bool = False, nonzero: bool
                 and (not nonzero or v != 0))
 
     return Kind(words + (" or None" if none else ""), accepts)
+
+
+def per_concept(kind: Kind) -> Kind:
+    """``kind``, or a non-empty list of such values, one per erased concept (kept as a tuple; the config checks
+    that the list is as long as its concepts: :func:`unsee.erasure.config.check_per_concept`)."""
+
+    def accepts(v: Any) -> bool:
+        if isinstance(v, (list, tuple)):
+            return len(v) > 0 and all(not isinstance(x, (list, tuple)) and kind.accepts(x) for x in v)
+        return kind.accepts(v)
+
+    return Kind(f"{kind.requirement}, or a list of them with one per erased concept", accepts,
+                normalise=lambda v: tuple(v) if isinstance(v, list) else v, limits=kind.limits, per_concept=True)
 
 
 def choice(options: Sequence[str], message: Optional[str] = None) -> Kind:

@@ -52,9 +52,9 @@ from torch import nn
 from unsee.pipelines.encoding import encode_text
 
 from .conditioning import Conditioning, encode_concepts
-from .config import CONCEPTS, ConceptsInContext, TrainerConfig, TrajectoryReuse
+from .config import CONCEPTS, ConceptsInContext, TrainerConfig, TrajectoryReuse, for_concept
 from .errors import ConfigError
-from .fields import ERASE_FROM, FLAG, GUIDANCE, NUMBER, RANK, RESOLUTION, integer, number, setting
+from .fields import ERASE_FROM, FLAG, GUIDANCE, NUMBER, RANK, RESOLUTION, integer, number, per_concept, setting
 from .registry import register_method
 from .sampling import Trajectory, ddim_latents, esd_target, mse, predict
 from .selectors import linear_modules, lora_config
@@ -70,7 +70,8 @@ class SPMConfig(ConceptsInContext, TrajectoryReuse, TrainerConfig):
     Args:
         rank, alpha: the adapter's rank (1: "one-dimensional") and LoRA alpha (1.0).
         steps: iterations (3000). lr: learning rate (1e-4).
-        guidance: the erase term's negative guidance g (1.0).
+        guidance: the erase term's negative guidance g (1.0); with ``concepts``, a list gives each concept its own
+            (``concept`` first).
         la_strength: weight of the Latent Anchoring term (1000).
         anchors: random anchor embeddings per step (4; 0: no Latent Anchoring).
         start_guidance: CFG scale of the DDIM run that samples x_t (3).
@@ -94,7 +95,7 @@ class SPMConfig(ConceptsInContext, TrajectoryReuse, TrainerConfig):
     lr: float = 1e-4
     rank: int = setting(1, RANK)
     alpha: float = setting(1.0, number(nonzero=True))
-    guidance: float = setting(1.0, NUMBER)
+    guidance: Union[float, tuple[float, ...]] = setting(1.0, per_concept(NUMBER))
     la_strength: float = setting(1000.0, number(low=0))
     anchors: int = setting(4, integer(0, limits=(0, 256)))
     start_guidance: float = setting(3.0, GUIDANCE)
@@ -142,7 +143,7 @@ class SPMTrainer(Trainer):
         self.latent_shape = (1, *self.latent_size(pipe))
         # one conditioning per erased concept; self.prompts is the one the step drew
         self.concept_prompts = encode_concepts(pipe, self.config.erased, self.config.erase_from, height, width)
-        self.prompts = self.concept_prompts[0]
+        self.prompts, self.concept_index = self.concept_prompts[0], 0
         self.concept_draws = list((state or {}).get("concept_draws") or [0] * len(self.concept_prompts))
         self.scheduler = self.ddim_scheduler(self.config.ddim_steps)
 
@@ -168,7 +169,7 @@ class SPMTrainer(Trainer):
         the run's generator is not used), count it for this step and make it :attr:`prompts`."""
         index = self.cycle_index(position, len(self.concept_prompts))
         self.concept_draws[index] += 1
-        self.prompts = self.concept_prompts[index]
+        self.prompts, self.concept_index = self.concept_prompts[index], index
 
     def sample_trajectory(self, steps: int) -> Trajectory:
         """A trajectory for ``steps`` steps (:meth:`~unsee.erasure.Trainer.trajectory`): the student's prompt drawn
@@ -200,7 +201,8 @@ class SPMTrainer(Trainer):
             frozen = predict(teacher, x, t, rows)
         # the paper's target anchors at "" (in context: at c_from's own prediction)
         eps_c, eps_empty = frozen[o:o + 1], frozen[o + 1:o + 2]
-        target = esd_target(frozen[0:1] if in_context else eps_empty, eps_c, eps_empty, config.guidance)
+        target = esd_target(frozen[0:1] if in_context else eps_empty, eps_c, eps_empty,
+                            for_concept(config.guidance, self.concept_index))
         # the student sees the teacher's exact batch, so at initialisation (up = 0) both agree bit for bit
         student = predict(self.model, x, t, rows)
         erase = mse(student[0:1], target)

@@ -290,6 +290,34 @@ def test_two_concepts_train_one_adapter_and_every_step_draws_one(method, setting
     assert all(torch.equal(again.tensors[k], adapter.tensors[k]) for k in adapter.tensors)
 
 
+def test_spm_guidance_per_concept(monkeypatch):
+    import unsee.erasure.spm as spm
+
+    settings = dict(concept="circle", concepts=["star"], **{**FAST, "lr": 1e-2, "anchors": 1})
+    one = make_trainer("spm", guidance=3.0, **settings).train(tiny_sd_pipeline())
+    same = make_trainer("spm", guidance=[3.0, 3.0], **settings).train(tiny_sd_pipeline())
+    assert all(torch.equal(one.tensors[k], same.tensors[k]) for k in one.tensors)  # a list of equal values: the same run
+    used, drawn = [], []
+    target, draw = spm.esd_target, spm.SPMTrainer.draw_concept
+
+    def spy_draw(self, position):
+        draw(self, position)
+        drawn.append(self.config.erased[self.concept_index])
+
+    monkeypatch.setattr(spm, "esd_target", lambda *a: used.append(a[3]) or target(*a))
+    monkeypatch.setattr(spm.SPMTrainer, "draw_concept", spy_draw)
+    adapter = make_trainer("spm", guidance=[1.0, 5.0], **settings).train(tiny_sd_pipeline())
+    assert sorted(drawn) == ["circle", "circle", "star", "star"]
+    assert used == [{"circle": 1.0, "star": 5.0}[c] for c in drawn]  # each step: its concept's guidance
+    assert list(adapter.hyperparameters["guidance"]) == [1.0, 5.0]
+    for bad, message in [([1.0], "guidance has 1 entry for 2 erased concepts; give one value, or one per concept"),
+                         ([1.0, "x"], "guidance must be a finite number, or a list of them with one per erased "
+                                      "concept, got [1.0, 'x']")]:
+        with pytest.raises(ConfigError) as error:
+            make_trainer("spm", **{**settings, "guidance": bad})
+        assert message in str(error.value) and "\n" not in str(error.value)
+
+
 def test_concept_cycles_cover_every_concept_equally_and_follow_the_seed():
     trainer = make_trainer("esd-x", concept="circle", concepts=["star", "red"], seed=3)
     trainer._draws_total = 2  # e.g. draws_per_step=2: positions run step by step, draw by draw
