@@ -257,15 +257,13 @@ class ESDTrainer(Trainer):
                 "kept": out[n * len(rows):] if x_keep is not None else None}
 
     def loss(self, x_t: torch.Tensor, t: torch.Tensor, cond_student: Optional[Conditioning] = None,
-             x_keep: Optional[torch.Tensor] = None, cond_keep: Optional[Conditioning] = None,
-             frozen: Optional[dict[str, Optional[torch.Tensor]]] = None) -> torch.Tensor:
+             x_keep: Optional[torch.Tensor] = None, cond_keep: Optional[Conditioning] = None, *,
+             frozen: dict[str, Optional[torch.Tensor]]) -> torch.Tensor:
         """The ESD loss at (x_t, t): student on c (or ``cond_student``, a c_from) against the negatively guided
-        teacher; with ``x_keep``, plus ``preserve_weight`` times the student's error on the preserved prompt.
-        ``frozen``: the teacher's predictions there (:meth:`frozen_predictions`; None: asked for now)."""
+        teacher, whose predictions there are ``frozen`` (:meth:`frozen_predictions`); with ``x_keep``, plus
+        ``preserve_weight`` times the student's error on the preserved prompt."""
         config = self.config
         n = x_t.shape[0]
-        if frozen is None:
-            frozen = self.frozen_predictions(x_t, t, cond_student, x_keep, cond_keep)
         eps_c, eps_empty = frozen["concept"], frozen["empty"]
         if frozen["from"] is not None:
             anchor = frozen["from"]
