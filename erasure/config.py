@@ -78,8 +78,17 @@ class TrainerConfig:
 
     def validate(self) -> None:
         """Raise :class:`~unsee.erasure.ConfigError` naming the first invalid field (each field is checked with its
-        declared kind, in declaration order). Subclasses extend it with checks across fields."""
+        declared kind, in declaration order) or a per-concept setting given as a list whose length is not the
+        number of erased concepts. Subclasses extend it with checks across fields."""
         check_settings(self)
+        erased = self.erased
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple) and declared_kind(type(self), f.name).per_concept and len(value) != len(erased):
+                entries = f"{len(value)} entr{'y' if len(value) == 1 else 'ies'}"
+                raise ConfigError(f"{f.name} has {entries} for {len(erased)} erased concept"
+                                  f"{'' if len(erased) == 1 else 's'}; give one value, or one per concept (concept "
+                                  f"first, then concepts)")
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a JSON-serialisable dict (stored in the adapter and the report)."""
@@ -173,18 +182,9 @@ def for_concept(value: Any, index: int) -> Any:
 
 class ConceptsInContext:
     """Mixin for the configs of methods that erase several concepts (``concepts``) and erase in context
-    (``erase_from``): the concepts are checked as a list, each ``erase_from`` prompt must name one of them, and a
-    per-concept setting given as a list must have one entry per concept."""
+    (``erase_from``): the concepts are checked as a list, and each ``erase_from`` prompt must name one of them."""
 
     def validate(self) -> None:
         super().validate()  # type: ignore[misc]
-        erased = self.erased  # type: ignore[attr-defined]
-        check_concept_list(erased)
-        contexts_by_concept(erased, self.erase_from)  # type: ignore[attr-defined]
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            if isinstance(value, tuple) and declared_kind(type(self), f.name).per_concept and len(value) != len(erased):
-                entries = f"{len(value)} entr{'y' if len(value) == 1 else 'ies'}"
-                raise ConfigError(f"{f.name} has {entries} for {len(erased)} erased concept"
-                                  f"{'' if len(erased) == 1 else 's'}; give one value, or one per concept (concept "
-                                  f"first, then concepts)")
+        check_concept_list(self.erased)  # type: ignore[attr-defined]
+        contexts_by_concept(self.erased, self.erase_from)  # type: ignore[attr-defined]

@@ -76,9 +76,9 @@ from torch import nn
 from unsee.adapters import Adapter, AdapterError, component_fingerprint, validate_adapter
 from unsee.pipelines.encoding import encode_text
 
-from .config import TrainerConfig, check_concept_list, names_concept
+from .config import TrainerConfig, check_concept_list, for_concept, names_concept
 from .errors import ConfigError, TrainingError
-from .fields import Kind, choice, is_int, number, prompt_list, setting
+from .fields import Kind, choice, is_int, number, per_concept, prompt_list, setting
 from .registry import register_method
 from .selectors import linear_modules
 from .trainer import ProgressCallback, Trainer
@@ -88,15 +88,8 @@ __all__ = ["UCEConfig", "UCETrainer", "UCEEdit", "cross_attention_kv", "closed_f
 TOKENS = ("last", "rest")
 
 
-def _is_guide(value: Any) -> bool:
-    if isinstance(value, str):
-        return True
-    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, str) for v in value)
-
-
 #: the guide: one text for every erased concept ("" is the empty prompt), or a list with one per concept
-GUIDE = Kind("a text ('' for the empty prompt) or a list of them, one per erased concept", _is_guide,
-             normalise=lambda v: tuple(v) if isinstance(v, list) else v)
+GUIDE = per_concept(Kind("a text ('' for the empty prompt)", lambda v: isinstance(v, str)))
 #: ``steps`` of a closed-form method: the one solve
 ONE_SOLVE = Kind("1 (UCE is one closed-form solve; it has no training steps)", lambda v: is_int(v) and v == 1)
 
@@ -141,15 +134,12 @@ class UCEConfig(TrainerConfig):
     @property
     def guides(self) -> list[str]:
         """One guide per erased concept."""
-        return list(self.guide) if isinstance(self.guide, tuple) else [self.guide] * len(self.erased)
+        return [for_concept(self.guide, i) for i in range(len(self.erased))]
 
     def validate(self) -> None:
         super().validate()
         erased = self.erased
         check_concept_list(erased)
-        if isinstance(self.guide, tuple) and len(self.guide) != len(erased):
-            raise ConfigError(f"guide has {len(self.guide)} entries for {len(erased)} erased concepts; give one guide, "
-                              f"or one per concept")
         bare = next((t for t in self.templates if "{concept}" not in t), None)
         if bare is not None:
             raise ConfigError(f"template {bare!r} has no {{concept}}; write where the concept goes, e.g. "
