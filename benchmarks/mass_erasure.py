@@ -16,9 +16,10 @@ less). Three parts:
   accuracy down <= 3 points, under 10 s.
 - ``four``: circle, star, red and striped at once: in one run (UCE, RECE, ESD-x, SPM; ESD and SPM train one
   concept per step, so they get the toy preset's steps x 4), as the four single-concept adapters loaded together
-  (ESD-x, SPM; each with its own concept's toy preset) and as those four ESD-x adapters fused into one file
-  (``unsee fuse``). Per row each concept's presence on its own prompts and the accuracy on prompts naming none of
-  them (``closed_form.unnamed_prompts``). Bars: each concept <= 15%, accuracy down <= 5 points.
+  (UCE, ESD-x, ESD-x-strict, SPM; each with its own concept's toy preset) and fused into one file (``unsee
+  fuse``: ESD-x's summed, UCE's and ESD-x-strict's with MACE's refit, :data:`FUSED`). Per row each concept's
+  presence on its own prompts and the accuracy on prompts naming none of them (``closed_form.unnamed_prompts``).
+  Bars: each concept <= 15%, accuracy down <= 5 points.
 - ``curve``: k = 1, 2, 4, 6, 8, 11 concepts erased (of :data:`CURVE`: five shapes, five colours and "striped";
   the heart, purple and the backgrounds are kept) against the accuracy on prompts naming none of them, the mean
   presence of the erased ones, and the accuracy on prompts of the kept shape and colour (each background among
@@ -56,15 +57,17 @@ SECTION = "mass-erasure"
 TIME_METHODS = ("uce", "rece", "esd-x", "esd-u", "spm", "salun", "ant", "advunlearn")
 NATIVE = ("uce", "rece", "esd-x", "spm")  # erase several concepts in one run
 STEPPED = ("esd-x", "spm")  # one concept per training step: their steps grow with the concepts
-STACKED = ("esd-x", "spm")  # single-concept adapters loaded together
-FUSED = ("esd-x",)  # single-concept adapters fused into one file
+CLOSED_FORM = ("uce", "rece")  # no training steps (--quick shortens every other method's)
+STACKED = ("uce", "esd-x", "esd-x-strict", "spm")  # single-concept adapters loaded together
+# single-concept adapters fused into one file, and how: the exact sum, or MACE's refit of the keys and values
+FUSED = {"uce": "mace", "esd-x": "stack", "esd-x-strict": "mace"}
 FOUR = ("circle", "star", "red", "striped")
 KEPT = {"shape": "heart", "color": "purple"}  # with the backgrounds, what the curve never erases
 # the erasable concepts, in the order the curve adds them: the first four are FOUR
 CURVE = ("circle", "star", "red", "striped", "square", "orange", "triangle", "yellow", "cross", "green", "blue")
 KS = (1, 2, 4, 6, 8, 11)
 CURVE_METHODS = ("uce", "rece", "esd-x-stacked")
-QUICK_STEPS = 2  # --quick: training steps per concept of ESD-x and SPM
+QUICK_STEPS = 2  # --quick: training steps per concept of the trained methods
 # bars (issue 25)
 TIME_PRESENCE, TIME_DROP, TIME_SECONDS = 0.10, 3.0, 10.0
 MANY_PRESENCE, MANY_DROP = 0.15, 5.0
@@ -171,7 +174,7 @@ class Bench:
     def erase(self, method: str, concepts: tuple[str, ...], steps: Optional[int] = None) -> Optional[dict]:
         """``unsee erase --method method --concept c ... [--steps steps] --grid 0``, timed; cached. None if it
         failed."""
-        if self.quick and method in STEPPED and steps is None:
+        if self.quick and method not in CLOSED_FORM and steps is None:
             steps = QUICK_STEPS
         key = adapter_key(method, concepts, steps)
         path, timing = self.adapters / f"{key}.safetensors", self.adapters / f"{key}.timing.json"
@@ -198,16 +201,17 @@ class Bench:
         print(f"  {key}: {wall:.1f} s wall, {cpu:.1f} s CPU, load {load:.1f}", flush=True)
         return {**record, "path": str(path)}
 
-    def fuse(self, sources: list[Optional[dict]]) -> Optional[dict]:
-        """``unsee fuse`` of the sources' files into one, timed; cached. None if a source is missing or it failed."""
+    def fuse(self, sources: list[Optional[dict]], method: str = "stack") -> Optional[dict]:
+        """``unsee fuse --method method`` of the sources' files into one (MACE with the toy model's preset), timed;
+        cached. None if a source is missing or it failed."""
         if any(s is None for s in sources):
             return None
-        key = "fused-" + "+".join(s["key"] for s in sources)
+        key = ("fused-" if method == "stack" else f"{method}-") + "+".join(s["key"] for s in sources)
         path, timing = self.adapters / f"{key}.safetensors", self.adapters / f"{key}.timing.json"
         if path.exists() and timing.exists():
             return {**json.loads(timing.read_text()), "path": str(path)}
         command = [sys.executable, "-m", "unsee.cli", "fuse", *[s["path"] for s in sources], "--out", str(path),
-                   "--overwrite"]
+                   "--overwrite", "--method", method]
         code, wall, cpu, load = self._run(command, self.adapters / f"{key}.log")
         if code != 0 or not path.exists():
             self._fail(f"fuse {key}", self.adapters / f"{key}.log")
@@ -299,8 +303,9 @@ def part_four(bench: Bench, four: tuple[str, ...]) -> dict:
                      "figures": bench.measure(singles, sets), "seconds": done and sum(s["wall"] for s in singles),
                      "cpu": done and sum(s["cpu"] for s in singles)})
         if method in FUSED:
-            fused = bench.fuse(singles)
-            rows.append({"how": f"{len(four)} adapters fused (`unsee fuse`)", "method": method, "adapters": [fused],
+            fused = bench.fuse(singles, FUSED[method])
+            rows.append({"how": f"{len(four)} adapters fused (`unsee fuse --method {FUSED[method]}`)",
+                         "method": method, "adapters": [fused],
                          "figures": bench.measure([fused], sets),
                          "seconds": fused and done and sum(s["wall"] for s in singles) + fused["wall"],
                          "cpu": fused and done and sum(s["cpu"] for s in singles) + fused["cpu"],
@@ -457,8 +462,11 @@ concept per step, in shuffled cycles, so each gets `--steps` / {len(four)}: they
 ESD-x's learning rate and eta the first concept's, SPM's guidance each concept's own with Latent Anchoring weight 10,
 the toy preset for several concepts). Loaded together: the {len(four)} single-concept adapters, each
 trained with its own concept's preset, loaded at once with `pipe.load_erasure`; time: the sum of their runs.
-Fused: `unsee fuse` of the {len(four)} ESD-x adapters into one file (`--method stack`: the sum of their deltas);
-time: theirs plus the fuse.
+Fused: `unsee fuse` of the {len(four)} adapters into one file, ESD-x's with `--method stack` (the sum of their
+deltas), UCE's and ESD-x-strict's (keys and values only) with `--method mace`, MACE's closed-form refit of the keys
+and values, with the toy model's preset: each adapter refitted on its own prompts and on 16 world prompts naming its
+concept (a prompt naming several of the concepts refitted to their adapters' changes summed), "" and 48 world
+prompts naming none of them preserved; time: theirs plus the fuse.
 Accuracy on {args.n} prompts (shape, colour, background) that name none of the concepts.
 
 {four_table(parts['four'])}""")

@@ -228,6 +228,56 @@ def test_mace_fusion_solves_its_least_squares_problem(pipe):
                           lora_to_delta(fused)[f"unet.{MID_K}.weight"], atol=1e-6)
 
 
+def test_mace_blocks_of_prompts_naming_several_concepts_keep_their_sources_summed(pipe):
+    a, b = _kv_lora(pipe, 5, "circle"), _kv_lora(pipe, 6, "star", modules=(f"{ATTN}.to_k",))
+    generator = torch.Generator().manual_seed(1)
+    columns = [torch.randn(16, 3, generator=generator, dtype=torch.float64) for _ in range(2)]
+    both = torch.randn(16, 4, generator=generator, dtype=torch.float64)
+    keep = torch.randn(16, 2, generator=generator, dtype=torch.float64)
+    from unsee.fuse import mace_fuse
+
+    fused = mace_fuse([a, b], columns, keep, lamb=0.2, preserve_scale=1.5, together=[(both, (0, 1))])
+    assert fused.rank == 10
+    w0 = dict(pipe.unet.named_modules())[f"{ATTN}.to_k"].weight.detach().double()
+    key = f"unet.{ATTN}.to_k.weight"
+    deltas = [lora_to_delta(s)[key].double() for s in (a, b)]
+    w = w0 + lora_to_delta(fused)[key].double()
+    # the block's target is both changes at once: W both = (W0 + dA + dB) both at the minimum
+    targets = [(w0 + deltas[0], columns[0]), (w0 + deltas[1], columns[1]), (w0 + deltas[0] + deltas[1], both)]
+    gradient = (sum((w - t) @ c @ c.T for t, c in targets) + 0.2 * (w - w0) + 1.5 * (w - w0) @ keep @ keep.T)
+    assert gradient.abs().max() < 1e-5 * w.abs().max()
+    without = w0 + lora_to_delta(mace_fuse([a, b], columns, keep, lamb=0.2, preserve_scale=1.5))[key].double()
+    assert not torch.allclose(w, without, atol=1e-4)
+    with pytest.raises(AdapterError, match="names sources \\[0, 2\\]"):
+        mace_fuse([a, b], columns, keep, together=[(both, (0, 2))])
+
+
+def test_mace_refits_each_adapter_on_the_prompts_it_erases(pipe):
+    from unsee.fuse import erased_prompts
+
+    a, b = _kv_lora(pipe, 7, "circle"), _kv_lora(pipe, 8, "red")
+    a.hyperparameters = {"templates": ["{concept}", "a {concept}"]}
+    b.hyperparameters = {"erase_from": ["a red square", "a red circle"]}
+    assert erased_prompts(a) == ["circle", "a circle"]
+    assert erased_prompts(b) == ["red", "a red square", "a red circle"]
+    seen = []
+
+    def embed(texts):
+        seen.append(list(texts))
+        return torch.randn(len(texts), 2, 16, generator=torch.Generator().manual_seed(len(seen)))
+
+    fused = fuse_adapters([a, b], method="mace", embed=embed, preserve=["", "a blue square"],
+                          prompts={"circle": ["a blue circle", "a Red Circle"]})
+    # each adapter's own prompts; "a red circle" and "a Red Circle" name both concepts: a block of their own
+    assert fused.hyperparameters["refit_prompts"] == [["circle", "a circle", "a blue circle"], ["red", "a red square"]]
+    assert fused.hyperparameters["refit_together"] == [{"sources": [0, 1], "prompts": ["a Red Circle", "a red circle"]}]
+    assert ["a Red Circle", "a red circle"] in seen and fused.rank == 2 * (3 + 2 + 2)
+    with pytest.raises(AdapterError, match="prompts are given for 'star', which none of the adapters erases"):
+        fuse_adapters([a, b], method="mace", embed=embed, prompts={"star": ["a star"]})
+    with pytest.raises(AdapterError, match=r"prompts\['circle'\] must be a list"):
+        fuse_adapters([a, b], method="mace", embed=embed, prompts={"circle": "a circle"})
+
+
 def test_mace_refuses_adapters_of_other_modules(pipe):
     from unsee.fuse import mace_fuse
 
@@ -253,8 +303,20 @@ def test_cli_mace_fuse_end_to_end(tiny_sd_folder, tmp_path, capsys):
     assert fused.concepts == ["circle", "star"] and fused.hyperparameters["fuse"] == "mace"
     assert fused.hyperparameters["preserve"] == ["", "a red square"] and fused.hyperparameters["lamb"] == 0.1
     assert fused.kind == "delta"  # 77 token columns per concept reach the tiny model's width of 16
+    assert fused.hyperparameters["refit_prompts"] == [["circle"], ["star"]]  # no toy preset for another model
     model.load_erasure(out)
     capsys.readouterr()
+    # --template fills each concept into prompts the refit keeps erased
+    assert main(["fuse", *map(str, paths), "--out", str(out), "--overwrite", "--method", "mace", "--model",
+                 str(tiny_sd_folder), "--template", "a photo of {concept}"]) == 0
+    assert load_adapter(out).hyperparameters["refit_prompts"] == [["circle", "a photo of circle"],
+                                                                   ["star", "a photo of star"]]
+    capsys.readouterr()
+    before = out.read_bytes()
+    assert main(["fuse", *map(str, paths), "--out", str(out), "--overwrite", "--method", "mace", "--model",
+                 str(tiny_sd_folder), "--template", "a photo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--template 'a photo' has no {concept}" in err and out.read_bytes() == before
     # --model with the stack fusion is refused in one line
     assert main(["fuse", *map(str, paths), "--out", str(tmp_path / "x.safetensors"), "--model", "toy"]) == 2
     err = capsys.readouterr().err.strip()
@@ -456,3 +518,30 @@ def test_a_job_list_fused_into_one_file(tmp_path, tiny_sd_folder):
         run_jobs(config)
     with pytest.raises(ConfigError, match="at least two jobs"):
         plan_jobs({**config, "concept": "circle", "fuse": str(tmp_path / "one.safetensors")})
+
+
+def test_toy_mace_preset_refits_world_prompts_and_preserves_prompts_naming_none(tmp_path, capsys):
+    from unsee.loading import load_pipeline
+    from unsee.toy import world
+    from unsee.toy.presets import TOY_MACE_PRESERVE, TOY_MACE_PROMPTS, fuse_settings
+
+    settings = fuse_settings(["circle", "red", "not-in-the-world"])
+    assert set(settings["prompts"]) == {"circle", "red"}
+    for concept, prompts in settings["prompts"].items():
+        assert len(prompts) == TOY_MACE_PROMPTS and all(world.parse_prompt(p)[world.concept_attribute(concept)[0]]
+                                                        == concept for p in prompts)
+    preserve = settings["preserve"]
+    assert preserve[0] == "" and len(preserve) == 1 + TOY_MACE_PRESERVE
+    assert not any(word in p.split() for p in preserve for word in ("circle", "red"))
+    # the CLI applies it with the toy model
+    toy = load_pipeline("toy")
+    paths = [_kv_lora(toy, seed, concept, modules=(MID_K,)).save(tmp_path / f"{concept}.safetensors")
+             for seed, concept in ((1, "circle"), (2, "red"))]
+    out = tmp_path / "fused.safetensors"
+    assert main(["fuse", *map(str, paths), "--out", str(out), "--method", "mace"]) == 0
+    fused = load_adapter(out)
+    assert fused.hyperparameters["preserve"] == fuse_settings(["circle", "red"])["preserve"]
+    refitted = [p for texts in fused.hyperparameters["refit_prompts"] for p in texts]
+    refitted += [p for block in fused.hyperparameters["refit_together"] for p in block["prompts"]]
+    assert set(settings["prompts"]["circle"]) | set(settings["prompts"]["red"]) <= set(refitted)
+    capsys.readouterr()

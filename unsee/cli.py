@@ -489,7 +489,11 @@ def build_parser() -> argparse.ArgumentParser:
     fu.add_argument("--model", default=None, type=_model,
                     help="--method mace: the base model whose text encoder embeds the concepts (default: toy)")
     fu.add_argument("--preserve", action="append", default=None, metavar="PROMPT",
-                    help="--method mace: a prompt whose keys and values are kept (repeat; default: '' alone)")
+                    help="--method mace: a prompt whose keys and values are kept (repeat; default: '' alone, with "
+                         "the toy model '' and 48 world prompts naming none of the concepts)")
+    fu.add_argument("--template", action="append", default=None, metavar="TEXT",
+                    help="--method mace: a prompt with {concept}, filled with each adapter's concepts, that the refit "
+                         "keeps erased too (repeat; default: none, with the toy model 16 world prompts naming each)")
     fu.add_argument("--lamb", type=_float_in(0.0, 1e6), default=None,
                     help="--method mace: weight of staying near the original weights (default 0.5)")
     fu.add_argument("--preserve-scale", type=_float_in(0.0, 1e6), default=None,
@@ -1371,7 +1375,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
-    from .adapters import AdapterError
+    from .adapters import AdapterError, load_adapter
     from .fuse import fuse_adapters
 
     if len(args.adapters) < 2:
@@ -1388,7 +1392,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out} is one of the adapters being fused; write the fused adapter to another file")
     if out.exists() and not args.overwrite:
         raise UsageError(f"--out {args.out} exists; pass --overwrite to replace it")
-    mace_flags = [flag for flag in ("model", "preserve", "lamb", "preserve_scale") if getattr(args, flag) is not None]
+    mace_flags = [flag for flag in ("model", "preserve", "template", "lamb", "preserve_scale")
+                  if getattr(args, flag) is not None]
     options = {}
     if args.method == "stack" and mace_flags:
         raise UsageError(f"--{mace_flags[0].replace('_', '-')} is for --method mace; --method stack needs no model")
@@ -1397,11 +1402,25 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 
         from .adapters import component_fingerprint
         from .erasure.uce import embed
+        from .toy.presets import fuse_settings, is_toy_model_name
 
+        bare = next((t for t in args.template or () if "{concept}" not in t), None)
+        if bare is not None:
+            raise UsageError(f"--template {bare!r} has no {{concept}}; write where the concept goes, e.g. "
+                             f"'a photo of {{concept}}'")
         args.model, args.config, args.dtype, args.device = args.model or "toy", None, None, "cpu"
         pipe = _load(args)
-        options = dict(embed=functools.partial(embed, pipe), preserve=args.preserve or [""],
-                       lamb=0.5 if args.lamb is None else args.lamb,
+        try:
+            concepts = list(dict.fromkeys(c for path in paths for c in load_adapter(path).concepts))
+        except AdapterError as error:
+            raise UsageError(str(error)) from None
+        preset = {"prompts": {}, "preserve": [""]}
+        if is_toy_model_name(args.model):
+            preset = fuse_settings(concepts)
+        prompts = ({c: [t.replace("{concept}", c) for t in args.template] for c in concepts} if args.template
+                   else preset["prompts"])
+        options = dict(embed=functools.partial(embed, pipe), preserve=args.preserve or preset["preserve"],
+                       prompts=prompts, lamb=0.5 if args.lamb is None else args.lamb,
                        preserve_scale=1.0 if args.preserve_scale is None else args.preserve_scale)
     try:
         fused = fuse_adapters(paths, method=args.method, **options)

@@ -35,16 +35,22 @@ training summary without its per-step losses. Tensors are stored in float32 (flo
 The second fusion is ``mace``, MACE's closed-form fusion (Lu et al., CVPR 2024, stage 3), for adapters of the
 cross-attention key and value projections (``attn2.to_k``, ``attn2.to_v``: the layers that read the text). Per
 layer, with W₀ the original weight, W_i = W₀ + ΔW_i the weight with source i applied, C_i the text embeddings of
-source i's concepts (columns; every token position of each concept's prompt) and P those of prompts to keep:
+the prompts source i erases (columns; every token position of each prompt) and P those of prompts to keep:
 
     W = argmin  Σ_i ‖W C_i − W_i C_i‖² + λ‖W − W₀‖² + s‖W P − W₀ P‖²
     ΔW = W − W₀ = Σ_i ΔW_i C_i C_iᵀ M⁻¹,    M = λ I + Σ_i C_i C_iᵀ + s P Pᵀ
 
 so each concept keeps what its own adapter does to it, instead of the sum of every adapter's change (stacking), and
 the fused edit is a LoRA of rank Σ_i (columns of C_i): B_l = [ΔW_i,l C_i]_i, A = [C_i]ᵀ M⁻¹ (one A for every layer;
-stored as a ``delta`` adapter when that rank would reach the embedding width). λ = ``lamb`` (0.5) and s =
-``preserve_scale`` (1.0) with the preserved prompts ``[""]`` by default: MACE itself runs with λ 0 and s 1e-4 over
-cached sums of thousands of COCO prompts, which unsee does not ship; without such a prior, λ > 0 keeps M invertible.
+stored as a ``delta`` adapter when that rank would reach the embedding width). The prompts of source i
+(:func:`erased_prompts`): its concepts alone, its ``templates`` filled with them (UCE, RECE), the in-context
+``erase_from`` prompts it was trained on (ESD, SPM), and any ``prompts=`` given for its concepts. Unlike MACE's
+one-concept prompts, such a prompt may name the concepts of several sources ("a striped red circle"); its columns
+then go to a block of their own whose target is those sources' changes summed (``ΔW_i + ΔW_j`` in place of
+``ΔW_i``), so that no source's refit undoes another's erasure. λ = ``lamb`` (0.5) and s = ``preserve_scale`` (1.0)
+with the preserved prompts ``[""]`` by default: MACE itself runs with λ 0 and s 1e-4 over cached sums of thousands
+of COCO prompts, which unsee does not ship; without such a prior, λ > 0 keeps M invertible, and a preserve set of
+ordinary prompts is what keeps the refit from spreading to them (``docs/erasure.md``).
 The embeddings come from a callable ``embed(texts) -> (n, L, d)`` (``unsee fuse --method mace --model M`` uses the
 model's text encoders, as UCE does), so this module stays free of pipelines.
 
@@ -55,15 +61,16 @@ method.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
 from .adapters import (LORA_A, LORA_B, UNKNOWN, Adapter, AdapterError, TEXT_ENCODERS, load_adapter, short_repr,
                        validate_adapter)
 
-__all__ = ["FUSE_METHODS", "MACE_MODULES", "fuse_adapters", "mace_fuse", "lora_to_delta"]
+__all__ = ["FUSE_METHODS", "MACE_MODULES", "erased_prompts", "fuse_adapters", "mace_fuse", "lora_to_delta"]
 
 #: the fusions :func:`fuse_adapters` knows
 FUSE_METHODS = ("stack", "mace")
@@ -232,14 +239,18 @@ def _metadata(adapters: list[Adapter], names: list[str], sources: Sequence[Sourc
 
 
 def fuse_adapters(adapters: Sequence[Source], method: str = "stack", *, embed: Optional[Callable] = None,
-                  preserve: Sequence[str] = ("",), lamb: float = 0.5, preserve_scale: float = 1.0) -> Adapter:
+                  preserve: Sequence[str] = ("",), lamb: float = 0.5, preserve_scale: float = 1.0,
+                  prompts: Optional[Mapping[str, Sequence[str]]] = None) -> Adapter:
     """One adapter that erases what every one of ``adapters`` erases (files or :class:`~unsee.adapters.Adapter`
     objects of one base model); see the module docstring for how each kind is fused.
 
     ``method="mace"`` needs ``embed``: a callable taking a list of texts and returning their token embeddings as the
     UNet's cross-attention reads them, (n, L, d) (``functools.partial(unsee.erasure.uce.embed, pipe)``); it refits
     with each source's concepts, keeping ``preserve`` (prompts, ``""`` the empty one) with weight ``preserve_scale``
-    and the original weights with weight ``lamb`` (:func:`mace_fuse`). ``stack`` takes none of these.
+    and the original weights with weight ``lamb`` (:func:`mace_fuse`). Each source is refitted on its
+    :func:`erased_prompts` and on ``prompts[c]`` for each of its concepts c (prompts naming c in context); a prompt
+    that names the concepts of several sources is refitted to what those sources do together. ``stack`` takes none
+    of these.
 
     Raises :class:`~unsee.adapters.AdapterError` for fewer than two adapters, a file given twice, an unreadable
     file, adapters of different base models, an unknown ``method``, or (``mace``) sources that are not
@@ -259,15 +270,28 @@ def fuse_adapters(adapters: Sequence[Source], method: str = "stack", *, embed: O
         preserve = list(preserve)
         if not preserve or not all(isinstance(p, str) for p in preserve):
             raise AdapterError("MACE needs a non-empty list of prompts to preserve ('' is the empty prompt).")
-        columns = []
+        prompts = dict(prompts or {})
+        bad = next((c for c, texts in prompts.items()
+                    if isinstance(texts, str) or not all(isinstance(t, str) and t.strip() for t in texts)), None)
+        if bad is not None:
+            raise AdapterError(f"prompts[{short_repr(bad)}] must be a list of non-empty prompts naming the concept.")
         for adapter, name in zip(loaded, names):
             if not adapter.concepts:
                 raise AdapterError(f"{name} names no concept; MACE refits each adapter on its concepts' embeddings.")
-            columns.append(_columns(embed(list(adapter.concepts))))
-        fused = mace_fuse(loaded, columns, _columns(embed(preserve)), lamb=lamb, preserve_scale=preserve_scale,
-                          names=names)
+        erased = [c for adapter in loaded for c in adapter.concepts]
+        stray = next((c for c in prompts if c not in erased), None)
+        if stray is not None:
+            raise AdapterError(f"prompts are given for {short_repr(stray)}, which none of the adapters erases; give "
+                               f"them for the adapters' concepts ({', '.join(erased)}).")
+        own, shared = _refit_prompts(loaded, prompts)
+        keep = _columns(embed(preserve))
+        columns = [_columns(embed(texts)) if texts else keep[:, :0] for texts in own]
+        blocks = [(_columns(embed(texts)), together) for together, texts in shared.items()]
+        fused = mace_fuse(loaded, columns, keep, lamb=lamb, preserve_scale=preserve_scale,
+                          names=names, together=blocks)
         fused.fingerprint = fingerprint
-        fused.hyperparameters.update(preserve=preserve)
+        fused.hyperparameters.update(preserve=preserve, refit_prompts=own,
+                                     refit_together=[{"sources": list(k), "prompts": v} for k, v in shared.items()])
         validate_adapter(fused)
         return fused
     text_only = all(component in TEXT_ENCODERS for adapter in loaded for component in adapter.components)
@@ -295,6 +319,51 @@ def fuse_adapters(adapters: Sequence[Source], method: str = "stack", *, embed: O
 # ----------------------------------------------------------------------------------------------
 
 
+def _strings(value: Any) -> list[str]:
+    """The strings in a hyperparameter: a string, or (nested) lists of them; anything else gives none."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [text for item in value for text in _strings(item)]
+    return []
+
+
+def erased_prompts(adapter: Adapter) -> list[str]:
+    """The prompts an adapter was made to act on, whose embeddings MACE refits it on: its concepts, its
+    ``templates`` hyperparameter filled with each concept (UCE, RECE), and its ``erase_from`` prompts (the
+    in-context prompts ESD and SPM trained on), each once, in that order."""
+    concepts = list(adapter.concepts)
+    prompts = concepts + [template.replace("{concept}", concept)
+                          for template in _strings(adapter.hyperparameters.get("templates"))
+                          for concept in concepts]
+    prompts += _strings(adapter.hyperparameters.get("erase_from"))
+    return list(dict.fromkeys(prompts))
+
+
+def _names(prompt: str, concept: str) -> bool:
+    """Whether ``prompt`` names ``concept``: the concept's words, as whole words, ignoring case."""
+    return re.search(rf"(?<!\w){re.escape(concept.strip())}(?!\w)", prompt, re.IGNORECASE) is not None
+
+
+def _refit_prompts(adapters: Sequence[Adapter], prompts: Mapping[str, Sequence[str]]
+                   ) -> tuple[list[list[str]], dict[tuple[int, ...], list[str]]]:
+    """The prompts the sources are refitted on (each source's :func:`erased_prompts`, then ``prompts[c]`` of its
+    concepts), split by the sources a prompt belongs to (those that list it, and those whose concepts it names):
+    per source the prompts that are its alone, and (sorted source indices) -> the prompts of those sources
+    together. Each prompt once, in the order first listed."""
+    owners: dict[str, set[int]] = {}
+    for i, adapter in enumerate(adapters):
+        for text in erased_prompts(adapter) + [t for c in adapter.concepts for t in prompts.get(c, ())]:
+            owners.setdefault(text, set()).add(i)
+    own: list[list[str]] = [[] for _ in adapters]
+    shared: dict[tuple[int, ...], list[str]] = {}
+    for text, listed in owners.items():
+        together = tuple(j for j, other in enumerate(adapters)
+                         if j in listed or any(_names(text, c) for c in other.concepts))
+        (own[together[0]] if len(together) == 1 else shared.setdefault(together, [])).append(text)
+    return own, shared
+
+
 def _columns(embeddings: torch.Tensor) -> torch.Tensor:
     """(n, L, d) token embeddings as (d, n * L) float64 columns."""
     if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 3:
@@ -303,12 +372,15 @@ def _columns(embeddings: torch.Tensor) -> torch.Tensor:
 
 
 def mace_fuse(adapters: Sequence[Adapter], embeddings: Sequence[torch.Tensor], preserve: torch.Tensor,
-              lamb: float = 0.5, preserve_scale: float = 1.0, names: Optional[Sequence[str]] = None) -> Adapter:
+              lamb: float = 0.5, preserve_scale: float = 1.0, names: Optional[Sequence[str]] = None,
+              together: Sequence[tuple[torch.Tensor, Sequence[int]]] = ()) -> Adapter:
     """MACE's closed-form fusion (see the module docstring) of cross-attention key/value ``adapters``, given for
     each the (d, k_i) columns of its concepts' embeddings, and the (d, m) columns of the preserved prompts.
+    ``together``: more (d, k_b) column blocks, each with the indices of the sources whose summed change it is
+    refitted to (the embeddings of prompts naming several sources' concepts).
 
-    The result is a ``lora`` adapter of rank Σ k_i and alpha = rank (a ``delta`` adapter when Σ k_i >= d), with the
-    sources' concepts. Raises :class:`~unsee.adapters.AdapterError` for a source that touches another module (or
+    The result is a ``lora`` adapter of rank Σ k_i + Σ k_b and alpha = rank (a ``delta`` adapter when that reaches
+    d), with the sources' concepts. Raises :class:`~unsee.adapters.AdapterError` for a source that touches another module (or
     another component than the UNet), embeddings whose width is not the layers' input width, or λ <= 0 with s < 0.
     """
     names = list(names) if names is not None else [f"adapter {i + 1}" for i in range(len(adapters))]
@@ -326,7 +398,14 @@ def mace_fuse(adapters: Sequence[Adapter], embeddings: Sequence[torch.Tensor], p
             raise AdapterError(f"{name} changes {short_repr(other)}; MACE fuses adapters of the UNet's cross-attention "
                                f"keys and values (attn2.to_k, attn2.to_v) only: use --method stack for it.")
         deltas.append({k: t.to(torch.float64) for k, t in tensors.items()})
-    columns = [c.to(torch.float64) for c in embeddings]
+    for _, sources in together:
+        if not sources or any(not 0 <= j < len(adapters) for j in sources):
+            raise AdapterError(f"mace_fuse: a block of shared columns names sources {list(sources)}, but there are "
+                               f"{len(adapters)} adapters.")
+    # each block of columns and the sources whose summed change it keeps
+    blocks = [(c.to(torch.float64), (i,)) for i, c in enumerate(embeddings)]
+    blocks += [(c.to(torch.float64), tuple(sources)) for c, sources in together]
+    columns = [c for c, _ in blocks]
     width = columns[0].shape[0]
     for delta, name in zip(deltas, names):
         bad = next((k for k, t in delta.items() if t.shape[1] != width), None)
@@ -343,8 +422,8 @@ def mace_fuse(adapters: Sequence[Adapter], embeddings: Sequence[torch.Tensor], p
     up = {}
     for key in keys:
         out = next(delta[key].shape[0] for delta in deltas if key in delta)
-        up[key] = torch.cat([delta[key] @ c if key in delta else torch.zeros((out, c.shape[1]), dtype=torch.float64)
-                             for delta, c in zip(deltas, columns)], dim=1)
+        up[key] = torch.cat([sum((deltas[j][key] @ c for j in sources if key in deltas[j]),
+                                 torch.zeros((out, c.shape[1]), dtype=torch.float64)) for c, sources in blocks], dim=1)
     rank = stacked.shape[1]
     if rank < width:
         tensors = {}

@@ -41,7 +41,7 @@ from . import world
 
 __all__ = ["PRESETS", "TOY_BY_ATTRIBUTE", "TOY_CLOSED_FORM_PRESERVE", "TOY_CLOSED_FORM_TEMPLATES",
            "TOY_CLOSED_FORM_UNNAMED", "TOY_IN_CONTEXT_BY_ATTRIBUTE", "TOY_PRESETS", "TOY_WORLD_METHODS",
-           "WORLD_PROMPT_KEYS", "closed_form_guides", "is_toy_model_name", "is_toy_pipeline", "preset_settings", "relabel_prompt",
+           "TOY_MACE_PRESERVE", "TOY_MACE_PROMPTS", "WORLD_PROMPT_KEYS", "closed_form_guides", "fuse_settings", "is_toy_model_name", "is_toy_pipeline", "preset_settings", "relabel_prompt",
            "toy_esd_context", "world_prompt_sets"]
 
 # methods whose prompt sets the toy preset draws from the shapes world (:func:`world_prompt_sets`)
@@ -53,6 +53,10 @@ TOY_CLOSED_FORM_UNNAMED = 32
 # their templates on the toy model: the concept alone and after the article, as world prompts begin ("a striped red
 # circle ..."); RECE's epochs brought circles back (53%) with these until they held the erased columns (hold_erased)
 TOY_CLOSED_FORM_TEMPLATES = ("{concept}", "a {concept}")
+# MACE's fusion on the toy model (``unsee fuse --method mace``): this many world prompts naming each fused concept
+# are refitted too, and "" and this many naming none of them are preserved (docs/toy-presets.md, MACE)
+TOY_MACE_PROMPTS = 16
+TOY_MACE_PRESERVE = 48
 _PROMPT_KEYS = ("erase_from", "preserve", "guide", "templates")
 _SET_KEYS = ("forget_prompts", "relabel_prompts", "retain_prompts", "saliency_prompts")
 WORLD_PROMPT_KEYS = _PROMPT_KEYS + _SET_KEYS  # what the toy preset adds for the toy model only
@@ -385,6 +389,22 @@ def world_prompt_sets(method: str, concept: str, settings: Mapping[str, Any]) ->
             guides = closed_form_guides([concept, *(more if _prompt_list(more) else ())])
             sets["guide"] = guides[0] if len(guides) == 1 else guides
     return sets
+
+
+def fuse_settings(concepts: list[str], seed: int = 0) -> dict[str, Any]:
+    """MACE's fusion (``unsee.fuse_adapters(method="mace")``) on the toy model: ``prompts``, each concept of the
+    world with :data:`TOY_MACE_PROMPTS` world prompts naming it (seed ``seed``; a concept outside the world gets
+    none), and ``preserve``, ``""`` and :data:`TOY_MACE_PRESERVE` world prompts naming none of ``concepts``."""
+    prompts = {}
+    for concept in concepts:
+        try:
+            world.concept_attribute(concept)
+        except ValueError:
+            continue
+        prompts[concept] = world.concept_prompts(concept, seed, TOY_MACE_PROMPTS)
+    unnamed = [p for p in world.attribute_prompts(seed, 8 * TOY_MACE_PRESERVE)
+               if not any(_names(p, c) for c in concepts)]
+    return {"prompts": prompts, "preserve": [""] + unnamed[:TOY_MACE_PRESERVE]}
 
 
 def closed_form_guides(concepts: list[str]) -> list[str]:
