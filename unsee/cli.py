@@ -1375,7 +1375,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
-    from .adapters import AdapterError, load_adapter
+    from .adapters import AdapterError, open_adapter_file
     from .fuse import fuse_adapters
 
     if len(args.adapters) < 2:
@@ -1410,8 +1410,11 @@ def cmd_fuse(args: argparse.Namespace) -> int:
                              f"'a photo of {{concept}}'")
         args.model, args.config, args.dtype, args.device = args.model or "toy", None, None, "cpu"
         pipe = _load(args)
-        try:
-            concepts = list(dict.fromkeys(c for path in paths for c in load_adapter(path).concepts))
+        try:  # the concepts the preset gives prompts for: from the headers (fuse_adapters reads the tensors)
+            concepts = []
+            for path in paths:
+                with open_adapter_file(path) as opened:
+                    concepts += [c for c in opened.header.concepts if c not in concepts]
         except AdapterError as error:
             raise UsageError(str(error)) from None
         preset = {"prompts": {}, "preserve": [""]}
