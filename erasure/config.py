@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Sequence, Union
+
+from unsee.adapters import names_concept
 
 from .errors import ConfigError
 from .fields import (DEVICE, DTYPE, TEXT, check_settings, check_size, choice, declared_kind, integer, number, prompt_list,
@@ -130,16 +131,6 @@ def erase_from_prompts(value: Union[str, Sequence[str], None]) -> tuple[str, ...
     if value is None:
         return ()
     return (value,) if isinstance(value, str) else tuple(value)
-
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-def names_concept(prompt: str, concept: str) -> bool:
-    """Whether ``prompt`` names ``concept``: its words contain the concept's words in a row (case-insensitive)."""
-    words, named = _words(prompt), _words(concept)
-    return bool(named) and any(words[i:i + len(named)] == named for i in range(len(words) - len(named) + 1))
 
 
 def erased_concepts(config: Any) -> list[str]:

@@ -52,6 +52,7 @@ import json
 import math
 import numbers
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Union
@@ -75,6 +76,7 @@ __all__ = [
     "fingerprint",
     "component_fingerprint",
     "match_adapter",
+    "names_concept",
     "open_adapter_file",
     "save_adapter",
     "load_adapter",
@@ -107,6 +109,18 @@ _SHOWN_CHARS = 60
 
 class AdapterError(ValueError):
     """An adapter file or object that cannot be read or applied; the message says why and what to do."""
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def names_concept(prompt: str, concept: str) -> bool:
+    """Whether ``prompt`` names ``concept``: its words contain the concept's words in a row (case-insensitive). The
+    one rule for it: the trainers give each in-context prompt to the concept it names, and MACE's fusion refits a
+    prompt naming several adapters' concepts to their changes summed."""
+    words, named = _words(prompt), _words(concept)
+    return bool(named) and any(words[i:i + len(named)] == named for i in range(len(words) - len(named) + 1))
 
 
 def short_repr(value: Any) -> str:

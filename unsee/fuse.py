@@ -61,14 +61,13 @@ method.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .adapters import (LORA_A, LORA_B, UNKNOWN, Adapter, AdapterError, TEXT_ENCODERS, load_adapter, short_repr,
-                       validate_adapter)
+from .adapters import (LORA_A, LORA_B, UNKNOWN, Adapter, AdapterError, TEXT_ENCODERS, load_adapter,
+                       names_concept, short_repr, validate_adapter)
 
 __all__ = ["FUSE_METHODS", "MACE_MODULES", "erased_prompts", "fuse_adapters", "mace_fuse", "lora_to_delta"]
 
@@ -340,11 +339,6 @@ def erased_prompts(adapter: Adapter) -> list[str]:
     return list(dict.fromkeys(prompts))
 
 
-def _names(prompt: str, concept: str) -> bool:
-    """Whether ``prompt`` names ``concept``: the concept's words, as whole words, ignoring case."""
-    return re.search(rf"(?<!\w){re.escape(concept.strip())}(?!\w)", prompt, re.IGNORECASE) is not None
-
-
 def _refit_prompts(adapters: Sequence[Adapter], prompts: Mapping[str, Sequence[str]]
                    ) -> tuple[list[list[str]], dict[tuple[int, ...], list[str]]]:
     """The prompts the sources are refitted on (each source's :func:`erased_prompts`, then ``prompts[c]`` of its
@@ -359,7 +353,7 @@ def _refit_prompts(adapters: Sequence[Adapter], prompts: Mapping[str, Sequence[s
     shared: dict[tuple[int, ...], list[str]] = {}
     for text, listed in owners.items():
         together = tuple(j for j, other in enumerate(adapters)
-                         if j in listed or any(_names(text, c) for c in other.concepts))
+                         if j in listed or any(names_concept(text, c) for c in other.concepts))
         (own[together[0]] if len(together) == 1 else shared.setdefault(together, [])).append(text)
     return own, shared
 
@@ -380,8 +374,9 @@ def mace_fuse(adapters: Sequence[Adapter], embeddings: Sequence[torch.Tensor], p
     refitted to (the embeddings of prompts naming several sources' concepts).
 
     The result is a ``lora`` adapter of rank Σ k_i + Σ k_b and alpha = rank (a ``delta`` adapter when that reaches
-    d), with the sources' concepts. Raises :class:`~unsee.adapters.AdapterError` for a source that touches another module (or
-    another component than the UNet), embeddings whose width is not the layers' input width, or λ <= 0 with s < 0.
+    d), with the sources' concepts. Raises :class:`~unsee.adapters.AdapterError` for a source that touches another
+    module (or another component than the UNet), embeddings whose width is not the layers' input width, a block
+    naming a source that does not exist, or λ <= 0 with s < 0.
     """
     names = list(names) if names is not None else [f"adapter {i + 1}" for i in range(len(adapters))]
     if len(embeddings) != len(adapters):
