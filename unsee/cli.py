@@ -1401,6 +1401,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         import functools
 
         from .adapters import component_fingerprint
+        from .erasure.config import fill_concept
         from .erasure.uce import embed
         from .toy.presets import fuse_settings, is_toy_model_name
 
@@ -1420,8 +1421,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         preset = {"prompts": {}, "preserve": [""]}
         if is_toy_model_name(args.model):
             preset = fuse_settings(concepts)
-        prompts = ({c: [t.replace("{concept}", c) for t in args.template] for c in concepts} if args.template
-                   else preset["prompts"])
+        prompts = {c: fill_concept(args.template, c) for c in concepts} if args.template else preset["prompts"]
         options = dict(embed=functools.partial(embed, pipe), preserve=args.preserve or preset["preserve"],
                        prompts=prompts, lamb=0.5 if args.lamb is None else args.lamb,
                        preserve_scale=1.0 if args.preserve_scale is None else args.preserve_scale)
