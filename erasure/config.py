@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Sequence, Union
 
-from unsee.adapters import names_concept
+from unsee.adapters import fill_concept, names_concept
 
 from .errors import ConfigError
 from .fields import (DEVICE, DTYPE, TEXT, check_settings, check_size, choice, declared_kind, integer, number, prompt_list,
@@ -118,12 +118,6 @@ class TrajectoryReuse:
     trajectory_reuse: int = setting(1, integer(1, limits=(1, 1000)),
                                     says="a positive integer (training steps one sampled DDIM trajectory serves; "
                                          "1: a new trajectory every step)")
-
-
-def fill_concept(prompts: Sequence[str], concept: str) -> list[str]:
-    """Prompt templates with ``{concept}`` replaced by the concept ("a photo of {concept}" -> "a photo of Van Gogh");
-    prompts without the placeholder are kept as they are."""
-    return [p.replace("{concept}", concept) for p in prompts]
 
 
 def erase_from_prompts(value: Union[str, Sequence[str], None]) -> tuple[str, ...]:

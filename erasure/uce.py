@@ -73,7 +73,7 @@ from typing import Any, ClassVar, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from unsee.adapters import Adapter, AdapterError, component_fingerprint, validate_adapter
+from unsee.adapters import Adapter, AdapterError, component_fingerprint, template_without_concept, validate_adapter
 from unsee.pipelines.encoding import encode_text
 
 from .config import TrainerConfig, check_concept_list, for_concept, names_concept
@@ -140,10 +140,9 @@ class UCEConfig(TrainerConfig):
         super().validate()
         erased = self.erased
         check_concept_list(erased)
-        bare = next((t for t in self.templates if "{concept}" not in t), None)
-        if bare is not None:
-            raise ConfigError(f"template {bare!r} has no {{concept}}; write where the concept goes, e.g. "
-                              f"'a photo of {{concept}}'")
+        problem = template_without_concept(self.templates)
+        if problem is not None:
+            raise ConfigError(problem)
         for guide in self.guides:
             named = next((c for c in erased if names_concept(guide, c)), None)
             if named is not None:

@@ -123,6 +123,24 @@ def names_concept(prompt: str, concept: str) -> bool:
     return bool(named) and any(words[i:i + len(named)] == named for i in range(len(words) - len(named) + 1))
 
 
+CONCEPT_SLOT = "{concept}"  # where a prompt template puts the concept
+
+
+def fill_concept(prompts: Iterable[str], concept: str) -> list[str]:
+    """Prompt templates with ``{concept}`` replaced by the concept ("a photo of {concept}" -> "a photo of Van Gogh");
+    prompts without the placeholder are kept as they are."""
+    return [p.replace(CONCEPT_SLOT, concept) for p in prompts]
+
+
+def template_without_concept(templates: Iterable[str], label: str = "template") -> Optional[str]:
+    """The one-line error for the first of ``templates`` that has no ``{concept}`` (``label`` names the setting in
+    it), or None when every one has it: UCE's ``templates`` and ``unsee fuse --template`` check with it."""
+    bare = next((t for t in templates if CONCEPT_SLOT not in t), None)
+    if bare is None:
+        return None
+    return f"{label} {bare!r} has no {CONCEPT_SLOT}; write where the concept goes, e.g. 'a photo of {CONCEPT_SLOT}'"
+
+
 def short_repr(value: Any) -> str:
     """``repr`` of a value read from a file or given by a caller, cut short: error messages stay one short line."""
     text = repr(value)

@@ -1400,15 +1400,13 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     if args.method == "mace":
         import functools
 
-        from .adapters import component_fingerprint
-        from .erasure.config import fill_concept
+        from .adapters import component_fingerprint, fill_concept, template_without_concept
         from .erasure.uce import embed
         from .toy.presets import fuse_settings, is_toy_model_name
 
-        bare = next((t for t in args.template or () if "{concept}" not in t), None)
-        if bare is not None:
-            raise UsageError(f"--template {bare!r} has no {{concept}}; write where the concept goes, e.g. "
-                             f"'a photo of {{concept}}'")
+        problem = template_without_concept(args.template or (), label="--template")
+        if problem is not None:
+            raise UsageError(problem)
         args.model, args.config, args.dtype, args.device = args.model or "toy", None, None, "cpu"
         pipe = _load(args)
         try:  # the concepts the preset gives prompts for: from the headers (fuse_adapters reads the tensors)

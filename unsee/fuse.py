@@ -66,7 +66,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .adapters import (LORA_A, LORA_B, UNKNOWN, Adapter, AdapterError, TEXT_ENCODERS, load_adapter,
+from .adapters import (LORA_A, LORA_B, UNKNOWN, Adapter, AdapterError, TEXT_ENCODERS, fill_concept, load_adapter,
                        names_concept, short_repr, validate_adapter)
 
 __all__ = ["FUSE_METHODS", "MACE_MODULES", "erased_prompts", "fuse_adapters", "mace_fuse", "lora_to_delta"]
@@ -332,9 +332,9 @@ def erased_prompts(adapter: Adapter) -> list[str]:
     ``templates`` hyperparameter filled with each concept (UCE, RECE), and its ``erase_from`` prompts (the
     in-context prompts ESD and SPM trained on), each once, in that order."""
     concepts = list(adapter.concepts)
-    prompts = concepts + [template.replace("{concept}", concept)
-                          for template in _strings(adapter.hyperparameters.get("templates"))
-                          for concept in concepts]
+    templates = _strings(adapter.hyperparameters.get("templates"))
+    prompts = concepts + [prompt for template in templates for concept in concepts
+                          for prompt in fill_concept([template], concept)]
     prompts += _strings(adapter.hyperparameters.get("erase_from"))
     return list(dict.fromkeys(prompts))
 
