@@ -2,8 +2,8 @@
 """Mass erasure and time-to-erase on the embedded toy model; writes its BENCHMARKS.md section.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/mass_erasure.py [--n 32] [--workdir /tmp/unsee-mass-erasure]
-        [--parts time,four,curve] [--curve-methods uce,rece,uce-stacked,esd-x-stacked] [--stacked-k 1,2,4,6,8,11]
-        [--quick] [--no-write]
+        [--parts time,four,curve] [--curve-methods uce,rece,uce-stacked,esd-x-stacked] [--ks 1,2,4,6,8,11]
+        [--stacked-k 1,2,4,6,8,11] [--quick] [--no-write]
 
 Every adapter comes from ``unsee erase ... --grid 0`` (the toy preset, as the CLI applies it) in a fresh process,
 timed from the process's start to the adapter written (as ``benchmarks/closed_form.py``), with the CPU time the
@@ -513,6 +513,8 @@ def main() -> None:
     parser.add_argument("--time-methods", default=",".join(TIME_METHODS), help="methods of the time part")
     parser.add_argument("--curve-methods", default=",".join(CURVE_METHODS),
                         help="uce, rece, esd-x, spm (one run of the k concepts), esd-x-stacked, spm-stacked")
+    parser.add_argument("--ks", default=",".join(map(str, KS)),
+                        help="the k of the curve (the first k of its concepts erased), comma-separated")
     parser.add_argument("--stacked-k", default=",".join(map(str, KS)),
                         help="the k of the *-stacked curve rows of trained methods (closed-form ones: every k)")
     parser.add_argument("--quick", action="store_true",
@@ -523,7 +525,10 @@ def main() -> None:
         args.n, args.no_write = 4, True
         time_methods, four, curve, ks = ("uce", "esd-x"), ("circle", "star"), ("circle", "star"), (1, 2)
     else:
-        time_methods, four, curve, ks = tuple(args.time_methods.split(",")), FOUR, CURVE, KS
+        time_methods, four, curve = tuple(args.time_methods.split(",")), FOUR, CURVE
+        ks = tuple(int(k) for k in args.ks.split(",") if k.strip().isdigit())
+        if len(ks) != len(args.ks.split(",")) or any(k < 1 or k > len(CURVE) for k in ks):
+            parser.error(f"--ks {args.ks!r}: give comma-separated whole numbers from 1 to {len(CURVE)}")
     workdir = args.workdir or Path("/tmp/unsee-mass-erasure" + ("-quick" if args.quick else ""))
     stacked_ks = tuple(k for k in map(int, args.stacked_k.split(",")) if k in ks)
     cut = [k for k in ks if k not in stacked_ks]
