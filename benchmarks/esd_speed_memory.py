@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """ESD training: unsee's trainer against a straightforward reference loop; writes its BENCHMARKS.md section.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/esd_speed_memory.py [--model toy|sd15] [--iterations 12]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/esd_speed_memory.py [--model toy|sd15] [--variant esd-x] [--iterations 12]
         [--trajectory-reuse 4] [--sample-with trained|frozen] [--rounds 1]
 
 The reference is the loop of the official ESD code, written plainly: a second, frozen fp32 copy of the UNet
@@ -26,7 +26,8 @@ after a warm-up of K (a reused run's iterations differ: one in K samples), inste
 official 2025 rewrite's choice): the reference with its frozen copy, unsee's trainer with the original weights
 swapped in. With trajectory reuse, unsee's trainer then takes the teacher's predictions at a run's stops from the
 run itself (only the deepest stop of a run asks the teacher); the reference asks its teacher every iteration, as the
-official code does. The section is written under its own name (``esd-speed-sd15-frozen``).
+official code does. The section is written under its own name (``esd-speed-sd15-frozen``); so is a ``--variant``
+other than esd-x (``esd-speed-toy-esd-u``).
 """
 
 from __future__ import annotations
@@ -205,7 +206,8 @@ def main() -> None:
               f"the mean of {results['ours', 1]['iterations']} timed iterations each ({window} warm-up iterations "
               f"first; whole trajectories of the reused run)")
     frozen = args.sample_with == "frozen"
-    flags = (f" --iterations {args.iterations}" + (f" --trajectory-reuse {window}" if window > 1 else "")
+    flags = ((f" --variant {args.variant}" if args.variant != "esd-x" else "") + f" --iterations {args.iterations}"
+             + (f" --trajectory-reuse {window}" if window > 1 else "")
              + (" --sample-with frozen" if frozen else "") + (f" --rounds {args.rounds}" if args.rounds > 1 else ""))
     if args.rounds > 1:
         timing += f"; {args.rounds} rounds, the loops' order reversed every other round"
@@ -225,7 +227,8 @@ Ratios against the reference loop; bars: ≥ 1.3× faster, ≤ 0.6× the memory.
 {chr(10).join(rows)}
 """
     if not args.no_write:
-        write_section(f"esd-speed-{args.model}" + ("-frozen" if frozen else ""), body)
+        write_section(f"esd-speed-{args.model}" + (f"-{args.variant}" if args.variant != "esd-x" else "")
+                      + ("-frozen" if frozen else ""), body)
     print(body)
 
 
