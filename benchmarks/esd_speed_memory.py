@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """ESD training: unsee's trainer against a straightforward reference loop; writes its BENCHMARKS.md section.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/esd_speed_memory.py [--model toy|sd15] [--variant esd-x] [--iterations 12]
-        [--trajectory-reuse 4] [--sample-with trained|frozen] [--rounds 1]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/esd_speed_memory.py [--model toy|sd15] [--variant esd-x]
+        [--iterations 12] [--trajectory-reuse 4] [--sample-with trained|frozen] [--rounds 1]
 
 The reference is the loop of the official ESD code, written plainly: a second, frozen fp32 copy of the UNet
 as the teacher; the teacher's two predictions and the student's as three separate forward passes; the
