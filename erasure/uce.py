@@ -73,7 +73,8 @@ from typing import Any, ClassVar, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from unsee.adapters import Adapter, AdapterError, component_fingerprint, template_without_concept, validate_adapter
+from unsee.adapters import (CONCEPT_SLOT, Adapter, AdapterError, component_fingerprint, template_without_concept,
+                            validate_adapter)
 from unsee.pipelines.encoding import encode_text
 
 from .config import TrainerConfig, check_concept_list, for_concept, names_concept
@@ -270,7 +271,7 @@ class UCETrainer(Trainer):
         there (for the guide "" the token before it: the start token for the bare concept)."""
         rows = []
         for template in self.config.templates:
-            before, _, after = template.partition("{concept}")
+            before, _, after = template.partition(CONCEPT_SLOT)
             for concept, guide in zip(self.config.erased, self.config.guides):
                 rows.append((before + concept + after, (before + concept).strip(),
                              before + guide + after, (before + guide).strip()))

@@ -33,6 +33,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
+from unsee.adapters import fill_concept
 from unsee.erasure import METHODS, ConfigError
 from unsee.erasure.config import names_concept
 from unsee.erasure.registry import coerce
@@ -354,7 +355,7 @@ def world_prompt_sets(method: str, concept: str, settings: Mapping[str, Any]) ->
         forget = None
         if given("forget_prompts"):
             if _prompt_list(settings["forget_prompts"]):
-                forget = [p.replace("{concept}", concept) for p in settings["forget_prompts"]]  # as the config fills it
+                forget = fill_concept(settings["forget_prompts"], concept)  # as the config fills it
         else:
             num_forget = _setting(method, settings, "num_forget", 1)
             if seed is not None and num_forget is not None:
