@@ -2,7 +2,7 @@
 """ESD training: unsee's trainer against a straightforward reference loop; writes its BENCHMARKS.md section.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/esd_speed_memory.py [--model toy|sd15] [--variant esd-x]
-        [--iterations 12] [--trajectory-reuse 4] [--sample-with trained|frozen] [--rounds 1]
+        [--iterations 12] [--trajectory-reuse 4] [--sample-with trained|frozen] [--ddim-steps N] [--rounds 1]
 
 The reference is the loop of the official ESD code, written plainly: a second, frozen fp32 copy of the UNet
 as the teacher; the teacher's two predictions and the student's as three separate forward passes; the
@@ -16,7 +16,8 @@ time is then the median over rounds and a speed ratio the median of the ratios w
 the peak resident memory of the process while training, counted from before the model is loaded (model
 weights, teacher copy, optimizer state, gradients and activations). ``--model sd15`` uses SD 1.5's UNet
 architecture (randomly initialised: no download) at 128 px with 4 DDIM steps so that an iteration takes
-seconds on a CPU; ``--model toy`` the embedded model with the paper's 50 DDIM steps.
+seconds on a CPU; ``--model toy`` the embedded model with the paper's 50 DDIM steps. ``--ddim-steps N`` sets
+another number of DDIM steps (``--model sd15 --ddim-steps 50``: the paper's, at about a minute an iteration).
 
 ``--trajectory-reuse K`` adds a third loop, unsee's trainer with ``trajectory_reuse=K`` (one DDIM trajectory serves K
 consecutive iterations), and then times every loop as the mean over the same whole trajectories of K iterations
@@ -27,7 +28,7 @@ official 2025 rewrite's choice): the reference with its frozen copy, unsee's tra
 swapped in. With trajectory reuse, unsee's trainer then takes the teacher's predictions at a run's stops from the
 run itself (only the deepest stop of a run asks the teacher); the reference asks its teacher every iteration, as the
 official code does. The section is written under its own name (``esd-speed-sd15-frozen``); so is a ``--variant``
-other than esd-x (``esd-speed-toy-esd-u``).
+other than esd-x (``esd-speed-toy-esd-u``) and a ``--ddim-steps`` other than the model's (``esd-speed-sd15-ddim50``).
 """
 
 from __future__ import annotations
@@ -40,11 +41,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hardware, write_section  # noqa: E402
+
+DDIM_STEPS = {"toy": 50, "sd15": 4}  # each model's DDIM steps unless --ddim-steps says otherwise
 
 
 def _status(field: str) -> int:
@@ -59,7 +63,7 @@ def build_pipe(model: str):
     import unsee
 
     if model == "toy":
-        return unsee.load_pipeline("toy"), {"ddim_steps": 50, "resolution": None}
+        return unsee.load_pipeline("toy"), {"ddim_steps": DDIM_STEPS[model], "resolution": None}
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -80,14 +84,16 @@ def build_pipe(model: str):
     pipe = UnseeStableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                         unet=UNet2DConditionModel(**SD15_UNET_CONFIG), scheduler=scheduler,
                                         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return pipe, {"ddim_steps": 4, "resolution": 128}
+    return pipe, {"ddim_steps": DDIM_STEPS[model], "resolution": 128}
 
 
 def worker(loop: str, model: str, variant: str, iterations: int, reuse: int, window: int,
-           sample_with: str = "trained") -> dict:
+           sample_with: str = "trained", ddim_steps: Optional[int] = None) -> dict:
     torch.manual_seed(0)
     base_rss = _status("VmRSS")
     pipe, settings = build_pipe(model)
+    if ddim_steps:
+        settings["ddim_steps"] = ddim_steps
     pipe.set_progress_bar_config(disable=True)
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
     from unsee.erasure import ESDConfig, ESDTrainer
@@ -160,6 +166,8 @@ def main() -> None:
                         help="also time unsee's trainer with this trajectory_reuse (1: only the default)")
     parser.add_argument("--sample-with", choices=("trained", "frozen"), default="trained",
                         help="the model every loop samples x_t with (ESD's sample_with)")
+    parser.add_argument("--ddim-steps", type=int, default=None,
+                        help="DDIM steps of the sampled trajectories (default: the model's, toy 50, sd15 4)")
     parser.add_argument("--worker", choices=("ours", "reference"), default=None)
     parser.add_argument("--reuse", type=int, default=1, help=argparse.SUPPRESS)  # a worker's trajectory_reuse
     parser.add_argument("--rounds", type=int, default=1,
@@ -170,7 +178,7 @@ def main() -> None:
     window = args.trajectory_reuse
     if args.worker:
         print(json.dumps(worker(args.worker, args.model, args.variant, args.iterations, args.reuse, window,
-                                args.sample_with)))
+                                args.sample_with, args.ddim_steps)))
         return
     loops = [("reference", 1), ("ours", 1)] + ([("ours", window)] if window > 1 else [])
     rounds: list[dict] = []
@@ -179,7 +187,8 @@ def main() -> None:
         for loop, reuse in (loops if number % 2 == 0 else loops[::-1]):
             out = subprocess.run([sys.executable, __file__, "--worker", loop, "--model", args.model, "--variant",
                                   args.variant, "--iterations", str(args.iterations), "--reuse", str(reuse),
-                                  "--trajectory-reuse", str(window), "--sample-with", args.sample_with],
+                                  "--trajectory-reuse", str(window), "--sample-with", args.sample_with]
+                                 + (["--ddim-steps", str(args.ddim_steps)] if args.ddim_steps else []),
                                  check=True, capture_output=True, text=True).stdout
             results[loop, reuse] = json.loads(out.strip().splitlines()[-1])
             print(number, loop, reuse, results[loop, reuse], flush=True)
@@ -206,9 +215,12 @@ def main() -> None:
               f"the mean of {results['ours', 1]['iterations']} timed iterations each ({window} warm-up iterations "
               f"first; whole trajectories of the reused run)")
     frozen = args.sample_with == "frozen"
+    steps = args.ddim_steps or DDIM_STEPS[args.model]
+    own_steps = steps != DDIM_STEPS[args.model]
     flags = ((f" --variant {args.variant}" if args.variant != "esd-x" else "") + f" --iterations {args.iterations}"
              + (f" --trajectory-reuse {window}" if window > 1 else "")
-             + (" --sample-with frozen" if frozen else "") + (f" --rounds {args.rounds}" if args.rounds > 1 else ""))
+             + (" --sample-with frozen" if frozen else "") + (f" --ddim-steps {steps}" if own_steps else "")
+             + (f" --rounds {args.rounds}" if args.rounds > 1 else ""))
     if args.rounds > 1:
         timing += f"; {args.rounds} rounds, the loops' order reversed every other round"
     sampler = ("x_t sampled with the original model in every loop (`sample_with=\"frozen\"`)" if frozen else
@@ -218,7 +230,7 @@ def main() -> None:
 Hardware: {hardware()}.
 
 {args.variant}, fp32, batch 1, {sampler}, {timing}, model `{args.model}`
-({'SD 1.5 UNet architecture, random weights, 128 px, 4 DDIM steps' if args.model == 'sd15' else 'the embedded toy model, 64 px, 50 DDIM steps'}).
+({'SD 1.5 UNet architecture, random weights, 128 px' if args.model == 'sd15' else 'the embedded toy model, 64 px'}, {steps} DDIM steps).
 Peak memory: the process's peak resident memory while training, above what it used before loading the model.
 Ratios against the reference loop; bars: ≥ 1.3× faster, ≤ 0.6× the memory.
 
@@ -228,7 +240,7 @@ Ratios against the reference loop; bars: ≥ 1.3× faster, ≤ 0.6× the memory.
 """
     if not args.no_write:
         write_section(f"esd-speed-{args.model}" + (f"-{args.variant}" if args.variant != "esd-x" else "")
-                      + ("-frozen" if frozen else ""), body)
+                      + ("-frozen" if frozen else "") + (f"-ddim{steps}" if own_steps else ""), body)
     print(body)
 
 
