@@ -41,7 +41,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -63,7 +62,7 @@ def build_pipe(model: str):
     import unsee
 
     if model == "toy":
-        return unsee.load_pipeline("toy"), {"ddim_steps": DDIM_STEPS[model], "resolution": None}
+        return unsee.load_pipeline("toy"), {"resolution": None}
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -84,22 +83,20 @@ def build_pipe(model: str):
     pipe = UnseeStableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                         unet=UNet2DConditionModel(**SD15_UNET_CONFIG), scheduler=scheduler,
                                         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return pipe, {"ddim_steps": DDIM_STEPS[model], "resolution": 128}
+    return pipe, {"resolution": 128}
 
 
 def worker(loop: str, model: str, variant: str, iterations: int, reuse: int, window: int,
-           sample_with: str = "trained", ddim_steps: Optional[int] = None) -> dict:
+           sample_with: str, ddim_steps: int) -> dict:
     torch.manual_seed(0)
     base_rss = _status("VmRSS")
     pipe, settings = build_pipe(model)
-    if ddim_steps:
-        settings["ddim_steps"] = ddim_steps
     pipe.set_progress_bar_config(disable=True)
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
     from unsee.erasure import ESDConfig, ESDTrainer
 
     config = ESDConfig(concept="circle", variant=variant, steps=iterations, lr=1e-5, trajectory_reuse=reuse,
-                       sample_with=sample_with, **settings)
+                       sample_with=sample_with, ddim_steps=ddim_steps, **settings)
     stamps: list[float] = []
     if loop == "ours":
         def progress(event) -> None:
@@ -176,9 +173,10 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     window = args.trajectory_reuse
+    steps = args.ddim_steps or DDIM_STEPS[args.model]
     if args.worker:
         print(json.dumps(worker(args.worker, args.model, args.variant, args.iterations, args.reuse, window,
-                                args.sample_with, args.ddim_steps)))
+                                args.sample_with, steps)))
         return
     loops = [("reference", 1), ("ours", 1)] + ([("ours", window)] if window > 1 else [])
     rounds: list[dict] = []
@@ -187,8 +185,8 @@ def main() -> None:
         for loop, reuse in (loops if number % 2 == 0 else loops[::-1]):
             out = subprocess.run([sys.executable, __file__, "--worker", loop, "--model", args.model, "--variant",
                                   args.variant, "--iterations", str(args.iterations), "--reuse", str(reuse),
-                                  "--trajectory-reuse", str(window), "--sample-with", args.sample_with]
-                                 + (["--ddim-steps", str(args.ddim_steps)] if args.ddim_steps else []),
+                                  "--trajectory-reuse", str(window), "--sample-with", args.sample_with,
+                                  "--ddim-steps", str(steps)],
                                  check=True, capture_output=True, text=True).stdout
             results[loop, reuse] = json.loads(out.strip().splitlines()[-1])
             print(number, loop, reuse, results[loop, reuse], flush=True)
@@ -215,7 +213,6 @@ def main() -> None:
               f"the mean of {results['ours', 1]['iterations']} timed iterations each ({window} warm-up iterations "
               f"first; whole trajectories of the reused run)")
     frozen = args.sample_with == "frozen"
-    steps = args.ddim_steps or DDIM_STEPS[args.model]
     own_steps = steps != DDIM_STEPS[args.model]
     flags = ((f" --variant {args.variant}" if args.variant != "esd-x" else "") + f" --iterations {args.iterations}"
              + (f" --trajectory-reuse {window}" if window > 1 else "")
