@@ -214,7 +214,8 @@ def main() -> None:
               f"first; whole trajectories of the reused run)")
     frozen = args.sample_with == "frozen"
     own_steps = steps != DDIM_STEPS[args.model]
-    flags = ((f" --variant {args.variant}" if args.variant != "esd-x" else "") + f" --iterations {args.iterations}"
+    other_variant = args.variant != "esd-x"
+    flags = ((f" --variant {args.variant}" if other_variant else "") + f" --iterations {args.iterations}"
              + (f" --trajectory-reuse {window}" if window > 1 else "")
              + (" --sample-with frozen" if frozen else "") + (f" --ddim-steps {steps}" if own_steps else "")
              + (f" --rounds {args.rounds}" if args.rounds > 1 else ""))
@@ -236,7 +237,7 @@ Ratios against the reference loop; bars: ≥ 1.3× faster, ≤ 0.6× the memory.
 {chr(10).join(rows)}
 """
     if not args.no_write:
-        write_section(f"esd-speed-{args.model}" + (f"-{args.variant}" if args.variant != "esd-x" else "")
+        write_section(f"esd-speed-{args.model}" + (f"-{args.variant}" if other_variant else "")
                       + ("-frozen" if frozen else "") + (f"-ddim{steps}" if own_steps else ""), body)
     print(body)
 

@@ -2,8 +2,9 @@
 """Mass erasure and time-to-erase on the embedded toy model; writes its BENCHMARKS.md section.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/mass_erasure.py [--n 32] [--workdir /tmp/unsee-mass-erasure]
-        [--parts time,four,curve] [--curve-methods uce,rece,uce-stacked,esd-x-stacked] [--ks 1,2,4,6,8,11]
-        [--stacked-k 1,2,4,6,8,11] [--quick] [--no-write]
+        [--parts time,four,curve] [--four-methods uce,rece,esd-x,spm,esd-x-strict]
+        [--curve-methods uce,rece,uce-stacked,esd-x-stacked] [--ks 1,2,4,6,8,11] [--stacked-k 1,2,4,6,8,11]
+        [--quick] [--no-write]
 
 Every adapter comes from ``unsee erase ... --grid 0`` (the toy preset, as the CLI applies it) in a fresh process,
 timed from the process's start to the adapter written (as ``benchmarks/closed_form.py``), with the CPU time the
@@ -286,17 +287,17 @@ def native_steps(bench: Bench, method: str, k: int) -> Optional[int]:
     return (QUICK_STEPS if bench.quick else TOY_PRESETS[method]["steps"]) * k
 
 
-def part_four(bench: Bench, four: tuple[str, ...]) -> dict:
+def part_four(bench: Bench, four: tuple[str, ...], methods: tuple[str, ...] = NATIVE + STACKED) -> dict:
     sets = many_sets(four)
     before = bench.measure([], sets)
     rows = []
-    for method in NATIVE:
+    for method in (m for m in NATIVE if m in methods):
         adapter = bench.erase(method, four, native_steps(bench, method, len(four)))
         rows.append({"how": "one run", "method": method, "adapters": [adapter],
                      "figures": bench.measure([adapter], sets),
                      "seconds": adapter and adapter["wall"], "cpu": adapter and adapter["cpu"],
                      "steps": adapter and adapter["steps"]})
-    for method in STACKED:
+    for method in (m for m in STACKED if m in methods):
         singles = [bench.erase(method, (c,)) for c in four]
         done = all(singles)
         rows.append({"how": f"{len(four)} adapters loaded together", "method": method, "adapters": singles,
@@ -511,6 +512,9 @@ def main() -> None:
                              "with --quick /tmp/unsee-mass-erasure-quick)")
     parser.add_argument("--parts", default="time,four,curve", help="comma-separated: time, four, curve")
     parser.add_argument("--time-methods", default=",".join(TIME_METHODS), help="methods of the time part")
+    parser.add_argument("--four-methods", default=",".join(dict.fromkeys(NATIVE + STACKED)),
+                        help="methods of the four part: one run (of uce, rece, esd-x, spm) and single-concept "
+                             "adapters loaded together and fused (of uce, esd-x, esd-x-strict, spm)")
     parser.add_argument("--curve-methods", default=",".join(CURVE_METHODS),
                         help="uce, rece, esd-x, spm (one run of the k concepts), esd-x-stacked, spm-stacked")
     parser.add_argument("--ks", default=",".join(map(str, KS)),
@@ -542,7 +546,7 @@ def main() -> None:
     if "time" in wanted:
         parts["time"] = part_time(bench, time_methods)
     if "four" in wanted:
-        parts["four"] = part_four(bench, four)
+        parts["four"] = part_four(bench, four, tuple(args.four_methods.split(",")))
     if "curve" in wanted:
         parts["curve"] = part_curve(bench, curve, ks, tuple(args.curve_methods.split(",")), stacked_ks)
     settings = "; ".join(f"{m}: {shown_settings(preset_settings('toy', m, concept='circle'))}" for m in time_methods

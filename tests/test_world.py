@@ -141,3 +141,25 @@ def test_the_toy_preset_gives_the_prompt_sets_the_trainers_drew_from_the_world()
         for method in ("salun", "ant", "advunlearn"):
             settings = preset_settings(preset, method, model, concept)
             assert not {"forget_prompts", "relabel_prompts", "retain_prompts", "saliency_prompts"} & set(settings)
+
+
+def test_esd_x_strict_takes_its_own_toy_rates_for_shapes_and_styles_and_esd_x_keeps_its_own():
+    """ESD-x-strict's shape and style rates are its own (TOY_ESD_X_STRICT_BY_ATTRIBUTE), in one-concept runs and
+    in runs of several; colours, backgrounds, the in-context prompts and everything of ESD-x stay as they were."""
+    from unsee.toy.presets import preset_settings
+
+    def rates(method, concept, **settings):
+        merged = preset_settings("toy", method, "toy", concept, settings)
+        return merged["lr"], merged["eta"], len(merged.get("erase_from") or ()), len(merged.get("preserve") or ())
+
+    assert [rates("esd-x", c) for c in ("circle", "red", "striped", "plain")] == [
+        (5e-4, 2.0, 0, 0), (2e-4, 1.0, 0, 0), (2e-3, 3.0, 16, 10), (5e-4, 2.0, 0, 0)]
+    assert [rates("esd-x-strict", c) for c in ("circle", "red", "striped", "plain", "cat")] == [
+        (1e-3, 2.0, 0, 0), (2e-4, 1.0, 0, 0), (4e-3, 3.0, 16, 10), (5e-4, 2.0, 0, 0), (5e-4, 2.0, 0, 0)]
+    # several concepts: the first concept's rates, and the style's in-context prompts as its own run gets them
+    assert rates("esd-x-strict", "circle", concepts=["striped"])[:2] == (1e-3, 2.0)
+    together = [rates(m, "circle", concepts=["striped"])[2:] for m in ("esd-x", "esd-x-strict")]
+    assert together[0] == together[1] and together[0][0] > 0
+    # the user's own settings win
+    assert rates("esd-x-strict", "star", lr=3e-4)[0] == 3e-4
+    assert preset_settings("paper", "esd-x-strict", "toy", "circle").get("lr") is None
