@@ -3,8 +3,9 @@
 - ``paper``: each config dataclass's own defaults, i.e. the paper's values, made for SD 1.x at 512 px.
 - ``toy``: settings for the embedded toy model (64 px, a 2.5M-parameter UNet) that train in 1-2 minutes on a
   2-core CPU: fewer steps at higher learning rates than the papers' (:data:`TOY_PRESETS`), adjusted by the attribute
-  the concept belongs to (shape, colour, background, style: :data:`TOY_ESD_BY_ATTRIBUTE`, :data:`TOY_BY_ATTRIBUTE`).
-  How these values were chosen, with the figures of every run tried: ``docs/toy-presets.md``.
+  the concept belongs to (shape, colour, background, style: :data:`TOY_ESD_BY_ATTRIBUTE`,
+  :data:`TOY_ESD_X_STRICT_BY_ATTRIBUTE`, :data:`TOY_BY_ATTRIBUTE`). How these values were chosen, with the
+  figures of every run tried: ``docs/toy-presets.md``.
 
 ``unsee erase`` and job files use ``toy`` when the model is ``"toy"`` and ``paper`` otherwise, unless ``preset`` is
 given; the user's own settings always win over the preset's (:func:`preset_settings` merges them).
