@@ -25,7 +25,8 @@ less). Three parts:
   the heart, purple and the backgrounds are kept) against the accuracy on prompts naming none of them, the mean
   presence of the erased ones, and the accuracy on prompts of the kept shape and colour (each background among
   them): UCE and RECE in one solve, UCE and ESD-x as single-concept adapters loaded together (each made once,
-  reused across k).
+  reused across k); ``--curve-methods`` adds others: ESD-x or SPM in one run, ``M-stacked``, and ``M-mace`` (the
+  single-concept adapters fused with MACE's refit, e.g. ``esd-x-strict-mace``).
 
 Adapters (with their timings) and every measurement are kept under ``--workdir``, keyed by method, concepts and
 steps (measurements also by the adapters loaded, the prompt set and ``n``), so a killed run resumes without
@@ -321,17 +322,21 @@ def part_curve(bench: Bench, concepts: tuple[str, ...], ks: tuple[int, ...], met
     for method in methods:
         for k in ks:
             erased = concepts[:k]
-            if method.endswith("-stacked"):
-                if k not in stacked_ks and method[: -len("-stacked")] not in CLOSED_FORM:
+            base, _, how = method.rpartition("-")
+            if how in ("stacked", "mace"):
+                if k not in stacked_ks and base not in CLOSED_FORM:
                     continue
-                adapters = [bench.erase(method[: -len("-stacked")], (c,)) for c in erased]
+                made = [bench.erase(base, (c,)) for c in erased]
+                # -mace: the k adapters fused into one with MACE's refit (one adapter needs no fusion)
+                adapters = [bench.fuse(made, "mace")] if how == "mace" and k > 1 else made
+                made += [a for a in adapters if a not in made]
             else:
-                adapters = [bench.erase(method, erased, native_steps(bench, method, k))]
-            done = all(adapters)
+                adapters = made = [bench.erase(method, erased, native_steps(bench, method, k))]
+            done = all(made)
             rows.append({"method": method, "k": k, "erased": erased, "adapters": adapters,
                          "figures": bench.measure(adapters, many_sets(erased, kept=True)),
-                         "seconds": done and sum(a["wall"] for a in adapters),
-                         "cpu": done and sum(a["cpu"] for a in adapters)})
+                         "seconds": done and sum(a["wall"] for a in made),
+                         "cpu": done and sum(a["cpu"] for a in made)})
     return {"concepts": concepts, "before": before, "rows": rows}
 
 
@@ -480,7 +485,8 @@ k concepts erased, the first k of: {', '.join(curve['concepts'])} (five of the s
 of the six colours, and the striped style; the {kept} and the three backgrounds are never erased). uce, rece: one
 solve of the k concepts (guides: the next value of each attribute that is not erased, so with every other shape
 erased they all go to the heart). uce-stacked, esd-x-stacked: the k single-concept adapters loaded together (each
-trained once, with its concept's preset, and reused at every k; time: the sum of their runs). Mean presence: over
+trained once, with its concept's preset, and reused at every k; time: the sum of their runs); a -mace row: those
+adapters fused into one with `unsee fuse --method mace` (time: theirs plus the fuse's). Mean presence: over
 the erased concepts, {args.n} images each. Accuracy on {args.n} prompts naming none of the erased concepts (against
 the original model's on the same prompts). Kept prompts: {args.n} prompts of a {KEPT['color']} {KEPT['shape']} on
 each background, judged per attribute.{args.stacked_note}
@@ -516,11 +522,14 @@ def main() -> None:
                         help="methods of the four part: one run (of uce, rece, esd-x, spm) and single-concept "
                              "adapters loaded together and fused (of uce, esd-x, esd-x-strict, spm)")
     parser.add_argument("--curve-methods", default=",".join(CURVE_METHODS),
-                        help="uce, rece, esd-x, spm (one run of the k concepts), esd-x-stacked, spm-stacked")
+                        help="uce, rece, esd-x, spm (one run of the k concepts), esd-x-stacked, spm-stacked (the "
+                             "k single-concept adapters loaded together), esd-x-strict-mace, uce-mace (fused with "
+                             "MACE's refit)")
     parser.add_argument("--ks", default=",".join(map(str, KS)),
                         help="the k of the curve (the first k of its concepts erased), comma-separated")
     parser.add_argument("--stacked-k", default=",".join(map(str, KS)),
-                        help="the k of the *-stacked curve rows of trained methods (closed-form ones: every k)")
+                        help="the k of the *-stacked and *-mace curve rows of trained methods (closed-form ones: "
+                             "every k)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: n 4, two concepts, 2 training steps per concept, nothing written")
     parser.add_argument("--no-write", action="store_true", help="print, do not touch BENCHMARKS.md")
@@ -537,7 +546,7 @@ def main() -> None:
     stacked_ks = tuple(k for k in map(int, args.stacked_k.split(",")) if k in ks)
     cut = [k for k in ks if k not in stacked_ks]
     trained_stacked = [m for m in args.curve_methods.split(",")
-                       if m.endswith("-stacked") and m[: -len("-stacked")] not in CLOSED_FORM]
+                       if m.endswith(("-stacked", "-mace")) and m.rpartition("-")[0] not in CLOSED_FORM]
     args.stacked_note = (f" The {', '.join(trained_stacked)} rows stop short of k = {', '.join(map(str, cut))} (cut "
                          f"for time)." if cut and trained_stacked else "")
     bench = Bench(workdir, args.n, args.quick)
