@@ -520,6 +520,37 @@ def test_a_job_list_fused_into_one_file(tmp_path, tiny_sd_folder):
         plan_jobs({**config, "concept": "circle", "fuse": str(tmp_path / "one.safetensors")})
 
 
+def test_erase_fuse_mace_trains_one_run_per_concept_and_refits_them_together(tmp_path, tiny_sd_folder, capsys):
+    from unsee.jobs import mace_options
+    from unsee.loading import load_pipeline
+
+    out = tmp_path / "kv.safetensors"
+    common = ["--model", str(tiny_sd_folder), "--steps", "1", "--set", "ddim_steps=1", "--grid", "0"]
+    assert main(["erase", "--method", "esd-x-strict", "--concept", "circle", "--concept", "star", "--fuse", "mace",
+                 "--out", str(out), *common]) == 0
+    assert f"fused 2 adapters into {out} (mace)" in capsys.readouterr().out
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["fused"]["fuse"] == "mace" and [j["concept"] for j in report["jobs"]] == ["circle", "star"]
+    fused = load_adapter(out)
+    assert fused.concepts == ["circle", "star"] and fused.hyperparameters["fuse"] == "mace"
+    # the same as `unsee fuse --method mace` of the two runs' adapters
+    model = load_pipeline(str(tiny_sd_folder))
+    reference = fuse_adapters(report["fused"]["from"], method="mace",
+                              **mace_options(model, str(tiny_sd_folder), ["circle", "star"]))
+    assert fused.tensors.keys() == reference.tensors.keys()
+    assert all(torch.equal(fused.tensors[k], reference.tensors[k]) for k in fused.tensors)
+    capsys.readouterr()
+    # one concept, or fuse_method without fuse, is refused before any work
+    assert main(["erase", "--method", "esd-x-strict", "--concept", "circle", "--fuse", "mace",
+                 "--out", str(tmp_path / "one.safetensors"), *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--fuse fuses the adapters of several concepts" in err
+    with pytest.raises(ConfigError, match="fuse_method needs fuse"):
+        plan_jobs({"method": "esd-x", "concept": ["circle", "star"], "fuse_method": "mace"})
+    with pytest.raises(ConfigError, match="fuse_method: unknown method 'sum'"):
+        plan_jobs({"method": "esd-x", "concept": ["circle", "star"], "fuse": "f.safetensors", "fuse_method": "sum"})
+
+
 def test_toy_mace_preset_refits_world_prompts_and_preserves_prompts_naming_none(tmp_path, capsys):
     from unsee.loading import load_pipeline
     from unsee.toy import world

@@ -386,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--concepts", default=None, metavar="FILE",
                     help="a text file of concepts to erase in one adapter, one per line (blank lines and lines "
                          "starting with # are left out); with --concept too, those come first")
+    er.add_argument("--fuse", default=None, choices=("stack", "mace"),
+                    help="several concepts: one run per concept (each with its own preset), the adapters fused into "
+                         "--out: stack (their sum; the default for salun, ant, advunlearn) or mace (MACE's refit of "
+                         "cross-attention key/value adapters: uce, rece, esd-x-strict)")
     er.add_argument("--erase-from", default=None, metavar="PROMPT",
                     help="ESD, SPM, AdvUnlearn, ANT: erase the concept only from this prompt (a job file takes a list)")
     er.add_argument("--preset", default=None, choices=("toy", "paper"),
@@ -1097,6 +1101,8 @@ def _erase_config(args: argparse.Namespace) -> dict:
             given.append("--set")
         if args.concepts is not None:
             given.append("--concepts")
+        if args.fuse is not None:
+            given.append("--fuse (fuse_method)")
         if given:
             raise UsageError(f"--config FILE takes its settings from the file; put {', '.join(given)} there instead")
         try:
@@ -1121,10 +1127,14 @@ def _erase_config(args: argparse.Namespace) -> dict:
         raise UsageError(f"concept {twice!r} is given twice (--concept / --concepts); name each concept once")
     config = {key: getattr(args, key) for key in _ERASE_KEYS if getattr(args, key) is not None}
     config["concept"], *more = concepts
-    if more and args.method in METHODS and "concepts" in config_fields(METHODS[args.method].config):
+    if args.fuse is not None and not more:
+        raise UsageError("--fuse fuses the adapters of several concepts; give two or more (--concept/--concepts), or "
+                         "leave --fuse out")
+    native = args.method in METHODS and "concepts" in config_fields(METHODS[args.method].config)
+    if more and native and args.fuse is None:
         config["concepts"] = more  # erased together in one run
     elif more:  # one run per concept (the job runner's concept list), the adapters fused into one file
-        config["concept"] = concepts
+        config["concept"], config["fuse_method"] = concepts, args.fuse or "stack"
         from .files import slug
 
         names = ("-".join(slug(c) for c in concepts) if len(concepts) <= 4
@@ -1212,7 +1222,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
         print(f"{entry['method']} {entry['concept']!r}: wrote {entry['out']} ({entry['tensors']} tensors, loss "
               f"{entry['loss_first']:.4g} -> {entry['loss_last']:.4g}, {entry['seconds']:.1f} s)")
     if report.get("fused"):
-        print(f"fused {len(report['fused']['from'])} adapters into {report['fused']['out']}")
+        print(f"fused {len(report['fused']['from'])} adapters into {report['fused']['out']} ({report['fused']['fuse']})")
     print(f"report: {report['report']}")
     return 0
 
@@ -1398,11 +1408,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     if args.method == "stack" and mace_flags:
         raise UsageError(f"--{mace_flags[0].replace('_', '-')} is for --method mace; --method stack needs no model")
     if args.method == "mace":
-        import functools
-
-        from .adapters import component_fingerprint, fill_concept, template_without_concept
-        from .erasure.uce import embed
-        from .toy.presets import fuse_settings, is_toy_model_name
+        from .adapters import component_fingerprint, template_without_concept
+        from .jobs import mace_options
 
         problem = template_without_concept(args.template or (), label="--template")
         if problem is not None:
@@ -1416,13 +1423,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
                     concepts += [c for c in opened.header.concepts if c not in concepts]
         except AdapterError as error:
             raise UsageError(str(error)) from None
-        preset = {"prompts": {}, "preserve": [""]}
-        if is_toy_model_name(args.model):
-            preset = fuse_settings(concepts)
-        prompts = {c: fill_concept(args.template, c) for c in concepts} if args.template else preset["prompts"]
-        options = dict(embed=functools.partial(embed, pipe), preserve=args.preserve or preset["preserve"],
-                       prompts=prompts, lamb=0.5 if args.lamb is None else args.lamb,
-                       preserve_scale=1.0 if args.preserve_scale is None else args.preserve_scale)
+        options = mace_options(pipe, args.model, concepts, templates=args.template, preserve=args.preserve,
+                               lamb=args.lamb, preserve_scale=args.preserve_scale)
     try:
         fused = fuse_adapters(paths, method=args.method, **options)
         if args.method == "mace" and fused.fingerprint.get("unet") not in ("unknown", component_fingerprint(pipe.unet)):

@@ -25,10 +25,12 @@ Keys (every ``unsee erase`` flag has one, spelled with underscores):
   ``rank``, ``alpha``, ``mask_fraction``, ``ddim_steps``, ...);
 - top level only: ``jobs`` (a list of job entries; without it the top level is the one job), ``out_dir``
   (default: the current folder), ``report`` (the combined JSON report; default ``<out>.json`` for one
-  job, ``<fuse>.json`` with ``fuse``, ``<out_dir>/erase-report.json`` for several) and ``fuse``: an adapter file
-  that, once every job is done, gets all their adapters fused into one (:func:`unsee.fuse.fuse_adapters`, ``stack``;
-  each job's own adapter is written as well). ``unsee erase --concepts FILE`` (or repeated ``--concept``) with a
-  method that erases one concept per run (SalUn, ANT, AdvUnlearn) is such a config: one job per concept, fused.
+  job, ``<fuse>.json`` with ``fuse``, ``<out_dir>/erase-report.json`` for several), ``fuse``: an adapter file
+  that, once every job is done, gets all their adapters fused into one (:func:`unsee.fuse.fuse_adapters`; each
+  job's own adapter is written as well), and ``fuse_method``: ``stack`` (the default) or ``mace`` (MACE's refit of
+  cross-attention key/value adapters with the job's model's text encoder: :func:`mace_options`). ``unsee erase
+  --concepts FILE`` (or repeated ``--concept``) with a method that erases one concept per run (SalUn, ANT,
+  AdvUnlearn), or with ``--fuse``, is such a config: one job per concept, fused.
 
 Top-level keys are defaults for every job (a method-specific key such as ``eta`` only applies to the methods
 that have it); a job's own keys win. Everything is validated before any model is loaded: an unknown key or
@@ -69,7 +71,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from unsee.erasure import METHODS, ConfigError, Progress, Trainer, TrainerConfig, TrainingError, make_trainer
 from unsee.erasure.base import (CHECKPOINT_NAME, DTYPES, check_draws, launch_problem, launched_processes,
@@ -83,7 +85,8 @@ __all__ = ["Job", "plan_jobs", "run_jobs", "load_job_file", "read_concepts_file"
            "before_after_images", "before_after_grid"]
 
 JOB_KEYS = ("method", "concept", "model", "model_config", "out", "checkpoint_dir", "resume", "overwrite", "grid", "preset")
-FILE_KEYS = ("jobs", "out_dir", "report", "fuse")
+FILE_KEYS = ("jobs", "out_dir", "report", "fuse", "fuse_method")
+FUSE_METHODS = ("stack", "mace")  # unsee.fuse.FUSE_METHODS, as a job file names them
 #: the largest ``--concepts`` file read, in bytes
 MAX_CONCEPTS_FILE = 1024 * 1024
 
@@ -112,6 +115,7 @@ class Job:
     overwrite: bool = False
     world_prompts: bool = False  # the toy preset gave it the toy world's prompts: it trains on the toy model only
     fuse_into: Optional[Path] = None  # the file every job's adapter is fused into when all are done (``fuse``)
+    fuse_method: str = "stack"  # how (``fuse_method``)
 
     @property
     def grid_path(self) -> Path:
@@ -208,6 +212,12 @@ def _plan(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Path]:
     out_dir = Path(str(top.pop("out_dir", None) or "."))
     report = top.pop("report", None)
     fuse = top.pop("fuse", None)
+    fuse_method = top.pop("fuse_method", None)
+    if fuse_method is not None and fuse_method not in FUSE_METHODS:
+        raise ConfigError(f"fuse_method: unknown method {fuse_method!r}; choose one of {', '.join(FUSE_METHODS)}")
+    if fuse_method is not None and fuse is None:
+        raise ConfigError("fuse_method needs fuse (the file the jobs' adapters are fused into); give fuse too, or "
+                          "leave fuse_method out")
     if entries is None:  # the top level is the one job (possibly with lists of methods/concepts)
         entries, top = [top], {}
     elif not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
@@ -324,7 +334,7 @@ def _plan(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Path]:
         if fuse.resolve() in outs:
             raise ConfigError(f"fuse: {fuse} is also a job's adapter file; give the fused adapter its own name")
         for job in jobs:
-            job.fuse_into = fuse
+            job.fuse_into, job.fuse_method = fuse, fuse_method or "stack"
     if report is not None:
         report_path = Path(str(report))
     elif fuse is not None:
@@ -574,8 +584,8 @@ def run_jobs(
             )
         fused = jobs[0].fuse_into if jobs else None
         if fused is not None:
-            on_main_process(lambda: _write_fused(jobs, fused), "fusing the adapters")
-            report["fused"] = {"out": str(fused), "from": [str(job.out) for job in jobs], "fuse": "stack"}
+            on_main_process(lambda: _write_fused(jobs, fused, job_pipe), "fusing the adapters")
+            report["fused"] = {"out": str(fused), "from": [str(job.out) for job in jobs], "fuse": jobs[0].fuse_method}
     finally:
         report["seconds"] = round(time.perf_counter() - started, 3)
         if report["jobs"] and main:  # no collective here: another process may be gone
@@ -583,15 +593,38 @@ def run_jobs(
     return report
 
 
-def _write_fused(jobs: list[Job], path: Path) -> None:
-    """Every job's adapter (written already) fused into one file (``fuse``)."""
+def _write_fused(jobs: list[Job], path: Path, pipe: Any) -> None:
+    """Every job's adapter (written already) fused into one file (``fuse``), by ``fuse_method`` (MACE with ``pipe``'s
+    text encoder, the jobs' model)."""
     from unsee.adapters import AdapterError
     from unsee.fuse import fuse_adapters
 
+    method = jobs[0].fuse_method
+    concepts = [c for job in jobs for c in job.config.erased]
+    options = mace_options(pipe, jobs[0].model, concepts) if method == "mace" else {}
     try:
-        fuse_adapters([job.out for job in jobs]).save(path)
+        fuse_adapters([job.out for job in jobs], method=method, **options).save(path)
     except AdapterError as error:
         raise TrainingError(f"fusing the jobs' adapters into {path}: {error}") from None
+
+
+def mace_options(pipe: Any, model: str, concepts: Sequence[str], templates: Optional[Sequence[str]] = None,
+                 preserve: Optional[Sequence[str]] = None, lamb: Optional[float] = None,
+                 preserve_scale: Optional[float] = None) -> dict[str, Any]:
+    """The keyword arguments of :func:`unsee.fuse.fuse_adapters` for ``method="mace"`` with ``pipe``'s text encoder:
+    each concept refitted on ``templates`` filled with it (none: on the toy model the toy preset's world prompts,
+    :func:`unsee.toy.presets.fuse_settings`), ``preserve`` kept (none: the toy preset's on the toy model, else
+    ``[""]``), ``lamb`` 0.5 and ``preserve_scale`` 1 unless given."""
+    import functools
+
+    from unsee.adapters import fill_concept
+    from unsee.erasure.uce import embed
+    from unsee.toy.presets import fuse_settings, is_toy_model_name
+
+    preset = fuse_settings(list(concepts)) if is_toy_model_name(model) else {"prompts": {}, "preserve": [""]}
+    prompts = {c: fill_concept(templates, c) for c in concepts} if templates else preset["prompts"]
+    return dict(embed=functools.partial(embed, pipe), preserve=list(preserve or preset["preserve"]), prompts=prompts,
+                lamb=0.5 if lamb is None else lamb, preserve_scale=1.0 if preserve_scale is None else preserve_scale)
 
 
 def read_concepts_file(path: Union[str, os.PathLike]) -> list[str]:
