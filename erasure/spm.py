@@ -18,6 +18,11 @@ does: each step draws one of these prompts, ``c_from`` ("a red circle on black")
 ``eps_spm(x_t, c_from)`` towards ``eps*(x_t, c_from) - g * (eps*(x_t, c) - eps*(x_t, ""))``. A small text encoder
 can embed the bare word far from the prompts that use it (``docs/erasure-notes.md``).
 
+``preserve`` (not in the paper; empty by default) anchors real prompts as well as random embeddings: each step draws
+one, p, and adds its row to the Latent Anchoring term (``eps_spm(x_t, p)`` towards ``eps*(x_t, p)``, at the same
+x_t, weighed as one more anchor). On the toy model erasing "red" drew other colours along (orange to yellow);
+preserving prompts of the other colours keeps them (``docs/erasure-notes.md``).
+
 At inference, Facilitated Transport (:func:`transport_strength`) scales each SPM by how much the prompt
 relates to its erased concept: ``m = max(cos(E(prompt), E(concept)), token overlap)`` in [0, 1], with
 ``E`` the text encoder's last hidden states, flattened. unsee's pipelines apply it by themselves for SPM
@@ -51,10 +56,11 @@ from torch import nn
 
 from unsee.pipelines.encoding import encode_text
 
-from .conditioning import Conditioning, encode_concepts
-from .config import CONCEPTS, ConceptsInContext, TrainerConfig, TrajectoryReuse, for_concept
+from .conditioning import Conditioning, encode_concepts, encode_prompts
+from .config import CONCEPTS, ConceptsInContext, TrainerConfig, TrajectoryReuse, for_concept, names_concept
 from .errors import ConfigError
-from .fields import ERASE_FROM, FLAG, GUIDANCE, NUMBER, RANK, RESOLUTION, integer, number, per_concept, setting
+from .fields import (ERASE_FROM, FLAG, GUIDANCE, NUMBER, RANK, RESOLUTION, integer, number, per_concept, prompt_list,
+                     setting)
 from .registry import register_method
 from .sampling import Trajectory, ddim_latents, esd_target, mse, predict
 from .selectors import linear_modules, lora_config
@@ -86,9 +92,12 @@ class SPMConfig(ConceptsInContext, TrajectoryReuse, TrainerConfig):
             around it; with ``erase_from`` each prompt there goes to the concept it names (it must name one).
             Facilitated Transport then scales the adapter by the prompt's relation to the closest of them. One
             concept draws nothing: a single-concept run is what it always was.
+        preserve: prompts anchored as they are (not in the paper; empty by default): every step draws one and adds
+            it to the Latent Anchoring term as one more anchor (see the module docstring). A prompt that names an
+            erased concept is refused.
         trajectory_reuse: training steps one DDIM run serves (1; see
             :class:`~unsee.erasure.config.TrajectoryReuse`): the prompt drawn (``erase_from``, the concept of
-            ``concepts``) stays the run's; the anchors are drawn every step.
+            ``concepts``) stays the run's; the anchors and the preserved prompt are drawn every step.
     """
 
     steps: int = 3000
@@ -105,8 +114,17 @@ class SPMConfig(ConceptsInContext, TrajectoryReuse, TrainerConfig):
     erase_from: Union[str, tuple[str, ...], None] = setting(None, ERASE_FROM)
     concepts: tuple[str, ...] = setting((), CONCEPTS, says="a list of non-empty concepts (erased with concept by one "
                                                           "adapter)")
+    preserve: tuple[str, ...] = setting((), prompt_list(allow_empty=True, as_tuple=True))
 
     method: ClassVar[str] = "spm"
+
+    def validate(self) -> None:
+        super().validate()
+        for prompt in self.preserve:
+            named = next((c for c in self.erased if names_concept(prompt, c)), None)
+            if named is not None:
+                raise ConfigError(f"preserve prompt {prompt!r} names the erased concept {named!r}; remove it from "
+                                  f"preserve")
 
 
 def spm_modules(unet: nn.Module) -> list[str]:
@@ -146,6 +164,8 @@ class SPMTrainer(Trainer):
         self.prompts, self.concept_index = self.concept_prompts[0], 0
         self.concept_draws = list((state or {}).get("concept_draws") or [0] * len(self.concept_prompts))
         self.scheduler = self.ddim_scheduler(self.config.ddim_steps)
+        kept = encode_prompts(pipe, self.config.preserve, height, width) if self.config.preserve else None
+        self.cond_preserve = [kept.rows([i]) for i in range(len(self.config.preserve))] if kept is not None else []
 
     def sample_anchors(self, n: int) -> Conditioning:
         """``n`` random anchor embeddings (rejection-sampled away from the concept, scaled to its norm)."""
@@ -185,7 +205,8 @@ class SPMTrainer(Trainer):
     def training_step(self, step: int) -> torch.Tensor:
         config = self.config
         self.draw_concept(self.trajectory_number(step))
-        # rows: (the trajectory's c_from when erasing in context), c, "", then the anchors; the student erases on row 0
+        # rows: (the trajectory's c_from when erasing in context), c, "", then the anchors and the preserved prompt
+        # drawn; the student erases on row 0
         trajectory, place = self.trajectory(step, self.sample_trajectory)
         cond_student = self.prompts.student(trajectory.draws["student"])
         in_context = bool(self.prompts.contexts)
@@ -195,6 +216,9 @@ class SPMTrainer(Trainer):
         parts = ([cond_student] if in_context else []) + [self.prompts.concept, self.prompts.empty]
         if config.anchors:
             parts.append(self.sample_anchors(config.anchors))
+        if self.cond_preserve:
+            parts.append(self.cond_preserve[self.draw_index(len(self.cond_preserve))])
+        anchored = len(parts) > o + 2
         rows = Conditioning.cat(parts)
         x = x_t.repeat(len(rows), 1, 1, 1)
         with torch.no_grad(), self.frozen_teacher() as teacher:
@@ -206,7 +230,7 @@ class SPMTrainer(Trainer):
         # the student sees the teacher's exact batch, so at initialisation (up = 0) both agree bit for bit
         student = predict(self.model, x, t, rows)
         erase = mse(student[0:1], target)
-        anchor = mse(student[o + 2:], frozen[o + 2:]) if config.anchors else torch.zeros((), device=erase.device)
+        anchor = mse(student[o + 2:], frozen[o + 2:]) if anchored else torch.zeros((), device=erase.device)
         self.last_terms = {"erase": float(erase.detach()), "anchor": float(anchor.detach())}
         return erase + config.la_strength * anchor
 

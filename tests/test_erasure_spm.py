@@ -132,6 +132,28 @@ def test_in_context_erase_term_anchors_at_the_drawn_prompt():
     assert bare.last_terms["erase"] > 1e-6
 
 
+def test_a_preserved_prompt_joins_the_anchoring_term():
+    # no random anchors: the anchor term is the preserved prompt's alone, 0 while the adapter is the identity (step 1)
+    # and positive once a step has changed it; without preserve it stays exactly 0
+    def anchor_terms(**settings):
+        trainer = SPMTrainer(SPMConfig(steps=2, **{**FAST, "anchors": 0}, **settings))
+        terms = []
+        trainer.train(tiny_sd_pipeline(), progress=lambda event: event.phase == "train" and event.loss is not None
+                      and terms.append(trainer.last_terms["anchor"]))
+        return terms
+
+    preserved = anchor_terms(preserve=["a blue square", "a green star"])
+    assert preserved[0] == 0.0 and preserved[1] > 1e-9
+    assert anchor_terms() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("settings, named", [({"preserve": ["a red circle"]}, "circle"),
+                                             ({"concepts": ["star"], "preserve": ["a square", "a red star"]}, "star")])
+def test_a_preserved_prompt_naming_an_erased_concept_is_refused(settings, named):
+    with pytest.raises(ConfigError, match=f"preserve prompt .* names the erased concept '{named}'"):
+        SPMConfig(concept="circle", **settings)
+
+
 @pytest.mark.parametrize("value", ["", [], ["a circle", ""], 3])
 def test_invalid_erase_from_is_refused(value):
     with pytest.raises(ConfigError, match="erase_from"):

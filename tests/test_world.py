@@ -163,3 +163,21 @@ def test_esd_x_strict_takes_its_own_toy_rates_for_shapes_and_styles_and_esd_x_ke
     # the user's own settings win
     assert rates("esd-x-strict", "star", lr=3e-4)[0] == 3e-4
     assert preset_settings("paper", "esd-x-strict", "toy", "circle").get("lr") is None
+
+
+def test_spm_preserves_the_other_colours_when_it_erases_a_colour_alone():
+    """SPM's toy preset anchors 10 prompts of the other colours for a colour (TOY_IN_CONTEXT_BY_ATTRIBUTE), none for
+    other attributes, and none in a run of several concepts (TOY_SPM_SEVERAL was tuned without)."""
+    from unsee.toy import world
+    from unsee.toy.presets import preset_settings
+
+    red = preset_settings("toy", "spm", "toy", "red")
+    assert len(red["erase_from"]) == 16 and len(red["preserve"]) == 10
+    colours = {world.parse_prompt(p)["color"] for p in red["preserve"]}
+    assert "red" not in colours and len(colours) == 5
+    assert [preset_settings("toy", "spm", "toy", c).get("preserve") for c in ("circle", "striped", "plain")] == [
+        None, None, None]
+    for first, more in (("circle", ["red"]), ("red", ["circle"])):
+        assert preset_settings("toy", "spm", "toy", first, {"concepts": more})["preserve"] == ()
+    assert preset_settings("toy", "spm", "toy", "red", {"preserve": ["a blue star"]})["preserve"] == ["a blue star"]
+    assert "preserve" not in preset_settings("toy", "spm", "sd15", "red")
