@@ -464,9 +464,9 @@ method's wall time over UCE's; training alone: the trainer's own time from the a
 
 One run: `unsee erase --method M --concept {' --concept '.join(four)}` (ESD-x and SPM train one
 concept per step, in shuffled cycles, so each gets `--steps` / {len(four)}: they ran the toy preset's steps ×
-{len(four)}, each concept getting as many steps as a single-concept run; the in-context prompts are each concept's,
-ESD-x's learning rate and eta the first concept's, SPM's guidance each concept's own with Latent Anchoring weight 10,
-the toy preset for several concepts). Loaded together: the {len(four)} single-concept adapters, each
+{len(four)}, each concept getting as many steps as a single-concept run; the toy preset for several concepts:
+ESD-x erases every concept in context with its siblings preserved, at lr 5e-4 and eta 3; SPM takes each concept's
+in-context prompts and own guidance, with Latent Anchoring weight 10). Loaded together: the {len(four)} single-concept adapters, each
 trained with its own concept's preset, loaded at once with `pipe.load_erasure`; time: the sum of their runs.
 Fused: `unsee fuse` of the {len(four)} adapters into one file, ESD-x's with `--method stack` (the sum of their
 deltas), UCE's and ESD-x-strict's (keys and values only) with `--method mace`, MACE's closed-form refit of the keys

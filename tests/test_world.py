@@ -158,11 +158,32 @@ def test_esd_x_strict_takes_its_own_toy_rates_for_shapes_and_styles_and_esd_x_ke
         (1e-3, 2.0, 0, 0), (2e-4, 1.0, 0, 0), (4e-3, 3.0, 16, 10), (5e-4, 2.0, 0, 0), (5e-4, 2.0, 0, 0)]
     # several concepts: the first concept's rates, and the style's in-context prompts as its own run gets them
     assert rates("esd-x-strict", "circle", concepts=["striped"])[:2] == (1e-3, 2.0)
-    together = [rates(m, "circle", concepts=["striped"])[2:] for m in ("esd-x", "esd-x-strict")]
-    assert together[0] == together[1] and together[0][0] > 0
+    erase_from, preserve = rates("esd-x-strict", "circle", concepts=["striped"])[2:]
+    assert 0 < erase_from <= 16 and 0 < preserve <= 10  # striped's, less those naming circle
     # the user's own settings win
     assert rates("esd-x-strict", "star", lr=3e-4)[0] == 3e-4
     assert preset_settings("paper", "esd-x-strict", "toy", "circle").get("lr") is None
+
+
+def test_esd_x_in_one_run_of_several_concepts_erases_each_in_context_with_its_siblings_preserved():
+    """TOY_ESD_X_SEVERAL: whatever the first concept, one rate and eta, every concept's world prompts (each prompt
+    once, given to the first concept it names) and its siblings' (none naming an erased concept); one concept's run
+    is unchanged."""
+    from unsee.erasure.config import names_concept
+    from unsee.toy.presets import TOY_ESD_X_SEVERAL, preset_settings
+
+    four = ["circle", "star", "red", "striped"]
+    for order in (four, four[::-1]):
+        merged = preset_settings("toy", "esd-x", "toy", order[0], {"concepts": order[1:]})
+        assert (merged["lr"], merged["eta"]) == (TOY_ESD_X_SEVERAL["lr"], TOY_ESD_X_SEVERAL["eta"]) == (5e-4, 3.0)
+        erase_from, preserve = merged["erase_from"], merged["preserve"]
+        assert len(set(erase_from)) == len(erase_from) and len(set(preserve)) == len(preserve) >= 10
+        for index, concept in enumerate(order):
+            mine = [p for p in erase_from if next(c for c in order if names_concept(p, c)) == concept]
+            assert 5 <= len(mine) <= 16 and all(not names_concept(p, c) for p in mine for c in order[:index])
+        assert not any(names_concept(p, c) for p in preserve for c in four)
+    assert preset_settings("toy", "esd-x", "toy", "circle") == {"steps": 200, "lr": 5e-4, "eta": 2.0, "ddim_steps": 25}
+    assert preset_settings("toy", "esd-x", "toy", "circle", {"concepts": ["star"], "eta": 1.5})["eta"] == 1.5
 
 
 def test_spm_preserves_the_other_colours_when_it_erases_a_colour_alone():

@@ -105,6 +105,12 @@ TOY_PRESETS: dict[str, dict[str, Any]] = {
 # circle, star, red and striped all go below 4% at 2-3 points of accuracy elsewhere (docs/erasure-notes.md). Tuned
 # without preserved prompts: a colour's (TOY_IN_CONTEXT_BY_ATTRIBUTE) are left out of such a run.
 TOY_SPM_SEVERAL: dict[str, Any] = {"la_strength": 10.0, "preserve": ()}
+# ESD-x erasing several concepts in one run on the toy model: every concept in context (this many world prompts
+# naming it) with this many naming its siblings preserved, at one learning rate and eta for all, whatever the first
+# concept. With each concept's own single-run settings (shapes and colours bare, the first concept's rates) circle,
+# star, red and striped in one run lost 6-8 points elsewhere and left striped in 19-25% of its images; with these,
+# at most 6.2% each and nothing lost (docs/toy-presets.md, ESD-x)
+TOY_ESD_X_SEVERAL: dict[str, Any] = {"erase_from": 16, "preserve": 10, "lr": 5e-4, "eta": 3.0}
 
 # Other methods on the toy model, by the attribute of the concept (a style is a texture, not a layout: it needs a
 # stronger erase target); applied over TOY_PRESETS
@@ -186,31 +192,43 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {"paper": {}, "toy": TOY_PRESETS
 
 def _more_contexts(method: str, concepts: list[str], merged: Mapping[str, Any]) -> dict[str, Any]:
     """The in-context prompts of a run that erases several concepts (ESD, SPM): each concept's world prompts, as
-    one concept's run would get them, together; preserved prompts that name any erased concept left out."""
+    one concept's run would get them (ESD-x: as :data:`TOY_ESD_X_SEVERAL` gives them to every concept), together;
+    preserved prompts that name any erased concept left out."""
+    several = {key: TOY_ESD_X_SEVERAL[key] for key in ("erase_from", "preserve")} if method == "esd-x" else None
     first = merged.get("erase_from")
     first = [first] if isinstance(first, str) else list(first or [])
     prompts: dict[str, list[str]] = {"erase_from": [p for p in first if _first_named(p, concepts) == 0],
                                      "preserve": list(merged.get("preserve") or [])}
-    for index, concept in enumerate(concepts[1:], 1):
+    start = 1
+    if several:  # the first concept's prompts too, each prompt once
+        prompts, start = {"erase_from": [], "preserve": []}, 0
+    for index, concept in enumerate(concepts[start:], start):
         attribute = _world_attribute(concept)
         if attribute is None:
             continue
-        if method in _ESD_X_METHODS:
+        if several:
+            context = several
+        elif method in _ESD_X_METHODS:
             table = _esd_table(method, attribute)
             context = {"erase_from": table["erase_from"], "preserve": table["preserve"]}
         else:
             context = _in_context(method, attribute)
         for key, values in _context_prompts(concept, **(context or {"erase_from": 0, "preserve": 0})).items():
             # a prompt that names an earlier concept too would train that one (the trainer's rule): left out
-            prompts[key] += [p for p in values if p not in prompts[key]
-                             and (key != "erase_from" or _first_named(p, concepts) == index)]
+            values = [p for p in values if key != "erase_from" or _first_named(p, concepts) == index]
+            if several:
+                values = list(dict.fromkeys(values))
+            prompts[key] += [p for p in values if p not in prompts[key]]
     prompts["preserve"] = [p for p in prompts["preserve"] if not any(_names(p, c) for c in concepts)]
     return {key: values for key, values in prompts.items() if values or key in merged}
 
 
 def _several_concepts(method: str, concepts: list[str], merged: Mapping[str, Any]) -> dict[str, Any]:
-    """The numbers of a run that erases several concepts: SPM's :data:`TOY_SPM_SEVERAL` and each concept's own
-    guidance (its attribute's, as one concept's run gets it; a concept outside the world takes the first's)."""
+    """The numbers of a run that erases several concepts: ESD-x's learning rate and eta (:data:`TOY_ESD_X_SEVERAL`);
+    SPM's :data:`TOY_SPM_SEVERAL` and each concept's own guidance (its attribute's, as one concept's run gets it; a
+    concept outside the world takes the first's)."""
+    if method == "esd-x":
+        return {"lr": TOY_ESD_X_SEVERAL["lr"], "eta": TOY_ESD_X_SEVERAL["eta"]}
     if method != "spm":
         return {}
     first = merged.get("guidance", TOY_PRESETS["spm"]["guidance"])
