@@ -59,6 +59,14 @@ def encode_prompts(pipe: Any, prompts: Sequence[str], height: int, width: int) -
     return Conditioning(embeds.to(dtype), pooled.to(dtype), time_ids.repeat(len(prompts), 1))
 
 
+def encode_each(pipe: Any, prompts: Sequence[str], height: int, width: int) -> list[Conditioning]:
+    """:func:`encode_prompts` (one batch), split into one conditioning per prompt ([] for no prompts)."""
+    if not prompts:
+        return []
+    encoded = encode_prompts(pipe, prompts, height, width)
+    return [encoded.rows([i]) for i in range(len(prompts))]
+
+
 @dataclass
 class ConceptConditioning:
     """The conditioning of erasing a concept, in context or not (the ``erase_from`` setting of ESD, SPM, ANT and

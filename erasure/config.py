@@ -141,6 +141,16 @@ def check_concept_list(concepts: Sequence[str]) -> None:
         raise ConfigError(f"concept {repeated!r} is erased twice; name each concept once")
 
 
+def check_preserve_names_none(preserve: Sequence[str], erased: Sequence[str]) -> None:
+    """Refuse a preserved prompt that names an erased concept (:func:`names_concept`): keeping it would undo the
+    erasure."""
+    for prompt in preserve:
+        named = next((c for c in erased if names_concept(prompt, c)), None)
+        if named is not None:
+            raise ConfigError(f"preserve prompt {prompt!r} names the erased concept {named!r}; remove it from "
+                              f"preserve")
+
+
 def contexts_by_concept(concepts: Sequence[str], erase_from: Union[str, Sequence[str], None]) -> list[tuple[str, ...]]:
     """The ``erase_from`` prompts of each of several erased concepts: every prompt goes to the first concept it names
     (:func:`names_concept`); a concept that none names is erased bare. One concept takes every prompt, whatever it

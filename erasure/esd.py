@@ -56,7 +56,7 @@ from typing import Any, ClassVar, Optional, Union
 import torch
 from torch import nn
 
-from .conditioning import Conditioning, encode_concepts, encode_prompts
+from .conditioning import Conditioning, encode_concepts, encode_each
 from .config import CONCEPTS, ConceptsInContext, TrainerConfig, TrajectoryReuse, erase_from_prompts
 from .fields import (BATCH_SIZE, DDIM_STEPS, ERASE_FROM, GUIDANCE, LORA_ALPHA, LOSS_SPACE, NUMBER, OUTPUT_KIND, RANK,
                      RESOLUTION, choice, number, prompt_list, setting)
@@ -190,8 +190,7 @@ class ESDTrainer(Trainer):
         self.concept_prompts = encode_concepts(pipe, config.erased, config.erase_from, height, width)
         self.prompts = self.concept_prompts[0]
         self.concept_draws = list((state or {}).get("concept_draws") or [0] * len(self.concept_prompts))
-        kept = encode_prompts(pipe, config.preserve, height, width) if config.preserve else None
-        self.cond_preserve = [kept.rows([i]) for i in range(len(config.preserve))] if kept is not None else []
+        self.cond_preserve = encode_each(pipe, config.preserve, height, width)
         self.scheduler = self.ddim_scheduler(config.ddim_steps)
 
     def sample_trajectory(self, steps: int) -> Trajectory:

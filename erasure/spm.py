@@ -56,8 +56,9 @@ from torch import nn
 
 from unsee.pipelines.encoding import encode_text
 
-from .conditioning import Conditioning, encode_concepts, encode_prompts
-from .config import CONCEPTS, ConceptsInContext, TrainerConfig, TrajectoryReuse, for_concept, names_concept
+from .conditioning import Conditioning, encode_concepts, encode_each
+from .config import (CONCEPTS, ConceptsInContext, TrainerConfig, TrajectoryReuse, check_preserve_names_none,
+                     for_concept)
 from .errors import ConfigError
 from .fields import (ERASE_FROM, FLAG, GUIDANCE, NUMBER, RANK, RESOLUTION, integer, number, per_concept, prompt_list,
                      setting)
@@ -120,11 +121,7 @@ class SPMConfig(ConceptsInContext, TrajectoryReuse, TrainerConfig):
 
     def validate(self) -> None:
         super().validate()
-        for prompt in self.preserve:
-            named = next((c for c in self.erased if names_concept(prompt, c)), None)
-            if named is not None:
-                raise ConfigError(f"preserve prompt {prompt!r} names the erased concept {named!r}; remove it from "
-                                  f"preserve")
+        check_preserve_names_none(self.preserve, self.erased)
 
 
 def spm_modules(unet: nn.Module) -> list[str]:
@@ -164,8 +161,7 @@ class SPMTrainer(Trainer):
         self.prompts, self.concept_index = self.concept_prompts[0], 0
         self.concept_draws = list((state or {}).get("concept_draws") or [0] * len(self.concept_prompts))
         self.scheduler = self.ddim_scheduler(self.config.ddim_steps)
-        kept = encode_prompts(pipe, self.config.preserve, height, width) if self.config.preserve else None
-        self.cond_preserve = [kept.rows([i]) for i in range(len(self.config.preserve))] if kept is not None else []
+        self.cond_preserve = encode_each(pipe, self.config.preserve, height, width)
 
     def sample_anchors(self, n: int) -> Conditioning:
         """``n`` random anchor embeddings (rejection-sampled away from the concept, scaled to its norm)."""

@@ -77,7 +77,7 @@ from unsee.adapters import (CONCEPT_SLOT, Adapter, AdapterError, component_finge
                             validate_adapter)
 from unsee.pipelines.encoding import encode_text
 
-from .config import TrainerConfig, check_concept_list, for_concept, names_concept
+from .config import TrainerConfig, check_concept_list, check_preserve_names_none, for_concept, names_concept
 from .errors import ConfigError, TrainingError
 from .fields import Kind, choice, is_int, number, per_concept, prompt_list, setting
 from .registry import register_method
@@ -149,11 +149,7 @@ class UCEConfig(TrainerConfig):
             if named is not None:
                 raise ConfigError(f"guide {guide!r} names the erased concept {named!r}; guide to another concept or "
                                   f"to '' (the empty prompt)")
-        for prompt in self.preserve:
-            named = next((c for c in erased if names_concept(prompt, c)), None)
-            if named is not None:
-                raise ConfigError(f"preserve prompt {prompt!r} names the erased concept {named!r}; remove it from "
-                                  f"preserve")
+        check_preserve_names_none(self.preserve, erased)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -78,6 +78,7 @@ from unsee.erasure.base import (CHECKPOINT_NAME, DTYPES, check_draws, launch_pro
                                 on_main_process, process_rank, process_state)
 from unsee.erasure.registry import coerce, config_fields
 from unsee.files import atomic_write, is_temporary, model_file_problem, output_problem, remove_stale_temporaries, slug
+from unsee.fuse import FUSE_METHODS
 from unsee.model_card import card_path, write_model_card
 from unsee.toy.presets import WORLD_PROMPT_KEYS, is_toy_pipeline, preset_settings
 
@@ -86,7 +87,6 @@ __all__ = ["Job", "plan_jobs", "run_jobs", "load_job_file", "read_concepts_file"
 
 JOB_KEYS = ("method", "concept", "model", "model_config", "out", "checkpoint_dir", "resume", "overwrite", "grid", "preset")
 FILE_KEYS = ("jobs", "out_dir", "report", "fuse", "fuse_method")
-FUSE_METHODS = ("stack", "mace")  # unsee.fuse.FUSE_METHODS, as a job file names them
 #: the largest ``--concepts`` file read, in bytes
 MAX_CONCEPTS_FILE = 1024 * 1024
 

@@ -195,13 +195,15 @@ def _more_contexts(method: str, concepts: list[str], merged: Mapping[str, Any]) 
     one concept's run would get them (ESD-x: as :data:`TOY_ESD_X_SEVERAL` gives them to every concept), together;
     preserved prompts that name any erased concept left out."""
     several = {key: TOY_ESD_X_SEVERAL[key] for key in ("erase_from", "preserve")} if method == "esd-x" else None
-    first = merged.get("erase_from")
-    first = [first] if isinstance(first, str) else list(first or [])
-    prompts: dict[str, list[str]] = {"erase_from": [p for p in first if _first_named(p, concepts) == 0],
-                                     "preserve": list(merged.get("preserve") or [])}
-    start = 1
-    if several:  # the first concept's prompts too, each prompt once
-        prompts, start = {"erase_from": [], "preserve": []}, 0
+    if several:  # the first concept's prompts come from the loop too, each prompt once
+        prompts: dict[str, list[str]] = {"erase_from": [], "preserve": []}
+        start = 0
+    else:
+        first = merged.get("erase_from")
+        first = [first] if isinstance(first, str) else list(first or [])
+        prompts = {"erase_from": [p for p in first if _first_named(p, concepts) == 0],
+                   "preserve": list(merged.get("preserve") or [])}
+        start = 1
     for index, concept in enumerate(concepts[start:], start):
         attribute = _world_attribute(concept)
         if attribute is None:
