@@ -6,6 +6,7 @@ import os
 import platform
 import re
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -27,6 +28,13 @@ def hardware() -> str:
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads{gpu}"
+
+
+def read_section(name: str) -> Optional[str]:
+    """The body of the section between <!-- name:start --> and <!-- name:end --> in BENCHMARKS.md (None: none)."""
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else ""
+    found = re.search(rf"<!-- {re.escape(name)}:start -->\n(.*?)\n<!-- {re.escape(name)}:end -->", text, re.S)
+    return found.group(1) if found else None
 
 
 def write_section(name: str, body: str) -> None:

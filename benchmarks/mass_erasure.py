@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -49,7 +50,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from closed_form import unnamed_prompts  # noqa: E402
-from common import ROOT, hardware, write_section  # noqa: E402
+from common import ROOT, hardware, read_section, write_section  # noqa: E402
 from erasure_efficacy import EVAL_SEED  # noqa: E402
 
 from unsee.toy import world  # noqa: E402
@@ -76,6 +77,9 @@ MANY_PRESENCE, MANY_DROP = 0.15, 5.0
 ATTEMPTS = 5  # tries of a CLI run that fails at once (the tree edited meanwhile), 90 s apart
 EPS = 1e-9  # shares of n images and their differences in points, compared with the bars
 KEPT_BAR = 0.90  # "still recognisable": the judge gets the kept shape, colour and background right this often
+# each part's subsection, by its title (a run that writes some parts keeps the others' as BENCHMARKS.md has them)
+PART_TITLES = {"time": re.compile(r"^### Time to erase"), "four": re.compile(r"^### \d+ concepts at once"),
+               "curve": re.compile(r"^### Concepts erased against")}
 
 
 def adapter_key(method: str, concepts: tuple[str, ...], steps: Optional[int] = None) -> str:
@@ -435,16 +439,37 @@ def curve_table(part: dict) -> str:
     return "\n".join(lines)
 
 
+def load_note(adapters: list[dict]) -> str:
+    """How loaded the machine was when the adapters' runs started (their wall times grow with it)."""
+    loads = [a["load"] for a in adapters]
+    if not loads:
+        return ""
+    return (f"1-minute load average when each `unsee erase` of this part started: {min(loads):.1f} to "
+            f"{max(loads):.1f}, mean {mean(loads):.1f}.")
+
+
+def carried_blocks(missing: list[str]) -> dict[str, str]:
+    """The subsections of the parts a run does not write, as BENCHMARKS.md has them (kept as they are)."""
+    body = read_section(SECTION) or ""
+    body = re.split(r"\n\n(?=Compute behind |Failed runs: )", body)[0]  # a run's footer goes with the run
+    blocks = {}
+    for block in re.split(r"\n(?=### )", body)[1:]:
+        part = next((p for p, title in PART_TITLES.items() if title.search(block.splitlines()[0])), None)
+        if part in missing:
+            blocks[part] = block.strip()
+    return blocks
+
+
 def section(parts: dict, args, settings: str, bench: Bench) -> str:
-    loads = [a["load"] for a in _adapters(parts)]
+    """The section: the parts this run measured, and the others as BENCHMARKS.md has them."""
     stored = sum(a["wall"] for a in _adapters(parts)) + sum(r.get("seconds", 0) for r in bench.cache.values())
+    carried = carried_blocks([p for p in PART_TITLES if p not in parts])
     blocks = [f"""## Mass erasure and time-to-erase on the toy model (`benchmarks/mass_erasure.py`)
 
 Hardware: {hardware()}.
 
-The cores were shared with other jobs (1-minute load average when each `unsee erase` started:
-{min(loads):.1f} to {max(loads):.1f}, mean {mean(loads):.1f}), so wall times are longer than on an idle machine;
-the CPU time each process used is given beside its wall time.
+Wall times grow with the machine's load (given for each part); the CPU time each process used is given beside its
+wall time.
 
 Every adapter comes from `unsee erase --method M --concept ... --grid 0` in a fresh process with the toy preset (as
 the CLI applies it to each concept: `unsee/toy/presets.py`), timed from the process's start to the adapter written
@@ -454,14 +479,19 @@ accuracy. {args.n} images per prompt set, 25 DDIM steps, CFG 5, evaluation seed 
     if "time" in parts:
         blocks.append(f"""### Time to erase "circle", every method
 
+{load_note(_adapters({"time": parts["time"]}))}
 Accuracy on other prompts: {args.n} prompts naming the other shapes (as in the other erasure sections). × UCE's: the
 method's wall time over UCE's; training alone: the trainer's own time from the adapter's report. Settings: {settings}.
 
 {time_table(parts['time'])}""")
+    elif "time" in carried:
+        blocks.append(carried["time"])
     if "four" in parts:
-        four = parts["four"]["concepts"]
+        four_part = parts["four"]
+        four = four_part["concepts"]
         blocks.append(f"""### {len(four)} concepts at once: {', '.join(four)}
 
+{load_note(_adapters({"four": four_part}))}
 One run: `unsee erase --method M --concept {' --concept '.join(four)}` (ESD-x and SPM train one
 concept per step, in shuffled cycles, so each gets `--steps` / {len(four)}: they ran the toy preset's steps ×
 {len(four)}, each concept getting as many steps as a single-concept run; the toy preset for several concepts:
@@ -476,11 +506,14 @@ prompts naming none of them preserved; time: theirs plus the fuse.
 Accuracy on {args.n} prompts (shape, colour, background) that name none of the concepts.
 
 {four_table(parts['four'])}""")
+    elif "four" in carried:
+        blocks.append(carried["four"])
     if "curve" in parts:
         curve = parts["curve"]
         kept = ", ".join(KEPT.values())
         blocks.append(f"""### Concepts erased against what is left
 
+{load_note(_adapters({"curve": curve}))}
 k concepts erased, the first k of: {', '.join(curve['concepts'])} (five of the six shapes, five
 of the six colours, and the striped style; the {kept} and the three backgrounds are never erased). uce, rece: one
 solve of the k concepts (guides: the next value of each attribute that is not erased, so with every other shape
@@ -492,9 +525,13 @@ the original model's on the same prompts). Kept prompts: {args.n} prompts of a {
 each background, judged per attribute.{args.stacked_note}
 
 {curve_table(curve)}""")
+    elif "curve" in carried:
+        blocks.append(carried["curve"])
     if bench.failures:
         blocks.append("Failed runs: " + "; ".join(bench.failures))
-    blocks.append(f"Compute behind this section: {stored / 60:.0f} min of wall time (every `unsee erase`/`unsee fuse` "
+    plural = "s" if len(parts) > 1 else ""
+    written = f"the {', '.join(parts)} part{plural} of this section" if carried else "this section"
+    blocks.append(f"Compute behind {written}: {stored / 60:.0f} min of wall time (every `unsee erase`/`unsee fuse` "
                   "run and every measurement, summed over resumed runs).")
     return "\n\n".join(blocks) + "\n"
 

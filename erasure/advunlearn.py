@@ -126,6 +126,7 @@ class AdvUnlearnConfig(TrajectoryReuse, TrainerConfig):
     erase_from: Union[str, tuple[str, ...], None] = setting(None, ERASE_FROM)
 
     method: ClassVar[str] = "advunlearn"
+    text_kv_only: ClassVar[bool] = False  # the text encoder
 
     def validate(self) -> None:
         super().validate()

@@ -136,6 +136,10 @@ class ANTConfig(TrajectoryReuse, TrainerConfig):
 
     method: ClassVar[str] = "ant"
 
+    @property
+    def text_kv_only(self) -> bool:  # type: ignore[override]
+        return self.kind == "delta" and self.parameters == "esd-x-strict"
+
     def validate(self) -> None:
         super().validate()
         if self.before_step >= self.ddim_steps:

@@ -5,7 +5,8 @@ A method is one file with two small classes and one registration line:
 - a config dataclass, a subclass of :class:`TrainerConfig`, with its paper's defaults. Each field is declared
   with the kind of value it holds (:func:`unsee.erasure.fields.setting`), so it is validated on construction: a
   bad value raises :class:`ConfigError` with a message that names the field and the fix, before any model is
-  touched;
+  touched (optionally ``text_kv_only``: whether its adapters change only the cross-attention keys and values,
+  so ``--fuse mace`` can refuse the others before training);
 - a :class:`Trainer` subclass that says which UNet parameters it trains (:meth:`Trainer.select_parameters`),
   what it prepares before the first step (:meth:`Trainer.setup`) and what one step's loss is
   (:meth:`Trainer.training_step`), decorated with ``@register_method("name", summary=...)``

@@ -77,6 +77,13 @@ class TrainerConfig:
         """Every erased concept: ``concept``, then the ``concepts`` setting where a method has one."""
         return erased_concepts(self)
 
+    @property
+    def text_kv_only(self) -> Optional[bool]:
+        """Whether the adapter this config trains changes the UNet's cross-attention keys and values
+        (``attn2.to_k``, ``attn2.to_v``) and nothing else, all that MACE's fusion refits (:mod:`unsee.fuse`): True,
+        False, or None where only the trained adapter tells (the default)."""
+        return None
+
     def validate(self) -> None:
         """Raise :class:`~unsee.erasure.ConfigError` naming the first invalid field (each field is checked with its
         declared kind, in declaration order) or a per-concept setting given as a list whose length is not the

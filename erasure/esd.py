@@ -142,6 +142,10 @@ class ESDConfig(ConceptsInContext, TrajectoryReuse, TrainerConfig):
         """``erase_from`` as a tuple of prompts (empty: erase everywhere)."""
         return erase_from_prompts(self.erase_from)
 
+    @property
+    def text_kv_only(self) -> bool:  # type: ignore[override]
+        return self.variant == "esd-x-strict"
+
 
 
 def esd_modules(unet: nn.Module, variant: str) -> list[str]:

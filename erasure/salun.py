@@ -103,6 +103,10 @@ class SalUnConfig(TrainerConfig):
 
     method: ClassVar[str] = "salun"
 
+    @property
+    def text_kv_only(self) -> bool:  # type: ignore[override]
+        return self.parameters == "esd-x-strict"
+
     def validate(self) -> None:
         super().validate()
         saliency_prompts(self)  # the prompt sets can be built (raises ConfigError otherwise)

@@ -118,6 +118,7 @@ class SPMConfig(ConceptsInContext, TrajectoryReuse, TrainerConfig):
     preserve: tuple[str, ...] = setting((), prompt_list(allow_empty=True, as_tuple=True))
 
     method: ClassVar[str] = "spm"
+    text_kv_only: ClassVar[bool] = False  # a LoRA on every layer of the transformer blocks
 
     def validate(self) -> None:
         super().validate()

@@ -131,6 +131,7 @@ class UCEConfig(TrainerConfig):
     steps: int = setting(1, ONE_SOLVE)
 
     method: ClassVar[str] = "uce"
+    text_kv_only: ClassVar[bool] = True  # the solve edits the cross-attention keys and values alone
 
     @property
     def guides(self) -> list[str]:

@@ -145,3 +145,22 @@ def test_mass_erasure_prompt_sets_and_bars():
             for m, red, accuracy in (("uce", 0.0, 0.95), ("rece", 0.16, 1.0), ("spm", 0.0, 0.94))]
     table = bench.four_table({"concepts": four, "before": before, "rows": rows}).splitlines()
     assert [line.rsplit("|", 2)[1].strip() for line in table[3:]] == ["yes", "**no**", "**no**"]
+
+
+def test_mass_erasure_keeps_the_parts_a_run_does_not_write(monkeypatch):
+    """A run of some parts (``--parts time``) rewrites their subsections and keeps the others' as they are, without
+    the old run's footer."""
+    bench = _load_benchmark("mass_erasure")
+    old = ("## Mass erasure\n\nHardware: x.\n\n### Time to erase \"circle\", every method\n\nold time table\n\n"
+           "### 4 concepts at once: circle, star, red, striped\n\nfour table\n| a | b |\n\n"
+           "### Concepts erased against what is left\n\ncurve table, hand-edited\n\n"
+           "Compute behind this section: 149 min of wall time.")
+    monkeypatch.setattr(bench, "read_section", lambda name: old if name == bench.SECTION else None)
+    kept = bench.carried_blocks(["four", "curve"])
+    assert kept == {"four": "### 4 concepts at once: circle, star, red, striped\n\nfour table\n| a | b |",
+                    "curve": "### Concepts erased against what is left\n\ncurve table, hand-edited"}
+    assert bench.carried_blocks([]) == {}
+    monkeypatch.setattr(bench, "read_section", lambda name: None)
+    assert bench.carried_blocks(["four"]) == {}
+    note = bench.load_note([{"load": 0.3}, {"load": 2.1}])
+    assert "0.3 to 2.1, mean 1.2" in note and bench.load_note([]) == ""

@@ -549,6 +549,31 @@ def test_erase_fuse_mace_trains_one_run_per_concept_and_refits_them_together(tmp
         plan_jobs({"method": "esd-x", "concept": ["circle", "star"], "fuse_method": "mace"})
     with pytest.raises(ConfigError, match="fuse_method: unknown method 'sum'"):
         plan_jobs({"method": "esd-x", "concept": ["circle", "star"], "fuse": "f.safetensors", "fuse_method": "sum"})
+    # a method whose adapters change more than the keys and values is refused for MACE before any training
+    assert main(["erase", "--method", "esd-x", "--concept", "circle", "--concept", "star", "--fuse", "mace",
+                 "--out", str(tmp_path / "x.safetensors"), *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "esd-x 'circle'" in err and "use fuse_method stack" in err
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "x").exists()
+    for method in ("spm", "advunlearn"):
+        with pytest.raises(ConfigError, match=f"but {method} 'circle'.* trains an adapter that changes more"):
+            plan_jobs({"method": method, "concept": ["circle", "star"], "fuse": "f.safetensors", "fuse_method": "mace"})
+    assert len(plan_jobs({"method": "esd-x", "concept": ["circle", "star"], "fuse": "f.safetensors",
+                          "fuse_method": "stack"})[0]) == 2
+
+
+@pytest.mark.parametrize("method, settings", [
+    ("uce", {}), ("esd-x-strict", {}), ("esd-x-strict", {"kind": "lora"}), ("esd-x", {}), ("esd-u", {}),
+    ("spm", {}), ("ant", {"kind": "lora", "before_step": 1, "saliency_iterations": 1, "saliency_seeds": [0]}),
+], ids=["uce", "esd-x-strict", "esd-x-strict-lora", "esd-x", "esd-u", "spm", "ant-lora"])
+def test_text_kv_only_says_whether_the_adapter_changes_only_keys_and_values(method, settings):
+    from unsee.fuse import MACE_MODULES
+
+    sampled = {} if method == "uce" else {"ddim_steps": 2}
+    trainer = make_trainer(method, concept="circle", steps=1, lr=1e-3, device="cpu", **sampled, **settings)
+    adapter = trainer.train(tiny_sd_pipeline())
+    tensors = lora_to_delta(adapter) if adapter.is_lora else adapter.tensors
+    assert trainer.config.text_kv_only is all(k.startswith("unet.") and k.endswith(MACE_MODULES) for k in tensors)
 
 
 def test_toy_mace_preset_refits_world_prompts_and_preserves_prompts_naming_none(tmp_path, capsys):

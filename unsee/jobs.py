@@ -28,7 +28,8 @@ Keys (every ``unsee erase`` flag has one, spelled with underscores):
   job, ``<fuse>.json`` with ``fuse``, ``<out_dir>/erase-report.json`` for several), ``fuse``: an adapter file
   that, once every job is done, gets all their adapters fused into one (:func:`unsee.fuse.fuse_adapters`; each
   job's own adapter is written as well), and ``fuse_method``: ``stack`` (the default) or ``mace`` (MACE's refit of
-  cross-attention key/value adapters with the job's model's text encoder: :func:`mace_options`). ``unsee erase
+  cross-attention key/value adapters with the job's model's text encoder: :func:`mace_options`; a job whose
+  config's ``text_kv_only`` is False is refused before any work). ``unsee erase
   --concepts FILE`` (or repeated ``--concept``) with a method that erases one concept per run (SalUn, ANT,
   AdvUnlearn), or with ``--fuse``, is such a config: one job per concept, fused.
 
@@ -335,6 +336,11 @@ def _plan(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Path]:
             raise ConfigError(f"fuse: {fuse} is also a job's adapter file; give the fused adapter its own name")
         for job in jobs:
             job.fuse_into, job.fuse_method = fuse, fuse_method or "stack"
+        wide = next((job for job in jobs if fuse_method == "mace" and job.config.text_kv_only is False), None)
+        if wide is not None:
+            raise ConfigError(f"fuse_method mace refits the UNet's cross-attention keys and values only, but "
+                              f"{wide.describe()} trains an adapter that changes more; use fuse_method stack (--fuse stack), or a "
+                              f"method whose adapters change only those (uce, rece, esd-x-strict)")
     if report is not None:
         report_path = Path(str(report))
     elif fuse is not None:
