@@ -15,9 +15,9 @@ less). Three parts:
   side by side, with the concept's presence on ``n`` prompts that name it and the judge's accuracy on ``n`` prompts
   that do not (before and after), and each method's time over UCE's. Bar (issue 25) for UCE: presence <= 10%,
   accuracy down <= 3 points, under 10 s.
-- ``four``: circle, star, red and striped at once: in one run (UCE, RECE, ESD-x, SPM; ESD and SPM train one
-  concept per step, so they get the toy preset's steps x 4), as the four single-concept adapters loaded together
-  (UCE, ESD-x, ESD-x-strict, SPM; each with its own concept's toy preset) and fused into one file (``unsee
+- ``four``: circle, star, red and striped at once: in one run (UCE, RECE, ESD-x, ESD-u, SPM; ESD and SPM train
+  one concept per step, so they get the toy preset's steps x 4), as the four single-concept adapters loaded
+  together (every method: :data:`STACKED`; each with its own concept's toy preset) and fused into one file (``unsee
   fuse``: ESD-x's summed, UCE's and ESD-x-strict's with MACE's refit, :data:`FUSED`). Per row each concept's
   presence on its own prompts and the accuracy on prompts naming none of them (``closed_form.unnamed_prompts``).
   Bars: each concept <= 15%, accuracy down <= 5 points.
@@ -58,10 +58,11 @@ from unsee.toy.presets import TOY_PRESETS, preset_settings  # noqa: E402
 
 SECTION = "mass-erasure"
 TIME_METHODS = ("uce", "rece", "esd-x", "esd-u", "spm", "salun", "ant", "advunlearn")
-NATIVE = ("uce", "rece", "esd-x", "spm")  # erase several concepts in one run
-STEPPED = ("esd-x", "spm")  # one concept per training step: their steps grow with the concepts
+NATIVE = ("uce", "rece", "esd-x", "esd-u", "spm")  # erase several concepts in one run
+STEPPED = ("esd-x", "esd-u", "spm")  # one concept per training step: their steps grow with the concepts
 CLOSED_FORM = ("uce", "rece")  # no training steps (--quick shortens every other method's)
-STACKED = ("uce", "esd-x", "esd-x-strict", "spm")  # single-concept adapters loaded together
+# single-concept adapters loaded together
+STACKED = ("uce", "esd-x", "esd-x-strict", "esd-u", "spm", "salun", "ant", "advunlearn")
 # single-concept adapters fused into one file, and how: the exact sum, or MACE's refit of the keys and values
 FUSED = {"uce": "mace", "esd-x": "stack", "esd-x-strict": "mace"}
 FOUR = ("circle", "star", "red", "striped")
@@ -492,11 +493,12 @@ method's wall time over UCE's; training alone: the trainer's own time from the a
         blocks.append(f"""### {len(four)} concepts at once: {', '.join(four)}
 
 {load_note(_adapters({"four": four_part}))}
-One run: `unsee erase --method M --concept {' --concept '.join(four)}` (ESD-x and SPM train one
-concept per step, in shuffled cycles, so each gets `--steps` / {len(four)}: they ran the toy preset's steps ×
-{len(four)}, each concept getting as many steps as a single-concept run; the toy preset for several concepts:
-ESD-x erases every concept in context with its siblings preserved, at lr 5e-4 and eta 3; SPM takes each concept's
-in-context prompts and own guidance, with Latent Anchoring weight 10). Loaded together: the {len(four)} single-concept adapters, each
+One run: `unsee erase --method M --concept {' --concept '.join(four)}` (ESD-x, ESD-u and SPM train
+one concept per step, in shuffled cycles, so each gets `--steps` / {len(four)}: they ran the toy preset's steps
+× {len(four)}, each concept getting as many steps as a single-concept run; the toy preset for several concepts:
+ESD-x erases every concept in context with its siblings preserved, at lr 5e-4 and eta 3; ESD-u takes each
+concept's in-context and preserved prompts, as one concept's run, at the first concept's lr and eta; SPM takes
+each concept's in-context prompts and own guidance, with Latent Anchoring weight 10). Loaded together: the {len(four)} single-concept adapters, each
 trained with its own concept's preset, loaded at once with `pipe.load_erasure`; time: the sum of their runs.
 Fused: `unsee fuse` of the {len(four)} adapters into one file, ESD-x's with `--method stack` (the sum of their
 deltas), UCE's and ESD-x-strict's (keys and values only) with `--method mace`, MACE's closed-form refit of the keys
