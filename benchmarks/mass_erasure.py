@@ -88,6 +88,22 @@ def adapter_key(method: str, concepts: tuple[str, ...], steps: Optional[int] = N
     return f"{method}-{'+'.join(concepts)}" + (f"-steps{steps}" if steps else "")
 
 
+def stale_setting(method: str, concepts: tuple[str, ...], steps: Optional[int], report: Path) -> Optional[str]:
+    """The first setting in which a cached adapter's run (its ``unsee erase`` report) differs from what the toy
+    preset gives that run now (None: none, or no report to tell): a cached adapter made before a preset changed is
+    made again."""
+    if not report.exists():
+        return None
+    more = {"concepts": list(concepts[1:])} if len(concepts) > 1 else {}
+    wanted = preset_settings("toy", method, concept=concepts[0], settings={**more, **({"steps": steps} if steps else {})})
+    had = json.loads(report.read_text())["jobs"][0].get("settings") or {}
+
+    def plain(value):
+        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    return next((k for k, v in wanted.items() if k in had and plain(had[k]) != plain(v)), None)
+
+
 def set_name(kind: str, concepts: tuple[str, ...] = ()) -> str:
     """A prompt set's cache name: ``named``/``other`` (one concept), ``none`` (several, order-free) or ``kept``."""
     return f"{kind}:{'+'.join(sorted(concepts) if kind == 'none' else concepts)}"
@@ -185,9 +201,13 @@ class Bench:
             steps = QUICK_STEPS
         key = adapter_key(method, concepts, steps)
         path, timing = self.adapters / f"{key}.safetensors", self.adapters / f"{key}.timing.json"
-        if path.exists() and timing.exists():
-            return {**json.loads(timing.read_text()), "path": str(path)}
         report, checkpoints = self.adapters / f"{key}.report.json", self.workdir / "checkpoints" / key
+        if path.exists() and timing.exists():
+            changed = stale_setting(method, concepts, steps, report)
+            if changed is None:
+                return {**json.loads(timing.read_text()), "path": str(path)}
+            print(f"  {key}: made with another {changed} than the preset gives now: trained again", flush=True)
+            self.forget(key)
         shutil.rmtree(checkpoints, ignore_errors=True)  # a killed run's checkpoint: trained again, timed whole
         command = [sys.executable, "-m", "unsee.cli", "erase", "--method", method, "--out", str(path), "--report",
                    str(report), "--grid", "0", "--overwrite", "--checkpoint-dir", str(checkpoints)]
@@ -216,7 +236,10 @@ class Bench:
         key = ("fused-" if method == "stack" else f"{method}-") + "+".join(s["key"] for s in sources)
         path, timing = self.adapters / f"{key}.safetensors", self.adapters / f"{key}.timing.json"
         if path.exists() and timing.exists():
-            return {**json.loads(timing.read_text()), "path": str(path)}
+            if all(Path(s["path"]).stat().st_mtime <= path.stat().st_mtime for s in sources):
+                return {**json.loads(timing.read_text()), "path": str(path)}
+            print(f"  {key}: a source was made again: fused again", flush=True)
+            self.forget(key)
         command = [sys.executable, "-m", "unsee.cli", "fuse", *[s["path"] for s in sources], "--out", str(path),
                    "--overwrite", "--method", method]
         code, wall, cpu, load = self._run(command, self.adapters / f"{key}.log")
@@ -226,6 +249,17 @@ class Bench:
         record = {"key": key, "wall": wall, "cpu": cpu, "load": load}
         timing.write_text(json.dumps(record))
         return {**record, "path": str(path)}
+
+    def forget(self, key: str) -> None:
+        """Drop the measurements made with adapter ``key`` loaded (it is being made again); a measurement's tag is
+        its adapters' keys joined by "+" (over-matching only measures again)."""
+        dropped = [k for k in self.cache if f"+{key}+" in f"+{k.split('|')[0]}+"]
+        for k in dropped:
+            del self.cache[k]
+        if dropped and self.log.exists():
+            kept = [line for line in self.log.read_text().splitlines()
+                    if line.strip() and json.loads(line)["key"] not in dropped]
+            self.log.write_text("".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------------------------------ measuring
 

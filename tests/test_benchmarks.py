@@ -164,3 +164,23 @@ def test_mass_erasure_keeps_the_parts_a_run_does_not_write(monkeypatch):
     assert bench.carried_blocks(["four"]) == {}
     note = bench.load_note([{"load": 0.3}, {"load": 2.1}])
     assert "0.3 to 2.1, mean 1.2" in note and bench.load_note([]) == ""
+
+
+def test_mass_erasure_makes_again_an_adapter_whose_preset_changed(tmp_path):
+    """A cached adapter whose run (its report's settings) differs from what the toy preset gives now is stale."""
+    import json
+
+    from unsee.toy.presets import preset_settings
+
+    bench = _load_benchmark("mass_erasure")
+    concepts = ("circle", "star")
+    report = tmp_path / "report.json"
+    assert bench.stale_setting("esd-x", concepts, 400, report) is None  # no report: nothing to tell
+    settings = preset_settings("toy", "esd-x", concept="circle", settings={"concepts": ["star"], "steps": 400})
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+    report.write_text(json.dumps({"jobs": [{"settings": {**settings, "seed": 0}}]}))
+    assert bench.stale_setting("esd-x", concepts, 400, report) is None
+    report.write_text(json.dumps({"jobs": [{"settings": {**settings, "eta": settings["eta"] + 1}}]}))
+    assert bench.stale_setting("esd-x", concepts, 400, report) == "eta"
+    report.write_text(json.dumps({"jobs": [{"settings": {**settings, "preserve": settings["preserve"][:-1]}}]}))
+    assert bench.stale_setting("esd-x", concepts, 400, report) == "preserve"
