@@ -30,10 +30,14 @@ def hardware() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads{gpu}"
 
 
+def _section_pattern(name: str) -> re.Pattern:
+    """The section ``name`` of BENCHMARKS.md, from <!-- name:start --> to <!-- name:end -->; group 1: its body."""
+    return re.compile(rf"<!-- {re.escape(name)}:start -->\n?(.*?)\n?<!-- {re.escape(name)}:end -->", re.S)
+
+
 def read_section(name: str) -> Optional[str]:
     """The body of the section between <!-- name:start --> and <!-- name:end --> in BENCHMARKS.md (None: none)."""
-    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else ""
-    found = re.search(rf"<!-- {re.escape(name)}:start -->\n(.*?)\n<!-- {re.escape(name)}:end -->", text, re.S)
+    found = _section_pattern(name).search(BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "")
     return found.group(1) if found else None
 
 
@@ -41,6 +45,6 @@ def write_section(name: str, body: str) -> None:
     """Replace (or append) the section between <!-- name:start --> and <!-- name:end --> in BENCHMARKS.md."""
     text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else HEADER
     block = f"<!-- {name}:start -->\n{body.strip()}\n<!-- {name}:end -->"
-    pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.S)
+    pattern = _section_pattern(name)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     atomic_write(BENCHMARKS_MD, lambda tmp: Path(tmp).write_text(text))

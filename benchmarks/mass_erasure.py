@@ -95,7 +95,9 @@ def stale_setting(method: str, concepts: tuple[str, ...], steps: Optional[int], 
     if not report.exists():
         return None
     more = {"concepts": list(concepts[1:])} if len(concepts) > 1 else {}
-    wanted = preset_settings("toy", method, concept=concepts[0], settings={**more, **({"steps": steps} if steps else {})})
+    if steps:
+        more["steps"] = steps
+    wanted = preset_settings("toy", method, concept=concepts[0], settings=more)
     had = json.loads(report.read_text())["jobs"][0].get("settings") or {}
 
     def plain(value):

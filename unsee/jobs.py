@@ -336,11 +336,11 @@ def _plan(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Path]:
             raise ConfigError(f"fuse: {fuse} is also a job's adapter file; give the fused adapter its own name")
         for job in jobs:
             job.fuse_into, job.fuse_method = fuse, fuse_method or "stack"
-        wide = next((job for job in jobs if fuse_method == "mace" and job.config.text_kv_only is False), None)
+        wide = next((job for job in jobs if job.config.text_kv_only is False), None) if fuse_method == "mace" else None
         if wide is not None:
             raise ConfigError(f"fuse_method mace refits the UNet's cross-attention keys and values only, but "
-                              f"{wide.describe()} trains an adapter that changes more; use fuse_method stack (--fuse stack), or a "
-                              f"method whose adapters change only those (uce, rece, esd-x-strict)")
+                              f"{wide.describe()} trains an adapter that changes more; use fuse_method stack "
+                              f"(--fuse stack), or a method whose adapters change only those (uce, rece, esd-x-strict)")
     if report is not None:
         report_path = Path(str(report))
     elif fuse is not None:
