@@ -109,8 +109,8 @@ class ESDConfig(ConceptsInContext, TrajectoryReuse, TrainerConfig):
             ``"epsilon"`` (noise predictions, the paper's loss); identical on epsilon-prediction models.
         trajectory_reuse: training steps one DDIM run serves (1; see
             :class:`~unsee.erasure.config.TrajectoryReuse`): the prompts drawn (``erase_from``, ``preserve``, the
-            concept of ``concepts``) stay those of the run; steps at the same stop of a run share the teacher's
-            predictions there (one teacher call per stop).
+            concept of ``concepts``) stay those of the run; the teacher's predictions at every stop of a run come from
+            one batched call, made at the run's first step.
     """
 
     variant: str = setting("esd-u", VARIANT)
@@ -242,19 +242,24 @@ class ESDTrainer(Trainer):
                            ) -> dict[str, Optional[torch.Tensor]]:
         """The frozen model's predictions the loss needs at (x_t, t), in the loss space, from one batched call:
         ``concept`` and ``empty`` (c and ""), ``from`` (``cond_student``'s when it is a c_from, else None) and
-        ``kept`` (the preserved prompt's at x_keep, else None)."""
+        ``kept`` (the preserved prompt's at x_keep, else None). ``t`` is one timestep, or one per row of ``x_t``
+        (x_keep's rows then take those of x_t: several stops of a trajectory in one call)."""
         n = x_t.shape[0]
         concept, empty = self.prompts.concept, self.prompts.empty
         erasing_from = cond_student is not None and cond_student is not concept
         rows = Conditioning.cat([concept, empty] + ([cond_student] if erasing_from else []))
         teacher_x, teacher_cond = x_t.repeat(len(rows), 1, 1, 1), rows.repeat(n)
+        per_row = torch.is_tensor(t) and t.ndim > 0
+        teacher_t = t.repeat(len(rows)) if per_row else t
         if x_keep is not None:  # the preserved prompt's rows ride along in the same call
             teacher_x = torch.cat([teacher_x, x_keep])
             teacher_cond = Conditioning.cat([teacher_cond, cond_keep.repeat(n)])
+            teacher_t = torch.cat([teacher_t, t]) if per_row else t
         with self.frozen_teacher() as teacher:
             # rows [c, "", (c_from)] at x_t, then the preserved prompt at x_keep; in the loss space: the raw
             # outputs, or the noise predictions they stand for
-            out = self.loss_view(predict(teacher, teacher_x, t, teacher_cond), teacher_x, t, self.scheduler)
+            out = self.loss_view(predict(teacher, teacher_x, teacher_t, teacher_cond), teacher_x, teacher_t,
+                                 self.scheduler)
         outs = out[: n * len(rows)].chunk(len(rows))
         return {"concept": outs[0], "empty": outs[1], "from": outs[2] if erasing_from else None,
                 "kept": out[n * len(rows):] if x_keep is not None else None}
@@ -301,12 +306,31 @@ class ESDTrainer(Trainer):
         x_t, x_keep, t = self.sample_xt(trajectory, place)
         # the frozen model's predictions at a stop of this run are the same for every step trained there
         (k,) = trajectory.stops[place]
-        frozen = trajectory.frozen.get(k)
-        if frozen is None:
+        if self.trajectory_reuse > 1:
+            self.teach_trajectory(trajectory, cond_student, cond_keep)
+            frozen = trajectory.frozen[k]
+        else:
             frozen = self.frozen_predictions(x_t, t, cond_student, x_keep, cond_keep)
-            if self.trajectory_reuse > 1:
-                trajectory.frozen[k] = frozen
         return self.loss(x_t, t, cond_student, x_keep, cond_keep, frozen=frozen)
+
+    def teach_trajectory(self, trajectory: Trajectory, cond_student: Conditioning,
+                         cond_keep: Optional[Conditioning]) -> None:
+        """Ask the frozen model, in one batched call, for its predictions at every stop of ``trajectory`` that
+        it does not hold yet (:meth:`frozen_predictions` with one timestep per row), and keep them there. Its
+        weights do not change, so they serve every step the trajectory trains; one call for several stops costs less
+        than one call per stop."""
+        missing = sorted({k for (k,) in trajectory.stops} - trajectory.frozen.keys())
+        if not missing:
+            return
+        batch = self.latent_shape[0]
+        latents = [trajectory.latents[k] for k in missing]
+        x_t = torch.cat([x[:batch] for x in latents])
+        x_keep = torch.cat([x[batch:] for x in latents]) if cond_keep is not None else None
+        t = torch.stack([self.scheduler.timesteps[k] for k in missing]).repeat_interleave(batch)
+        frozen = self.frozen_predictions(x_t, t, cond_student, x_keep, cond_keep)
+        for i, k in enumerate(missing):
+            rows = slice(i * batch, (i + 1) * batch)
+            trajectory.frozen[k] = {name: None if v is None else v[rows] for name, v in frozen.items()}
 
     def extra_state(self) -> dict:
         return {"concept_draws": list(self.concept_draws)} if len(self.concept_draws) > 1 else {}

@@ -166,15 +166,35 @@ def _counting(cache: bool, steps: int = 8, **settings) -> tuple:
     return trainer, trainer.train(tiny_sd_pipeline())
 
 
+def _assert_kept_as_asked_one_stop_at_a_time(trainer, preserve, erase_from=False):
+    """Each stop's kept teacher predictions are those a call for that stop alone gives, to rounding."""
+    trajectory = next(iter(trainer._trajectories.values()))
+    assert trajectory.frozen.keys() == {s[0] for s in trajectory.stops}
+    student = trainer.prompts.student(trajectory.draws["student"]) if erase_from else trainer.prompts.concept
+    for k, kept in trajectory.frozen.items():
+        x, batch = trajectory.latents[k], 1
+        fresh = trainer.frozen_predictions(x[:batch], trainer.scheduler.timesteps[k], student,
+                                           x[batch:] if preserve else None,
+                                           trainer.cond_preserve[trajectory.draws["keep"]] if preserve else None)
+        assert fresh.keys() == kept.keys()
+        for name, value in fresh.items():
+            assert (value is None) == (kept[name] is None)
+            if value is not None:
+                assert torch.allclose(value, kept[name], rtol=1e-5, atol=1e-6), (k, name)
+
+
 @pytest.mark.parametrize("preserve", [(), ("a square", "a red heart")])
-def test_steps_at_one_stop_of_a_run_ask_the_teacher_once(preserve):
+def test_a_run_asks_the_teacher_once_for_all_its_stops(preserve):
     trainer, adapter = _counting(True, preserve=preserve)
     again, recomputed = _counting(False, preserve=preserve)
     assert trainer.served == again.served and len(trainer.served) == 8
-    assert trainer.teacher_calls == len({(number, k) for number, k, _ in trainer.served}) < 8
+    # 8 steps at 4 per run: 2 runs, one teacher call each, whatever stops they drew
+    assert trainer.teacher_calls == len({number for number, _, _ in trainer.served}) == 2
     assert again.teacher_calls == 8
     # the teacher's weights never change: the kept predictions are the ones it gives again, bit for bit
     assert adapter.training["losses"] == recomputed.training["losses"] and _same(adapter, recomputed)
+    # several stops in one batch: what one call per stop gives, to rounding
+    _assert_kept_as_asked_one_stop_at_a_time(trainer, preserve)
 
 
 @pytest.mark.parametrize("preserve", [(), ("a square", "a red heart")])
@@ -202,7 +222,9 @@ def test_a_frozen_sampler_serves_as_the_teacher_at_the_stops_it_steps_on_from(pr
 
 def test_in_context_the_frozen_sampler_leaves_the_teacher_to_the_teacher():
     trainer, _ = _counting(True, steps=4, sample_with="frozen", erase_from=["a red circle", "circle on black"])
-    assert trainer.teacher_calls == len({(number, k) for number, k, _ in trainer.served})
+    # the run sampled from c_from, not from the concept: every stop's predictions come from the teacher, in one call
+    assert len({k for _, k, _ in trainer.served}) > 1 and trainer.teacher_calls == 1
+    _assert_kept_as_asked_one_stop_at_a_time(trainer, (), erase_from=True)
 
 
 def test_one_run_keeps_the_latents_ddim_sample_stops_at():
