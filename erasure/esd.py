@@ -57,9 +57,9 @@ import torch
 from torch import nn
 
 from .conditioning import Conditioning, encode_concepts, encode_each
-from .config import CONCEPTS, ConceptsInContext, TrainerConfig, TrajectoryReuse, erase_from_prompts
+from .config import CONCEPTS, ConceptsInContext, TrainerConfig, TrajectoryReuse, erase_from_prompts, for_concept
 from .fields import (BATCH_SIZE, DDIM_STEPS, ERASE_FROM, GUIDANCE, LORA_ALPHA, LOSS_SPACE, NUMBER, OUTPUT_KIND, RANK,
-                     RESOLUTION, choice, number, prompt_list, setting)
+                     RESOLUTION, choice, number, per_concept, prompt_list, setting)
 from .registry import register_method
 from .sampling import Trajectory, ddim_latents, esd_target, mse, predict
 from .selectors import linear_modules, lora_config, module_parameters
@@ -87,7 +87,8 @@ class ESDConfig(ConceptsInContext, TrajectoryReuse, TrainerConfig):
             single-concept run is what it always was.
         erase_from: erase ``concept`` only from this concept ("hat" from "cowboy"), or from each of a list of
             prompts (one drawn per step); None: everywhere.
-        eta: negative guidance (paper: 1.0).
+        eta: negative guidance (paper: 1.0); with ``concepts``, a list gives each concept its own (in the order
+            ``concept``, then ``concepts``).
         anchor: ``"unconditional"`` (the paper) or ``"concept"`` (the official diffusers rewrite; with it
             ``eta`` = paper eta + 1). With ``erase_from`` the anchor is always ``c_from``.
         steps: iterations (paper code: 1000). lr: Adam learning rate (paper code: 1e-5).
@@ -117,7 +118,7 @@ class ESDConfig(ConceptsInContext, TrajectoryReuse, TrainerConfig):
     concepts: tuple[str, ...] = setting((), CONCEPTS, says="a list of non-empty concepts (erased with concept by one "
                                                           "adapter)")
     erase_from: Union[str, tuple[str, ...], None] = setting(None, ERASE_FROM)
-    eta: float = setting(1.0, NUMBER, label="negative guidance")
+    eta: Union[float, tuple[float, ...]] = setting(1.0, per_concept(NUMBER), label="negative guidance")
     anchor: str = setting("unconditional", choice(ANCHORS))
     steps: int = 1000
     lr: float = 1e-5
@@ -192,7 +193,7 @@ class ESDTrainer(Trainer):
         self.latent_shape = (config.batch_size, *self.latent_size(pipe))
         # one conditioning per erased concept; self.prompts is the one the step drew
         self.concept_prompts = encode_concepts(pipe, config.erased, config.erase_from, height, width)
-        self.prompts = self.concept_prompts[0]
+        self.prompts, self.concept_index = self.concept_prompts[0], 0
         self.concept_draws = list((state or {}).get("concept_draws") or [0] * len(self.concept_prompts))
         self.cond_preserve = encode_each(pipe, config.preserve, height, width)
         self.scheduler = self.ddim_scheduler(config.ddim_steps)
@@ -277,7 +278,7 @@ class ESDTrainer(Trainer):
             anchor = frozen["from"]
         else:
             anchor = eps_empty if config.anchor == "unconditional" else eps_c
-        target = esd_target(anchor, eps_c, eps_empty, config.eta)
+        target = esd_target(anchor, eps_c, eps_empty, for_concept(config.eta, self.concept_index))
         student_x = x_t
         student_cond = (cond_student if cond_student is not None else self.prompts.concept).repeat(n)
         if x_keep is not None:
@@ -295,7 +296,7 @@ class ESDTrainer(Trainer):
         the run's generator is not used), count it for this step and make it :attr:`prompts`."""
         index = self.cycle_index(position, len(self.concept_prompts))
         self.concept_draws[index] += 1
-        self.prompts = self.concept_prompts[index]
+        self.prompts, self.concept_index = self.concept_prompts[index], index
 
     def training_step(self, step: int) -> torch.Tensor:
         self.draw_concept(self.trajectory_number(step))

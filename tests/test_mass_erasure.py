@@ -352,6 +352,31 @@ def test_two_concepts_train_one_adapter_and_every_step_draws_one(method, setting
     assert all(torch.equal(again.tensors[k], adapter.tensors[k]) for k in adapter.tensors)
 
 
+def test_esd_eta_per_concept(monkeypatch):
+    import unsee.erasure.esd as esd
+
+    settings = dict(concept="circle", concepts=["star"], **FAST)
+    one = make_trainer("esd-u", eta=2.0, **settings).train(tiny_sd_pipeline())
+    same = make_trainer("esd-u", eta=[2.0, 2.0], **settings).train(tiny_sd_pipeline())
+    assert all(torch.equal(one.tensors[k], same.tensors[k]) for k in one.tensors)  # a list of equal values: the same run
+    used, drawn = [], []
+    target, draw = esd.esd_target, esd.ESDTrainer.draw_concept
+
+    def spy_draw(self, position):
+        draw(self, position)
+        drawn.append(self.config.erased[self.concept_index])
+
+    monkeypatch.setattr(esd, "esd_target", lambda *a: used.append(a[3]) or target(*a))
+    monkeypatch.setattr(esd.ESDTrainer, "draw_concept", spy_draw)
+    adapter = make_trainer("esd-u", eta=[1.0, 5.0], **settings).train(tiny_sd_pipeline())
+    assert sorted(drawn) == ["circle", "circle", "star", "star"]
+    assert used == [{"circle": 1.0, "star": 5.0}[c] for c in drawn]  # each step: its concept's eta
+    assert list(adapter.hyperparameters["eta"]) == [1.0, 5.0]
+    with pytest.raises(ConfigError) as error:
+        make_trainer("esd-x", **{**settings, "eta": [1.0, 2.0, 3.0]})
+    assert "eta has 3 entries for 2 erased concepts" in str(error.value) and "\n" not in str(error.value)
+
+
 def test_spm_guidance_per_concept(monkeypatch):
     import unsee.erasure.spm as spm
 
