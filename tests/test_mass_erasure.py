@@ -352,57 +352,38 @@ def test_two_concepts_train_one_adapter_and_every_step_draws_one(method, setting
     assert all(torch.equal(again.tensors[k], adapter.tensors[k]) for k in adapter.tensors)
 
 
-def test_esd_eta_per_concept(monkeypatch):
-    import unsee.erasure.esd as esd
+@pytest.mark.parametrize("method, name, extra", [("spm", "guidance", {"lr": 1e-2, "anchors": 1}),
+                                                 ("esd-u", "eta", {})])
+def test_guidance_per_concept(method, name, extra, monkeypatch):
+    # SPM's guidance and ESD's eta: a list gives each erased concept its own
+    import importlib
 
-    settings = dict(concept="circle", concepts=["star"], **FAST)
-    one = make_trainer("esd-u", eta=2.0, **settings).train(tiny_sd_pipeline())
-    same = make_trainer("esd-u", eta=[2.0, 2.0], **settings).train(tiny_sd_pipeline())
+    module = importlib.import_module(f"unsee.erasure.{method.split('-')[0]}")
+    trainer_class = type(make_trainer(method, concept="circle"))
+    settings = dict(concept="circle", concepts=["star"], **{**FAST, **extra})
+    one = make_trainer(method, **{name: 3.0}, **settings).train(tiny_sd_pipeline())
+    same = make_trainer(method, **{name: [3.0, 3.0]}, **settings).train(tiny_sd_pipeline())
     assert all(torch.equal(one.tensors[k], same.tensors[k]) for k in one.tensors)  # a list of equal values: the same run
     used, drawn = [], []
-    target, draw = esd.esd_target, esd.ESDTrainer.draw_concept
+    target, draw = module.esd_target, trainer_class.draw_concept
 
     def spy_draw(self, position):
         draw(self, position)
         drawn.append(self.config.erased[self.concept_index])
 
-    monkeypatch.setattr(esd, "esd_target", lambda *a: used.append(a[3]) or target(*a))
-    monkeypatch.setattr(esd.ESDTrainer, "draw_concept", spy_draw)
-    adapter = make_trainer("esd-u", eta=[1.0, 5.0], **settings).train(tiny_sd_pipeline())
+    monkeypatch.setattr(module, "esd_target", lambda *a: used.append(a[3]) or target(*a))
+    monkeypatch.setattr(trainer_class, "draw_concept", spy_draw)
+    adapter = make_trainer(method, **{name: [1.0, 5.0]}, **settings).train(tiny_sd_pipeline())
     assert sorted(drawn) == ["circle", "circle", "star", "star"]
-    assert used == [{"circle": 1.0, "star": 5.0}[c] for c in drawn]  # each step: its concept's eta
-    assert list(adapter.hyperparameters["eta"]) == [1.0, 5.0]
-    with pytest.raises(ConfigError) as error:
-        make_trainer("esd-x", **{**settings, "eta": [1.0, 2.0, 3.0]})
-    assert "eta has 3 entries for 2 erased concepts" in str(error.value) and "\n" not in str(error.value)
-
-
-def test_spm_guidance_per_concept(monkeypatch):
-    import unsee.erasure.spm as spm
-
-    settings = dict(concept="circle", concepts=["star"], **{**FAST, "lr": 1e-2, "anchors": 1})
-    one = make_trainer("spm", guidance=3.0, **settings).train(tiny_sd_pipeline())
-    same = make_trainer("spm", guidance=[3.0, 3.0], **settings).train(tiny_sd_pipeline())
-    assert all(torch.equal(one.tensors[k], same.tensors[k]) for k in one.tensors)  # a list of equal values: the same run
-    used, drawn = [], []
-    target, draw = spm.esd_target, spm.SPMTrainer.draw_concept
-
-    def spy_draw(self, position):
-        draw(self, position)
-        drawn.append(self.config.erased[self.concept_index])
-
-    monkeypatch.setattr(spm, "esd_target", lambda *a: used.append(a[3]) or target(*a))
-    monkeypatch.setattr(spm.SPMTrainer, "draw_concept", spy_draw)
-    adapter = make_trainer("spm", guidance=[1.0, 5.0], **settings).train(tiny_sd_pipeline())
-    assert sorted(drawn) == ["circle", "circle", "star", "star"]
-    assert used == [{"circle": 1.0, "star": 5.0}[c] for c in drawn]  # each step: its concept's guidance
-    assert list(adapter.hyperparameters["guidance"]) == [1.0, 5.0]
-    for bad, message in [([1.0], "guidance has 1 entry for 2 erased concepts; give one value, or one per concept"),
-                         ([1.0, "x"], "guidance must be a finite number, or a list of them with one per erased "
-                                      "concept, got [1.0, 'x']")]:
+    assert used == [{"circle": 1.0, "star": 5.0}[c] for c in drawn]  # each step: its concept's value
+    assert list(adapter.hyperparameters[name]) == [1.0, 5.0]
+    for bad, message in [([1.0], f"{name} has 1 entry for 2 erased concepts; give one value, or one per concept"),
+                         ([1.0, "x"], "must be a finite number, or a list of them with one per erased concept, "
+                                      "got [1.0, 'x']")]:
         with pytest.raises(ConfigError) as error:
-            make_trainer("spm", **{**settings, "guidance": bad})
-        assert message in str(error.value) and "\n" not in str(error.value)
+            make_trainer(method, **{**settings, name: bad})
+        text = str(error.value)
+        assert text.startswith(name) and message in text and "\n" not in text
 
 
 def test_concept_cycles_cover_every_concept_equally_and_follow_the_seed():
