@@ -188,13 +188,11 @@ def test_mass_erasure_makes_again_an_adapter_whose_preset_changed(tmp_path):
 
 def test_esd_profile_runs_sd15_at_the_speed_benchmarks_ddim_steps(monkeypatch):
     # the profile explains the speed benchmark's sd15 table, so it must train with that table's DDIM steps
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import esd_profile
-    import esd_speed_memory
     from unsee.testing import tiny_sd_pipeline
 
+    esd_profile = _load_benchmark("esd_profile")
     monkeypatch.setattr(esd_profile, "build_pipe", lambda model: (tiny_sd_pipeline(), {"resolution": 32}))
     row = esd_profile.profile("sd15", reuse=2, iterations=4)
-    assert row["ddim_steps"] == esd_speed_memory.DDIM_STEPS["sd15"] == 4
+    assert row["ddim_steps"] == esd_profile.DDIM_STEPS["sd15"] == 4
     assert row["iterations"] == 2 and row["ddim_unet_calls"] < 4
     assert row["total"] == pytest.approx(sum(row[p] for p in esd_profile.PHASES), rel=1e-6)

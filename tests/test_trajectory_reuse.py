@@ -206,18 +206,8 @@ def test_a_frozen_sampler_serves_as_the_teacher_at_the_stops_it_steps_on_from(pr
     assert trainer.teacher_calls == len({number for number, _, _ in trainer.served}) < again.teacher_calls == 8
     # the sampler's batch is not the teacher's, so the predictions agree to rounding, not bit for bit
     assert adapter.training["losses"] == pytest.approx(recomputed.training["losses"], rel=1e-5)
-    trajectory = next(iter(trainer._trajectories.values()))
-    deepest = max(s[0] for s in trajectory.stops)
-    for k, kept in trajectory.frozen.items():
-        x, batch = trajectory.latents[k], 1
-        fresh = trainer.frozen_predictions(x[:batch], trainer.scheduler.timesteps[k], trainer.prompts.concept,
-                                           x[batch:] if preserve else None,
-                                           trainer.cond_preserve[trajectory.draws["keep"]] if preserve else None)
-        assert k <= deepest and fresh.keys() == kept.keys()
-        for name, value in fresh.items():
-            assert (value is None) == (kept[name] is None)
-            if value is not None:
-                assert torch.allclose(value, kept[name], rtol=1e-5, atol=1e-6)
+    # the run's own predictions (every stop but the deepest) and the teacher's (the deepest) cover every stop
+    _assert_kept_as_asked_one_stop_at_a_time(trainer, preserve)
 
 
 def test_in_context_the_frozen_sampler_leaves_the_teacher_to_the_teacher():
