@@ -127,6 +127,7 @@ class AdvUnlearnConfig(TrajectoryReuse, TrainerConfig):
 
     method: ClassVar[str] = "advunlearn"
     text_kv_only: ClassVar[bool] = False  # the text encoder
+    text_encoder_only: ClassVar[bool] = True
 
     def validate(self) -> None:
         super().validate()

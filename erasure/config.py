@@ -84,6 +84,10 @@ class TrainerConfig:
         False, or None where only the trained adapter tells (the default)."""
         return None
 
+    #: whether the adapter this config trains changes the text encoders alone (AdvUnlearn's), all that the
+    #: ``distill`` fusion fits (:mod:`unsee.erasure.distill`)
+    text_encoder_only: ClassVar[bool] = False
+
     def validate(self) -> None:
         """Raise :class:`~unsee.erasure.ConfigError` naming the first invalid field (each field is checked with its
         declared kind, in declaration order) or a per-concept setting given as a list whose length is not the

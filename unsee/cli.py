@@ -386,10 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--concepts", default=None, metavar="FILE",
                     help="a text file of concepts to erase in one adapter, one per line (blank lines and lines "
                          "starting with # are left out); with --concept too, those come first")
-    er.add_argument("--fuse", default=None, choices=("stack", "mace"),
+    er.add_argument("--fuse", default=None, choices=("stack", "mace", "distill"),
                     help="several concepts: one run per concept (each with its own preset), the adapters fused into "
-                         "--out: stack (their sum; the default for salun, ant, advunlearn) or mace (MACE's refit of "
-                         "cross-attention key/value adapters: uce, rece, esd-x-strict)")
+                         "--out: stack (their sum; the default for salun, ant, advunlearn), mace (MACE's refit of "
+                         "cross-attention key/value adapters: uce, rece, esd-x-strict) or distill (a text-encoder "
+                         "delta trained to give each concept's prompts its adapter's embeddings: advunlearn)")
     er.add_argument("--erase-from", default=None, metavar="PROMPT",
                     help="ESD, SPM, AdvUnlearn, ANT: erase the concept only from this prompt (a job file takes a list)")
     er.add_argument("--preset", default=None, choices=("toy", "paper"),
@@ -483,21 +484,30 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(--method stack): deltas are summed, LoRAs concatenated along the rank (alphas "
                                     "folded in); a mix of delta and LoRA adapters gives a delta adapter (each LoRA "
                                     "turned into its exact delta). --method mace refits the cross-attention keys and "
-                                    "values in closed form on each adapter's concepts (MACE). See unsee.fuse.")
+                                    "values in closed form on each adapter's concepts (MACE); --method distill trains "
+                                    "one text-encoder delta from text-encoder adapters (AdvUnlearn's). See unsee.fuse.")
     fu.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter .safetensors files (two or more)")
     fu.add_argument("--out", required=True, help="the fused adapter .safetensors file")
-    fu.add_argument("--method", default="stack", choices=("stack", "mace"),
+    fu.add_argument("--method", default="stack", choices=("stack", "mace", "distill"),
                     help="stack: the exact sum of the adapters (default); mace: MACE's closed-form refit of the "
-                         "cross-attention keys and values on each adapter's concepts (needs the model's text encoder)")
+                         "cross-attention keys and values on each adapter's concepts (needs the model's text encoder); "
+                         "distill: a text-encoder delta trained so that each adapter's concepts get that adapter's "
+                         "embeddings and other prompts the original ones (text-encoder adapters; needs the model)")
     fu.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     fu.add_argument("--model", default=None, type=_model,
-                    help="--method mace: the base model whose text encoder embeds the concepts (default: toy)")
+                    help="--method mace, distill: the base model whose text encoder embeds the concepts (default: "
+                         "toy)")
     fu.add_argument("--preserve", action="append", default=None, metavar="PROMPT",
-                    help="--method mace: a prompt whose keys and values are kept (repeat; default: '' alone, with "
-                         "the toy model '' and 48 world prompts naming none of the concepts)")
+                    help="--method mace, distill: a prompt that is kept as the model gives it (repeat; default: '' "
+                         "alone, with the toy model '' and 48 world prompts naming none of the concepts)")
     fu.add_argument("--template", action="append", default=None, metavar="TEXT",
-                    help="--method mace: a prompt with {concept}, filled with each adapter's concepts, that the refit "
-                         "keeps erased too (repeat; default: none, with the toy model 16 world prompts naming each)")
+                    help="--method mace, distill: a prompt with {concept}, filled with each adapter's concepts, that "
+                         "the fusion keeps erased too (repeat; default: none, with the toy model 16 world prompts "
+                         "naming each)")
+    fu.add_argument("--steps", type=_int_in(1, 100_000), default=None,
+                    help="--method distill: optimisation steps (default 2000)")
+    fu.add_argument("--lr", type=_float_in(0.0, 1.0), default=None,
+                    help="--method distill: Adam's learning rate, decayed to 0 on a cosine (default 1e-4)")
     fu.add_argument("--lamb", type=_float_in(0.0, 1e6), default=None,
                     help="--method mace: weight of staying near the original weights (default 0.5)")
     fu.add_argument("--preserve-scale", type=_float_in(0.0, 1e6), default=None,
@@ -1402,36 +1412,73 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out} is one of the adapters being fused; write the fused adapter to another file")
     if out.exists() and not args.overwrite:
         raise UsageError(f"--out {args.out} exists; pass --overwrite to replace it")
-    mace_flags = [flag for flag in ("model", "preserve", "template", "lamb", "preserve_scale")
-                  if getattr(args, flag) is not None]
+    model_flags = [flag for flag in ("model", "preserve", "template", "lamb", "preserve_scale", "steps", "lr")
+                   if getattr(args, flag) is not None]
     options = {}
-    if args.method == "stack" and mace_flags:
-        raise UsageError(f"--{mace_flags[0].replace('_', '-')} is for --method mace; --method stack needs no model")
-    if args.method == "mace":
-        from .adapters import component_fingerprint, template_without_concept
-        from .jobs import mace_options
+    if args.method == "stack" and model_flags:
+        raise UsageError(f"--{model_flags[0].replace('_', '-')} is for --method mace or distill; --method stack needs "
+                         f"no model")
+    mace_only = next((flag for flag in ("lamb", "preserve_scale") if getattr(args, flag) is not None), None)
+    if args.method == "distill" and mace_only:
+        raise UsageError(f"--{mace_only.replace('_', '-')} is for --method mace; leave it out with --method distill")
+    distill_only = next((flag for flag in ("steps", "lr") if getattr(args, flag) is not None), None)
+    if args.method == "mace" and distill_only:
+        raise UsageError(f"--{distill_only} is for --method distill; MACE's fusion is closed-form")
+    if args.method in ("mace", "distill"):
+        from .adapters import TEXT_ENCODERS, component_fingerprint, template_without_concept
+        from .jobs import distill_options, mace_options
 
         problem = template_without_concept(args.template or (), label="--template")
         if problem is not None:
             raise UsageError(problem)
-        args.model, args.config, args.dtype, args.device = args.model or "toy", None, None, "cpu"
-        pipe = _load(args)
         try:  # the concepts the preset gives prompts for: from the headers (fuse_adapters reads the tensors)
-            concepts = []
+            headers = []
             for path in paths:
                 with open_adapter_file(path) as opened:
-                    concepts += [c for c in opened.header.concepts if c not in concepts]
+                    headers.append(opened.header)
         except AdapterError as error:
             raise UsageError(str(error)) from None
-        options = mace_options(pipe, args.model, concepts, templates=args.template, preserve=args.preserve,
-                               lamb=args.lamb, preserve_scale=args.preserve_scale)
+        concepts = list(dict.fromkeys(c for header in headers for c in header.concepts))
+        if args.method == "distill":  # before the model is loaded: every adapter a text-encoder one
+            unet = next((path for path, header in zip(paths, headers)
+                         if any(component not in TEXT_ENCODERS for component in header.components)), None)
+            if unet is not None:
+                raise UsageError(f"ADAPTER {unet} changes the UNet; --method distill fuses text-encoder adapters "
+                                 f"(AdvUnlearn's): fuse UNet adapters with --method stack, or mace for "
+                                 f"cross-attention key/value adapters")
+        args.model, args.config, args.dtype, args.device = args.model or "toy", None, None, "cpu"
+        pipe = _load(args)
+        if args.method == "distill":  # before any training: the text encoders' fingerprints
+            for path, header in zip(paths, headers):
+                for component, print_ in header.fingerprint.items():
+                    module = getattr(pipe, component, None)
+                    if print_ != "unknown" and module is not None and print_ != component_fingerprint(module):
+                        raise UsageError(f"ADAPTER {path} is not for --model {args.model} (its {component} "
+                                         f"fingerprint differs); pass the model it was trained on")
+        if args.method == "mace":
+            options = mace_options(pipe, args.model, concepts, templates=args.template, preserve=args.preserve,
+                                   lamb=args.lamb, preserve_scale=args.preserve_scale)
+        else:
+            from .erasure.distill import DistillConfig
+
+            from .erasure import ConfigError
+
+            given = {flag: getattr(args, flag) for flag in ("steps", "lr") if getattr(args, flag) is not None}
+            try:
+                config = DistillConfig(**given)
+            except ConfigError as error:
+                raise UsageError(f"--{str(error)}") from None
+            options = distill_options(pipe, args.model, concepts, templates=args.template, preserve=args.preserve,
+                                      config=config, progress=True)
+    from .erasure import TrainingError
+
     try:
         fused = fuse_adapters(paths, method=args.method, **options)
         if args.method == "mace" and fused.fingerprint.get("unet") not in ("unknown", component_fingerprint(pipe.unet)):
             raise UsageError(f"the adapters are not for --model {args.model} (their UNet fingerprint differs); pass the "
                              f"model they were trained on")
         fused.save(out)
-    except AdapterError as error:
+    except (AdapterError, TrainingError) as error:
         raise UsageError(str(error)) from None
     rank = f", rank {fused.rank}" if fused.rank is not None else ""
     print(f"fused {len(paths)} adapters into {out} ({fused.kind}{rank}, {len(fused.tensors)} tensors; concepts: "

@@ -54,6 +54,13 @@ ordinary prompts is what keeps the refit from spreading to them (``docs/erasure.
 The embeddings come from a callable ``embed(texts) -> (n, L, d)`` (``unsee fuse --method mace --model M`` uses the
 model's text encoders, as UCE does), so this module stays free of pipelines.
 
+The third fusion is ``distill``, for adapters of the text encoder (AdvUnlearn's): the sources' prompts are split
+as for MACE (each source's alone, and those naming several sources' concepts, whose target is those sources
+together), and a new text-encoder delta is trained so that the encoder gives each block's prompts the embeddings
+its sources give them, and the preserved prompts the original ones (:mod:`unsee.erasure.distill`). The training
+is a callable ``distill(sources, blocks, preserve) -> tensors`` (``unsee fuse --method distill --model M``:
+:class:`unsee.erasure.distill.TextEncoderDistiller` on the model's pipeline), for the same reason as ``embed``.
+
 This module is the adapter format's layer: it reads files and builds adapters, and knows no pipeline or erasure
 method.
 """
@@ -72,7 +79,7 @@ from .adapters import (LORA_A, LORA_B, UNKNOWN, Adapter, AdapterError, TEXT_ENCO
 __all__ = ["FUSE_METHODS", "MACE_MODULES", "erased_prompts", "fuse_adapters", "mace_fuse", "lora_to_delta"]
 
 #: the fusions :func:`fuse_adapters` knows
-FUSE_METHODS = ("stack", "mace")
+FUSE_METHODS = ("stack", "mace", "distill")
 #: the modules MACE's fusion refits (their weights' names end so): the cross-attention keys and values
 MACE_MODULES = (".attn2.to_k.weight", ".attn2.to_v.weight")
 
@@ -239,7 +246,8 @@ def _metadata(adapters: list[Adapter], names: list[str], sources: Sequence[Sourc
 
 def fuse_adapters(adapters: Sequence[Source], method: str = "stack", *, embed: Optional[Callable] = None,
                   preserve: Sequence[str] = ("",), lamb: float = 0.5, preserve_scale: float = 1.0,
-                  prompts: Optional[Mapping[str, Sequence[str]]] = None) -> Adapter:
+                  prompts: Optional[Mapping[str, Sequence[str]]] = None,
+                  distill: Optional[Callable] = None) -> Adapter:
     """One adapter that erases what every one of ``adapters`` erases (files or :class:`~unsee.adapters.Adapter`
     objects of one base model); see the module docstring for how each kind is fused.
 
@@ -251,24 +259,39 @@ def fuse_adapters(adapters: Sequence[Source], method: str = "stack", *, embed: O
     that names the concepts of several sources is refitted to what those sources do together. ``stack`` takes none
     of these.
 
+    ``method="distill"`` needs ``distill``: a callable ``(sources, blocks, preserve) -> tensors`` that trains the
+    fused text-encoder delta (``unsee.erasure.distill.TextEncoderDistiller(pipe)``); ``blocks`` are (source
+    indices, prompts) split as for MACE from the same prompts, and ``preserve`` is kept (``lamb`` and
+    ``preserve_scale`` are MACE's alone). Every source must change only the text encoders.
+
     Raises :class:`~unsee.adapters.AdapterError` for fewer than two adapters, a file given twice, an unreadable
-    file, adapters of different base models, an unknown ``method``, or (``mace``) sources that are not
-    cross-attention key/value adapters.
+    file, adapters of different base models, an unknown ``method``, (``mace``) sources that are not
+    cross-attention key/value adapters, or (``distill``) sources that change the UNet.
     """
     if method not in FUSE_METHODS:
         raise AdapterError(f"unknown fuse method {short_repr(method)}; choose one of {', '.join(FUSE_METHODS)}.")
     if isinstance(adapters, (str, os.PathLike, Adapter)) or len(adapters) < 2:
         raise AdapterError("fuse_adapters needs at least two adapters; give a list of adapter files or Adapters.")
     if (method == "mace") != (embed is not None):
-        raise AdapterError("method 'mace' needs embed= (a text encoder: texts -> (n, L, d) embeddings), and 'stack' "
-                           "takes none; pass embed=functools.partial(unsee.erasure.uce.embed, pipe) with 'mace'.")
+        raise AdapterError("method 'mace' needs embed= (a text encoder: texts -> (n, L, d) embeddings), and the "
+                           "others take none; pass embed=functools.partial(unsee.erasure.uce.embed, pipe) with 'mace'.")
+    if (method == "distill") != (distill is not None):
+        raise AdapterError("method 'distill' needs distill= (the training: unsee.erasure.distill.TextEncoderDistiller"
+                           "(pipe)), and the others take none.")
     sources = list(adapters)
     loaded, names = _read(sources)
     fingerprint = _check_fingerprints(loaded, names)
-    if method == "mace":
+    if method == "distill":
+        unet = next((name for adapter, name in zip(loaded, names)
+                     if any(component not in TEXT_ENCODERS for component in adapter.components)), None)
+        if unet is not None:
+            raise AdapterError(f"{unet} changes the UNet; method 'distill' fuses text-encoder adapters (AdvUnlearn's): "
+                               f"fuse UNet adapters with 'stack', or 'mace' for cross-attention key/value adapters.")
+    if method in ("mace", "distill"):
+        label = {"mace": "MACE", "distill": "distillation"}[method]
         preserve = list(preserve)
         if not preserve or not all(isinstance(p, str) for p in preserve):
-            raise AdapterError("MACE needs a non-empty list of prompts to preserve ('' is the empty prompt).")
+            raise AdapterError(f"{label} needs a non-empty list of prompts to preserve ('' is the empty prompt).")
         prompts = dict(prompts or {})
         bad = next((c for c, texts in prompts.items()
                     if isinstance(texts, str) or not all(isinstance(t, str) and t.strip() for t in texts)), None)
@@ -276,13 +299,26 @@ def fuse_adapters(adapters: Sequence[Source], method: str = "stack", *, embed: O
             raise AdapterError(f"prompts[{short_repr(bad)}] must be a list of non-empty prompts naming the concept.")
         for adapter, name in zip(loaded, names):
             if not adapter.concepts:
-                raise AdapterError(f"{name} names no concept; MACE refits each adapter on its concepts' embeddings.")
+                raise AdapterError(f"{name} names no concept; {label} fits each adapter on its concepts' prompts.")
         erased = [c for adapter in loaded for c in adapter.concepts]
         stray = next((c for c in prompts if c not in erased), None)
         if stray is not None:
             raise AdapterError(f"prompts are given for {short_repr(stray)}, which none of the adapters erases; give "
                                f"them for the adapters' concepts ({', '.join(erased)}).")
         own, shared = _refit_prompts(loaded, prompts)
+    if method == "distill":
+        blocks = [((i,), texts) for i, texts in enumerate(own) if texts] + list(shared.items())
+        tensors = distill(loaded, blocks, preserve)
+        fused_method, concepts, hyperparameters, training = _metadata(loaded, names, sources, method, False)
+        hyperparameters.pop("facilitated_transport", None)
+        hyperparameters.update(preserve=preserve, refit_prompts=own,
+                               refit_together=[{"sources": list(k), "prompts": v} for k, v in shared.items()],
+                               distill=dict(getattr(distill, "settings", {})))
+        fused = Adapter(kind="text_encoder", method=fused_method, concepts=concepts, tensors=tensors,
+                        fingerprint=fingerprint, hyperparameters=hyperparameters, training=training)
+        validate_adapter(fused)
+        return fused
+    if method == "mace":
         keep = _columns(embed(preserve))
         columns = [_columns(embed(texts)) if texts else keep[:, :0] for texts in own]
         blocks = [(_columns(embed(texts)), together) for together, texts in shared.items()]

@@ -27,9 +27,11 @@ Keys (every ``unsee erase`` flag has one, spelled with underscores):
   (default: the current folder), ``report`` (the combined JSON report; default ``<out>.json`` for one
   job, ``<fuse>.json`` with ``fuse``, ``<out_dir>/erase-report.json`` for several), ``fuse``: an adapter file
   that, once every job is done, gets all their adapters fused into one (:func:`unsee.fuse.fuse_adapters`; each
-  job's own adapter is written as well), and ``fuse_method``: ``stack`` (the default) or ``mace`` (MACE's refit of
+  job's own adapter is written as well), and ``fuse_method``: ``stack`` (the default), ``mace`` (MACE's refit of
   cross-attention key/value adapters with the job's model's text encoder: :func:`mace_options`; a job whose
-  config's ``text_kv_only`` is False is refused before any work). ``unsee erase
+  config's ``text_kv_only`` is False is refused before any work) or ``distill`` (a text-encoder delta distilled
+  from text-encoder adapters on the job's model: :func:`distill_options`; a job whose config is not
+  ``text_encoder_only`` is refused before any work). ``unsee erase
   --concepts FILE`` (or repeated ``--concept``) with a method that erases one concept per run (SalUn, ANT,
   AdvUnlearn), or with ``--fuse``, is such a config: one job per concept, fused.
 
@@ -341,6 +343,11 @@ def _plan(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Path]:
             raise ConfigError(f"fuse_method mace refits the UNet's cross-attention keys and values only, but "
                               f"{wide.describe()} trains an adapter that changes more; use fuse_method stack "
                               f"(--fuse stack), or a method whose adapters change only those (uce, rece, esd-x-strict)")
+        unet = next((job for job in jobs if not job.config.text_encoder_only), None) if fuse_method == "distill" else None
+        if unet is not None:
+            raise ConfigError(f"fuse_method distill fuses text-encoder adapters, but {unet.describe()} trains an "
+                              f"adapter of the UNet; use fuse_method stack (--fuse stack), or a method that trains "
+                              f"the text encoder (advunlearn)")
     if report is not None:
         report_path = Path(str(report))
     elif fuse is not None:
@@ -607,7 +614,7 @@ def _write_fused(jobs: list[Job], path: Path, pipe: Any) -> None:
 
     method = jobs[0].fuse_method
     concepts = [c for job in jobs for c in job.config.erased]
-    options = mace_options(pipe, jobs[0].model, concepts) if method == "mace" else {}
+    options = fuse_options(method, pipe, jobs[0].model, concepts)
     try:
         fuse_adapters([job.out for job in jobs], method=method, **options).save(path)
     except AdapterError as error:
@@ -631,6 +638,29 @@ def mace_options(pipe: Any, model: str, concepts: Sequence[str], templates: Opti
     prompts = {c: fill_concept(templates, c) for c in concepts} if templates else preset["prompts"]
     return dict(embed=functools.partial(embed, pipe), preserve=list(preserve or preset["preserve"]), prompts=prompts,
                 lamb=0.5 if lamb is None else lamb, preserve_scale=1.0 if preserve_scale is None else preserve_scale)
+
+
+def distill_options(pipe: Any, model: str, concepts: Sequence[str], templates: Optional[Sequence[str]] = None,
+                    preserve: Optional[Sequence[str]] = None, config: Any = None,
+                    progress: bool = False) -> dict[str, Any]:
+    """The keyword arguments of :func:`unsee.fuse.fuse_adapters` for ``method="distill"`` on ``pipe``: the
+    prompts and preserved prompts as :func:`mace_options` gives them, and the distillation
+    (:class:`unsee.erasure.distill.TextEncoderDistiller` with ``config``, a
+    :class:`~unsee.erasure.distill.DistillConfig`, default if None; a tqdm bar if ``progress``)."""
+    from unsee.erasure.distill import TextEncoderDistiller
+
+    options = mace_options(pipe, model, concepts, templates=templates, preserve=preserve)
+    return dict(prompts=options["prompts"], preserve=options["preserve"],
+                distill=TextEncoderDistiller(pipe, config, progress=progress))
+
+
+def fuse_options(method: str, pipe: Any, model: str, concepts: Sequence[str]) -> dict[str, Any]:
+    """The keyword arguments of :func:`unsee.fuse.fuse_adapters` for ``method`` with ``pipe`` (the model's)."""
+    if method == "mace":
+        return mace_options(pipe, model, concepts)
+    if method == "distill":
+        return distill_options(pipe, model, concepts)
+    return {}
 
 
 def read_concepts_file(path: Union[str, os.PathLike]) -> list[str]:
