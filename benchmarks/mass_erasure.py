@@ -18,7 +18,8 @@ less). Three parts:
 - ``four``: circle, star, red and striped at once: in one run (UCE, RECE, ESD-x, ESD-u, SPM; ESD and SPM train
   one concept per step, so they get the toy preset's steps x 4), as the four single-concept adapters loaded
   together (every method: :data:`STACKED`; each with its own concept's toy preset) and fused into one file (``unsee
-  fuse``: ESD-x's summed, UCE's and ESD-x-strict's with MACE's refit, :data:`FUSED`). Per row each concept's
+  fuse``: ESD-x's summed, UCE's and ESD-x-strict's with MACE's refit, AdvUnlearn's distilled, :data:`FUSED`). Per
+  row each concept's
   presence on its own prompts and the accuracy on prompts naming none of them (``closed_form.unnamed_prompts``).
   Bars: each concept <= 15%, accuracy down <= 5 points.
 - ``curve``: k = 1, 2, 4, 6, 8, 11 concepts erased (of :data:`CURVE`: five shapes, five colours and "striped";
@@ -63,8 +64,9 @@ STEPPED = ("esd-x", "esd-u", "spm")  # one concept per training step: their step
 CLOSED_FORM = ("uce", "rece")  # no training steps (--quick shortens every other method's)
 # single-concept adapters loaded together
 STACKED = ("uce", "esd-x", "esd-x-strict", "esd-u", "spm", "salun", "ant", "advunlearn")
-# single-concept adapters fused into one file, and how: the exact sum, or MACE's refit of the keys and values
-FUSED = {"uce": "mace", "esd-x": "stack", "esd-x-strict": "mace"}
+# single-concept adapters fused into one file, and how: the exact sum, MACE's refit of the keys and values, or
+# (text-encoder adapters) the distilled text-encoder delta
+FUSED = {"uce": "mace", "esd-x": "stack", "esd-x-strict": "mace", "advunlearn": "distill"}
 FOUR = ("circle", "star", "red", "striped")
 KEPT = {"shape": "heart", "color": "purple"}  # with the backgrounds, what the curve never erases
 # the erasable concepts, in the order the curve adds them: the first four are FOUR
@@ -540,7 +542,9 @@ Fused: `unsee fuse` of the {len(four)} adapters into one file, ESD-x's with `--m
 deltas), UCE's and ESD-x-strict's (keys and values only) with `--method mace`, MACE's closed-form refit of the keys
 and values, with the toy model's preset: each adapter refitted on its own prompts and on 16 world prompts naming its
 concept (a prompt naming several of the concepts refitted to their adapters' changes summed), "" and 48 world
-prompts naming none of them preserved; time: theirs plus the fuse.
+prompts naming none of them preserved; AdvUnlearn's (text-encoder deltas) with `--method distill`: a text-encoder
+delta trained for 2000 steps so that each adapter's prompts (MACE's, as above) get the embeddings that adapter gives
+them and the preserved prompts the original ones; time: theirs plus the fuse.
 Accuracy on {args.n} prompts (shape, colour, background) that name none of the concepts.
 
 {four_table(parts['four'])}""")

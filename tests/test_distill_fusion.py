@@ -139,11 +139,12 @@ def test_cli_distill_fuse_and_erase_fuse_distill(tiny_sd_folder, tmp_path, capsy
                  "--model", str(tiny_sd_folder)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "changes the UNet" in err and not (tmp_path / "x.safetensors").exists()
-    # `unsee erase --fuse distill`: one AdvUnlearn run per concept, distilled into one text-encoder adapter
+    # `unsee erase` of several concepts with AdvUnlearn: one run per concept, distilled into one text-encoder adapter
+    # (the default fusion for a method that trains the text encoder)
     erased = tmp_path / "erased.safetensors"
     monkeypatch.setattr(unsee.jobs, "distill_options",
                         functools.partial(unsee.jobs.distill_options, config=DistillConfig(steps=20)))
-    assert main(["erase", "--method", "advunlearn", "--concept", "circle", "--concept", "star", "--fuse", "distill",
+    assert main(["erase", "--method", "advunlearn", "--concept", "circle", "--concept", "star",
                  "--out", str(erased), "--model", str(tiny_sd_folder), "--steps", "1", "--set", "ddim_steps=1",
                  "--set", "warmup=0", "--set", "attack_steps=1", "--grid", "0"]) == 0
     fused = load_adapter(erased)
@@ -153,6 +154,9 @@ def test_cli_distill_fuse_and_erase_fuse_distill(tiny_sd_folder, tmp_path, capsy
     jobs, _ = plan_jobs({"method": "advunlearn", "concept": ["circle", "star"], "fuse": "f.safetensors",
                          "fuse_method": "distill"})
     assert [job.fuse_method for job in jobs] == ["distill", "distill"]
+    for method, default in (("advunlearn", "distill"), ("esd-x", "stack"), ("salun", "stack")):
+        jobs, _ = plan_jobs({"method": method, "concept": ["circle", "star"], "fuse": "f.safetensors"})
+        assert {job.fuse_method for job in jobs} == {default}
     for method in ("esd-x", "esd-u", "salun", "spm", "uce"):
         with pytest.raises(ConfigError, match=f"fuse_method distill fuses text-encoder adapters, but {method} "):
             plan_jobs({"method": method, "concept": ["circle", "star"], "fuse": "f.safetensors",

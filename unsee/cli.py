@@ -388,9 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "starting with # are left out); with --concept too, those come first")
     er.add_argument("--fuse", default=None, choices=("stack", "mace", "distill"),
                     help="several concepts: one run per concept (each with its own preset), the adapters fused into "
-                         "--out: stack (their sum; the default for salun, ant, advunlearn), mace (MACE's refit of "
+                         "--out: stack (their sum; the default for salun and ant), mace (MACE's refit of "
                          "cross-attention key/value adapters: uce, rece, esd-x-strict) or distill (a text-encoder "
-                         "delta trained to give each concept's prompts its adapter's embeddings: advunlearn)")
+                         "delta trained to give each concept's prompts its adapter's embeddings; the default for "
+                         "advunlearn)")
     er.add_argument("--erase-from", default=None, metavar="PROMPT",
                     help="ESD, SPM, AdvUnlearn, ANT: erase the concept only from this prompt (a job file takes a list)")
     er.add_argument("--preset", default=None, choices=("toy", "paper"),
@@ -1144,7 +1145,9 @@ def _erase_config(args: argparse.Namespace) -> dict:
     if more and native and args.fuse is None:
         config["concepts"] = more  # erased together in one run
     elif more:  # one run per concept (the job runner's concept list), the adapters fused into one file
-        config["concept"], config["fuse_method"] = concepts, args.fuse or "stack"
+        config["concept"] = concepts  # fuse_method: --fuse, else the jobs' default (stack; distill for advunlearn)
+        if args.fuse is not None:
+            config["fuse_method"] = args.fuse
         from .files import slug
 
         names = ("-".join(slug(c) for c in concepts) if len(concepts) <= 4

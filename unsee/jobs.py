@@ -27,7 +27,8 @@ Keys (every ``unsee erase`` flag has one, spelled with underscores):
   (default: the current folder), ``report`` (the combined JSON report; default ``<out>.json`` for one
   job, ``<fuse>.json`` with ``fuse``, ``<out_dir>/erase-report.json`` for several), ``fuse``: an adapter file
   that, once every job is done, gets all their adapters fused into one (:func:`unsee.fuse.fuse_adapters`; each
-  job's own adapter is written as well), and ``fuse_method``: ``stack`` (the default), ``mace`` (MACE's refit of
+  job's own adapter is written as well), and ``fuse_method``: ``stack`` (the default; ``distill`` when every job
+  trains a text-encoder adapter), ``mace`` (MACE's refit of
   cross-attention key/value adapters with the job's model's text encoder: :func:`mace_options`; a job whose
   config's ``text_kv_only`` is False is refused before any work) or ``distill`` (a text-encoder delta distilled
   from text-encoder adapters on the job's model: :func:`distill_options`; a job whose config is not
@@ -336,8 +337,10 @@ def _plan(config: Union[dict, str, os.PathLike]) -> tuple[list[Job], Path]:
             raise ConfigError("fuse takes the adapters of one base model; give every job the same model")
         if fuse.resolve() in outs:
             raise ConfigError(f"fuse: {fuse} is also a job's adapter file; give the fused adapter its own name")
+        if fuse_method is None:  # text-encoder adapters are distilled, the others summed
+            fuse_method = "distill" if all(job.config.text_encoder_only for job in jobs) else "stack"
         for job in jobs:
-            job.fuse_into, job.fuse_method = fuse, fuse_method or "stack"
+            job.fuse_into, job.fuse_method = fuse, fuse_method
         wide = next((job for job in jobs if job.config.text_kv_only is False), None) if fuse_method == "mace" else None
         if wide is not None:
             raise ConfigError(f"fuse_method mace refits the UNet's cross-attention keys and values only, but "
