@@ -37,8 +37,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from unsee.adapters import Adapter
-from unsee.fuse import lora_to_delta
+from unsee.adapters import Adapter, AdapterError, match_adapter
 from unsee.pipelines.encoding import encode_text
 
 from .errors import ConfigError, TrainingError
@@ -112,8 +111,7 @@ class TextEncoderDistiller:
         finally:
             for name in encoders:
                 getattr(pipe, name).to(dtypes[name]).train(modes[name])
-            params = self._parameters(sources)  # the same tensors; looked up again after the dtype round trip
-            with torch.no_grad():
+            with torch.no_grad():  # module.to keeps the parameter objects: params are still the encoders'
                 for key, value in saved.items():
                     params[key].copy_(value)
             for module, kept in zip(modules, flags):
@@ -123,20 +121,17 @@ class TextEncoderDistiller:
     # -- the parts --------------------------------------------------------------------------------------------
 
     def _parameters(self, sources: Sequence[Adapter]) -> dict[str, torch.nn.Parameter]:
-        """Every text-encoder weight a source changes, by its adapter key (``text_encoder.<parameter name>``)."""
-        keys: list[str] = []
-        for source in sources:
-            tensors = lora_to_delta(source) if source.is_lora else source.tensors
-            keys += [k for k in tensors if k not in keys]
-        params = {}
-        for key in keys:
-            component, _, name = key.partition(".")
-            module = getattr(self.pipe, component, None)
+        """Every text-encoder weight a source changes, by its delta key (``text_encoder.<parameter name>``), as
+        :func:`~unsee.adapters.match_adapter` finds it in the pipeline (which checks each source against it)."""
+        params: dict[str, torch.nn.Parameter] = {}
+        for i, source in enumerate(sources):
             try:
-                params[key] = module.get_parameter(name)
-            except (AttributeError, TypeError):
-                raise ConfigError(f"the adapters change {key}, which the pipeline's {component} does not have; "
-                                  f"distil with the model the adapters were trained on") from None
+                targets = match_adapter(self.pipe, source)
+            except AdapterError as error:
+                raise AdapterError(f"adapter {i + 1} ({source.method} {', '.join(source.concepts)}): {error}") from None
+            for target in targets:
+                module = getattr(self.pipe, target.component)
+                params.setdefault(f"{target.component}.{target.name}", module.get_parameter(target.parameter))
         return params
 
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

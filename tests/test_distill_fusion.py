@@ -87,6 +87,11 @@ def test_distillation_refuses_unet_adapters_a_missing_trainer_and_a_pipeline_wit
     distiller = TextEncoderDistiller(pipe, DistillConfig(steps=1))
     with pytest.raises(AdapterError, match=r"adapter 2 \(esd-u star\) changes the UNet; method 'distill' fuses"):
         fuse_adapters([a, unet], method="distill", distill=distiller)
+    # adapters of another model: refused by the pipeline's own check (match_adapter) before any training
+    others = [Adapter(kind="text_encoder", method="advunlearn", concepts=[c], tensors=dict(s.tensors),
+                      fingerprint={"text_encoder": "0" * 64}) for c, s in (("circle", a), ("star", b))]
+    with pytest.raises(AdapterError, match=r"adapter 1 \(advunlearn circle\): adapter was trained for another arch"):
+        fuse_adapters(others, method="distill", distill=distiller)
     with pytest.raises(AdapterError, match="method 'distill' needs distill="):
         fuse_adapters([a, b], method="distill")
     with pytest.raises(AdapterError, match="needs a non-empty list of prompts to preserve"):

@@ -1450,21 +1450,13 @@ def cmd_fuse(args: argparse.Namespace) -> int:
                                  f"(AdvUnlearn's): fuse UNet adapters with --method stack, or mace for "
                                  f"cross-attention key/value adapters")
         args.model, args.config, args.dtype, args.device = args.model or "toy", None, None, "cpu"
-        pipe = _load(args)
-        if args.method == "distill":  # before any training: the text encoders' fingerprints
-            for path, header in zip(paths, headers):
-                for component, print_ in header.fingerprint.items():
-                    module = getattr(pipe, component, None)
-                    if print_ != "unknown" and module is not None and print_ != component_fingerprint(module):
-                        raise UsageError(f"ADAPTER {path} is not for --model {args.model} (its {component} "
-                                         f"fingerprint differs); pass the model it was trained on")
+        pipe = _load(args)  # distill: each adapter is matched against the model before any training
         if args.method == "mace":
             options = mace_options(pipe, args.model, concepts, templates=args.template, preserve=args.preserve,
                                    lamb=args.lamb, preserve_scale=args.preserve_scale)
         else:
-            from .erasure.distill import DistillConfig
-
             from .erasure import ConfigError
+            from .erasure.distill import DistillConfig
 
             given = {flag: getattr(args, flag) for flag in ("steps", "lr") if getattr(args, flag) is not None}
             try:
