@@ -191,9 +191,9 @@ class ESDTrainer(Trainer):
         config = self.config
         height, width = self.image_size(pipe)
         self.latent_shape = (config.batch_size, *self.latent_size(pipe))
-        # one conditioning per erased concept; self.prompts is the one the step drew
+        # one conditioning per erased concept; self.prompts is the one the step drew (concept_index)
         self.concept_prompts = encode_concepts(pipe, config.erased, config.erase_from, height, width)
-        self.prompts, self.concept_index = self.concept_prompts[0], 0
+        self.concept_index = 0
         self.concept_draws = list((state or {}).get("concept_draws") or [0] * len(self.concept_prompts))
         self.cond_preserve = encode_each(pipe, config.preserve, height, width)
         self.scheduler = self.ddim_scheduler(config.ddim_steps)
@@ -290,13 +290,18 @@ class ESDTrainer(Trainer):
             loss = loss + config.preserve_weight * mse(student[n:], frozen["kept"])
         return loss
 
+    @property
+    def prompts(self) -> Conditioning:
+        """The conditioning of the concept the step drew (:meth:`draw_concept`)."""
+        return self.concept_prompts[self.concept_index]
+
     def draw_concept(self, position: int) -> None:
         """Several concepts: choose the concept of trajectory ``position`` (with ``trajectory_reuse`` 1, the step;
         :meth:`~unsee.erasure.Trainer.cycle_index`: every concept equally often, in an order shuffled from the seed;
         the run's generator is not used), count it for this step and make it :attr:`prompts`."""
         index = self.cycle_index(position, len(self.concept_prompts))
         self.concept_draws[index] += 1
-        self.prompts, self.concept_index = self.concept_prompts[index], index
+        self.concept_index = index
 
     def training_step(self, step: int) -> torch.Tensor:
         self.draw_concept(self.trajectory_number(step))
